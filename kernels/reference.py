@@ -1,0 +1,107 @@
+"""Pure-torch reference of every ``lfvila_kernels`` op: the CPU path, the test oracle, the benchmark baseline.
+
+Nothing here launches a Triton kernel. Every function takes the same arguments and layouts as its fused twin and
+computes the same function with plain tensor ops (autograd gives the gradients).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=64)
+def _relative_position_index_cpu(window: tuple[int, int, int]) -> torch.Tensor:
+    wt, wh, ww = window
+    coords = torch.stack(torch.meshgrid(torch.arange(wt), torch.arange(wh), torch.arange(ww), indexing="ij"))
+    flat = coords.flatten(1)  # (3, N): the (t, h, w) of each window token, row-major
+    rel = flat[:, :, None] - flat[:, None, :]  # (3, N, N): query minus key
+    strides = torch.tensor([(2 * wh - 1) * (2 * ww - 1), 2 * ww - 1, 1])
+    offsets = torch.tensor([wt - 1, wh - 1, ww - 1])
+    return ((rel + offsets[:, None, None]) * strides[:, None, None]).sum(0)
+
+
+def relative_position_index(window, device=None) -> torch.Tensor:
+    """Video-Swin's relative-position index for a ``(wt, wh, ww)`` window.
+
+    Returns a long tensor ``(N, N)``, ``N = wt * wh * ww``: entry ``(i, j)`` is the row of the bias table
+    ``((2wt-1)(2wh-1)(2ww-1), heads)`` holding the bias of query token ``i`` attending to key token ``j``, tokens
+    numbered row-major over ``(t, h, w)`` inside the window.
+    """
+    index = _relative_position_index_cpu(tuple(int(w) for w in window))
+    return index if device is None else index.to(device)
+
+
+def bias_table_rows(window) -> int:
+    """Rows of the relative-position bias table of a ``(wt, wh, ww)`` window: ``(2wt-1)(2wh-1)(2ww-1)``."""
+    wt, wh, ww = window
+    return (2 * wt - 1) * (2 * wh - 1) * (2 * ww - 1)
+
+
+def _shift_regions(size: int, padded: int, shift: int, device) -> torch.Tensor:
+    """Per position of the rolled, padded axis: 1 where the cyclic shift wrapped the token around, else 0."""
+    pos = torch.arange(padded, device=device)
+    return ((pos >= size - shift) & (pos < size)).long() if shift else torch.zeros_like(pos)
+
+
+def window_attention_reference(q, k, v, window, shift=(0, 0, 0), rel_pos_bias=None, scale=None):
+    """Shifted-window 3D attention in plain torch (same contract as ``lfvila_kernels.window_attention``).
+
+    Args:
+        q, k, v: ``(B, T, H, W, heads, head_dim)``, any strides.
+        window: ``(wt, wh, ww)``, each axis ``1 <= w <= grid axis``.
+        shift: ``(st, sh, sw)``, ``0 <= s < w``: the cyclic roll applied before partitioning.
+        rel_pos_bias: optional table ``((2wt-1)(2wh-1)(2ww-1), heads)``, Video-Swin indexing.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+
+    Returns ``(B, T, H, W, heads, head_dim)`` in the original token order, dtype of q. Scores and softmax are
+    computed in the input dtype for half types (as eager Video-Swin does) with the softmax accumulated in fp32.
+    """
+    B, T, H, W, nh, hd = q.shape
+    window, shift = tuple(window), tuple(shift)
+    wt, wh, ww = window
+    N = wt * wh * ww
+    scale = hd**-0.5 if scale is None else scale
+    pads = [(-n) % w for n, w in zip((T, H, W), window)]
+    Tp, Hp, Wp = T + pads[0], H + pads[1], W + pads[2]
+    nT, nH, nW = Tp // wt, Hp // wh, Wp // ww
+
+    def to_windows(x):  # (B, T, H, W, nh, hd) -> (B, nWin, nh, N, hd)
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        x = F.pad(x, (0, 0, 0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))  # pad W, H, T at the end
+        x = x.reshape(B, nT, wt, nH, wh, nW, ww, nh, hd).permute(0, 1, 3, 5, 7, 2, 4, 6, 8)
+        return x.reshape(B, nT * nH * nW, nh, N, hd)
+
+    qw, kw, vw = to_windows(q), to_windows(k), to_windows(v)
+    scores = torch.matmul(qw * scale, kw.transpose(-1, -2))  # (B, nWin, nh, N, N)
+    if rel_pos_bias is not None:
+        index = relative_position_index(window, q.device)
+        bias = rel_pos_bias[index.reshape(-1)].reshape(N, N, nh).permute(2, 0, 1)  # (nh, N, N)
+        scores = scores + bias.to(scores.dtype)
+
+    if any(shift) or any(pads):
+        # Region code of each padded-grid position: wrapped-or-not per axis; padded positions are invalid keys.
+        rt, rh, rw = (_shift_regions(n, p, s, q.device) for n, p, s in zip((T, H, W), (Tp, Hp, Wp), shift))
+        code = rt[:, None, None] * 4 + rh[None, :, None] * 2 + rw[None, None, :]  # (Tp, Hp, Wp)
+        valid = torch.zeros(Tp, Hp, Wp, dtype=torch.bool, device=q.device)
+        valid[:T, :H, :W] = True
+
+        def part(x):  # (Tp, Hp, Wp) -> (nWin, N)
+            return x.reshape(nT, wt, nH, wh, nW, ww).permute(0, 2, 4, 1, 3, 5).reshape(-1, N)
+
+        code_w, valid_w = part(code), part(valid)
+        # Padded query rows (discarded below) may attend to any valid key, so no row is ever fully masked.
+        allowed = valid_w[:, None, :] & ((code_w[:, :, None] == code_w[:, None, :]) | ~valid_w[:, :, None])
+        scores = scores.masked_fill(~allowed[None, :, None], float("-inf"))
+
+    acc = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+    attn = torch.softmax(scores, dim=-1, dtype=acc).to(vw.dtype)
+    out = torch.matmul(attn, vw)  # (B, nWin, nh, N, hd)
+    out = out.reshape(B, nT, nH, nW, nh, wt, wh, ww, hd).permute(0, 1, 5, 2, 6, 3, 7, 4, 8)
+    out = out.reshape(B, Tp, Hp, Wp, nh, hd)[:, :T, :H, :W]
+    if any(shift):
+        out = torch.roll(out, shifts=shift, dims=(1, 2, 3))
+    return out

@@ -1,0 +1,28 @@
+"""Distribution ``lfvila``: the LF-VILA model library (``lfvila``) and its Triton kernels (``lfvila_kernels``).
+
+The kernels live in the folder ``kernels/`` but install under the import name ``lfvila_kernels``: a top-level package
+named ``kernels`` would collide with Hugging Face's ``kernels`` distribution, which ``transformers`` probes at import.
+Install torch first, pinned (``make test`` does): an unpinned torch requirement pulls a multi-GB CUDA build.
+"""
+
+from setuptools import setup
+
+setup(
+    name="lfvila",
+    version="0.1.0",
+    description="Fast LF-VILA: long-form video-language pre-training with fused Triton kernels",
+    python_requires=">=3.10",
+    packages=["lfvila", "lfvila_kernels"],
+    package_dir={"lfvila": "lfvila", "lfvila_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.0",
+        "einops>=0.7",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.5"],
+        "bench": ["matplotlib>=3.7"],
+        "dali": ["nvidia-dali-cuda130>=2.0"],
+    },
+)
