@@ -389,7 +389,7 @@ def _bias_grad_from_dense(dense: torch.Tensor, window) -> torch.Tensor:
     x = diagonals(x.permute(0, 2, 3, 5, 6, 1, 4), wt)  # (nh, ah, aw, bh, bw, Dt)
     x = diagonals(x.permute(0, 2, 4, 5, 1, 3), wh)  # (nh, aw, bw, Dt, Dh)
     x = diagonals(x.permute(0, 3, 4, 1, 2), ww)  # (nh, Dt, Dh, Dw)
-    return x.reshape(nh, -1).t()
+    return x.reshape(nh, -1).t().contiguous()
 
 
 def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale):

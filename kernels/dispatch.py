@@ -8,7 +8,6 @@ Under ``TRITON_INTERPRET=1`` the Triton kernels run on CPU tensors through Trito
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -17,14 +16,21 @@ IMPLS = ("auto", "triton", "torch")
 ENV_VAR = "LFVILA_KERNELS"
 
 
-@functools.lru_cache(maxsize=1)
-def triton_import_error() -> str | None:
-    """None when triton imports, else the reason it does not."""
+def _probe_triton() -> str | None:
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising anything else
         return f"triton cannot be imported ({type(exc).__name__}: {exc})"
     return None
+
+
+# Probed once at import (a plain constant, so torch.compile traces the dispatch without graph breaks).
+_TRITON_ERROR = _probe_triton()
+
+
+def triton_import_error() -> str | None:
+    """None when triton imports, else the reason it does not."""
+    return _TRITON_ERROR
 
 
 def interpreting() -> bool:

@@ -6,21 +6,24 @@ computes the same function with plain tensor ops (autograd gives the gradients).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
+_INDEX_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
 
-@functools.lru_cache(maxsize=64)
+
 def _relative_position_index_cpu(window: tuple[int, int, int]) -> torch.Tensor:
+    if window in _INDEX_CACHE:
+        return _INDEX_CACHE[window]
     wt, wh, ww = window
     coords = torch.stack(torch.meshgrid(torch.arange(wt), torch.arange(wh), torch.arange(ww), indexing="ij"))
     flat = coords.flatten(1)  # (3, N): the (t, h, w) of each window token, row-major
     rel = flat[:, :, None] - flat[:, None, :]  # (3, N, N): query minus key
     strides = torch.tensor([(2 * wh - 1) * (2 * ww - 1), 2 * ww - 1, 1])
     offsets = torch.tensor([wt - 1, wh - 1, ww - 1])
-    return ((rel + offsets[:, None, None]) * strides[:, None, None]).sum(0)
+    index = ((rel + offsets[:, None, None]) * strides[:, None, None]).sum(0)
+    _INDEX_CACHE[window] = index
+    return index
 
 
 def relative_position_index(window, device=None) -> torch.Tensor:

@@ -59,7 +59,7 @@ def check_window_attention_args(q, k, v, window, shift, rel_pos_bias, scale) -> 
         if w > n:
             raise ValueError(f"window {window} is larger than the grid (T, H, W) = {(T, H, W)} on axis {axis}")
         if not 0 <= s < w:
-            raise ValueError(f"shift must satisfy 0 <= shift < window on every axis, got shift {shift}, window {window}")
+            raise ValueError(f"shift must satisfy 0 <= shift < window on every axis, got {shift} for window {window}")
     if rel_pos_bias is not None:
         if not isinstance(rel_pos_bias, torch.Tensor) or not rel_pos_bias.is_floating_point():
             raise ValueError("rel_pos_bias must be a floating-point tensor ((2wt-1)(2wh-1)(2ww-1), heads)")

@@ -1,0 +1,59 @@
+"""Compiled Triton kernels on a CUDA GPU at the full LF-VILA shapes (B = 16): bf16/fp16/fp32 against a float64
+eager Video-Swin oracle with the 2x-eager-error rule, and bitwise determinism. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lfvila_kernels import window_attention
+from lfvila_kernels.reference import bias_table_rows
+
+from benchmarks.videoswin_eager import videoswin_window_attention
+
+from ._compare import assert_within_eager_error
+
+pytestmark = pytest.mark.gpu
+
+# The six LF-VILA video layers: grid (T, H, W), heads, window; head_dim 32; odd blocks shifted (0, 1, 2).
+LFVILA_LAYERS = [
+    pytest.param((32, 24, 40), 4, (2, 3, 5), (0, 1, 2), id="layer0"),
+    pytest.param((32, 12, 20), 8, (4, 3, 5), (0, 1, 2), id="layer1"),
+    pytest.param((32, 6, 10), 16, (8, 3, 5), (0, 1, 2), id="layer2"),
+    pytest.param((32, 6, 10), 16, (16, 3, 5), (0, 1, 2), id="layer3"),
+    pytest.param((32, 3, 5), 32, (32, 3, 5), (0, 0, 0), id="layer5"),
+]
+
+
+def _inputs(grid, heads, window, dtype, batch=16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (batch, *grid, heads, 32)
+    q, k, v = (torch.randn(shape, device="cuda", generator=g).to(dtype).requires_grad_() for _ in range(3))
+    table = (torch.randn(bias_table_rows(window), heads, device="cuda", generator=g) * 0.5).requires_grad_()
+    grad_out = torch.randn(shape, device="cuda", generator=g).to(dtype)
+    return q, k, v, table, grad_out
+
+
+def _run(fn, q, k, v, table, window, shift, grad_out, **kw):
+    out = fn(q, k, v, window, shift, table, **kw)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v, table), grad_out))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("grid, heads, window, shift", LFVILA_LAYERS)
+def test_full_shape_within_twice_eager_error(grid, heads, window, shift, dtype):
+    q, k, v, table, grad_out = _inputs(grid, heads, window, dtype)
+    got = _run(window_attention, q, k, v, table, window, shift, grad_out, impl="triton")
+    eager = _run(videoswin_window_attention, q, k, v, table, window, shift, grad_out)
+    q64, k64, v64, t64 = (x.detach().double().requires_grad_() for x in (q, k, v, table))
+    want = _run(videoswin_window_attention, q64, k64, v64, t64, window, shift, grad_out.double())
+    for name, a, e, b in zip(("out", "dq", "dk", "dv", "dtable"), got, eager, want):
+        assert_within_eager_error(f"{name}", a, e, b, dtype)
+
+
+@pytest.mark.parametrize("grid, heads, window, shift", LFVILA_LAYERS)
+def test_full_shape_bf16_deterministic(grid, heads, window, shift):
+    q, k, v, table, grad_out = _inputs(grid, heads, window, torch.bfloat16)
+    first = _run(window_attention, q, k, v, table, window, shift, grad_out, impl="triton")
+    second = _run(window_attention, q, k, v, table, window, shift, grad_out, impl="triton")
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
