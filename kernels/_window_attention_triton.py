@@ -288,18 +288,26 @@ def _pow2(n: int) -> int:
 
 
 def _warps(block_m: int, block_n: int) -> int:
-    return max(1, min(8, block_m * block_n // 2048))
+    # ~16 score elements per thread: the mask, bias gather and softmax temporaries of each element live in registers
+    # too, and at ~32 per thread the dq kernel spills (see benchmarks/kernel_resources.py).
+    return max(1, min(8, block_m * block_n // 512))
 
 
 def _blocks(n_tokens: int, head_dim: int) -> dict:
-    """Default tiles. A window of up to 128 tokens is one tile (LF-VILA's 30/60/120-token windows fill 94% of their
-    32/64/128 tiles); longer windows (240, 480) use 64-token tiles, again 94% full."""
+    """Default tiles ``(rows, cols)`` per kernel; ``override_config`` sets others.
+
+    LF-VILA's windows hold 30, 60, 120, 240, 480 tokens, 94% of a 32/64/128/256/512-token tiling. Chosen so that
+    no kernel spills at head_dim 32 on sm_90 (``benchmarks/kernel_resources.py``); not yet timed on a GPU. The dq
+    kernel takes few query rows when one key tile covers the window, so its bias-gradient accumulator stays in
+    registers; longer windows accumulate it in a program-private scratch instead.
+    """
     p = _pow2(n_tokens)
-    if p <= 128:
-        cfg = dict(fwd_m=p, fwd_n=p, dkdv_m=p, dkdv_n=p, dq_m=p, dq_n=p)
+    if p <= 64:
+        cfg = dict(fwd_m=p, fwd_n=p, dkdv_m=p, dkdv_n=p, dq_m=32 if p <= 32 else 16, dq_n=p)
+    elif p == 128:
+        cfg = dict(fwd_m=64, fwd_n=128, dkdv_m=128, dkdv_n=64, dq_m=16, dq_n=128)
     else:
-        big = 128 if head_dim <= 64 else 64
-        cfg = dict(fwd_m=big, fwd_n=64, dkdv_m=64, dkdv_n=big, dq_m=64, dq_n=64)
+        cfg = dict(fwd_m=128 if head_dim <= 64 else 64, fwd_n=64, dkdv_m=64, dkdv_n=64, dq_m=64, dq_n=32)
     if _config_override:
         cfg.update({k: v for k, v in _config_override.items() if k != "split"})
     return cfg
@@ -353,18 +361,21 @@ def _launch_fwd(q, k, v, table, window, shift, scale):
     return o, lse
 
 
-def _num_splits(n_items: int, programs_per_split: int, partial_bytes: int, device: torch.device) -> int:
-    """How many programs share the (batch, window) items of one (query block, head) in the dq kernel.
+def _num_splits(n_items: int, programs_per_split: int, warps: int, partial_bytes: int, input_bytes: int,
+                device: torch.device) -> int:
+    """How many programs share the (batch, window) items of one (query tile, head) in the dq kernel.
 
-    A function of shapes and the device only, so the bias-gradient summation order is the same on every run."""
+    Enough programs for ~32 warps per SM, as long as the fp32 partials stay within twice the size of q (at least
+    32 MB, at most 256 MB). A function of shapes and the device only, so the bias-gradient summation order is the
+    same on every run."""
     if _config_override and "split" in _config_override:
         return max(1, min(n_items, int(_config_override["split"])))
     if device.type != "cuda":
         return min(n_items, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = math.ceil(4 * sms / programs_per_split)
-    cap = max(1, (256 << 20) // max(1, partial_bytes))  # keep the partials under 256 MB
-    return max(1, min(n_items, want, cap))
+    want = math.ceil(32 * sms / (programs_per_split * warps))
+    budget = min(256 << 20, max(32 << 20, 2 * input_bytes))
+    return max(1, min(n_items, want, budget // max(1, partial_bytes)))
 
 
 def _bias_grad_from_dense(dense: torch.Tensor, window) -> torch.Tensor:
@@ -423,7 +434,8 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale):
     if table is None:
         n_split, partials = n_items, q  # one program per item; no partials
     else:
-        n_split = _num_splits(n_items, n_qblk * nh, nh * nq_pad * nk_pad * 4, q.device)
+        n_split = _num_splits(n_items, n_qblk * nh, _warps(cfg["dq_m"], cfg["dq_n"]), nh * nq_pad * nk_pad * 4,
+                              q.numel() * q.element_size(), q.device)
         alloc = torch.empty if nk_pad == cfg["dq_n"] else torch.zeros  # register path overwrites; RMW path adds
         partials = alloc((n_split, nh, nq_pad, nk_pad), dtype=torch.float32, device=q.device)
     _htwa_bwd_dq_kernel[(n_split, n_qblk, nh)](

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from benchmarks.videoswin_eager import VideoSwinWindowAttention3D
 from lfvila_kernels import WindowAttention3D, relative_position_index
 from lfvila_kernels.modules import clip_window, crop_bias_table
 from lfvila_kernels.reference import bias_table_rows
-
-from benchmarks.videoswin_eager import VideoSwinWindowAttention3D
 
 from ._compare import assert_close_verbose
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from benchmarks.videoswin_eager import videoswin_window_attention
 from lfvila_kernels import _window_attention_triton as fused
 from lfvila_kernels import window_attention
 from lfvila_kernels.reference import bias_table_rows
-
-from benchmarks.videoswin_eager import videoswin_window_attention
 
 from ._compare import assert_close_verbose, assert_within_eager_error
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import lfvila_kernels.dispatch as dispatch
 import pytest
 import torch
+
+import lfvila_kernels.dispatch as dispatch
 from lfvila_kernels import _window_attention_triton as fused
 from lfvila_kernels import window_attention, window_attention_reference
 from lfvila_kernels.reference import bias_table_rows

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lfvila_kernels import window_attention
-from lfvila_kernels.reference import bias_table_rows
 
 from benchmarks.videoswin_eager import videoswin_window_attention
+from lfvila_kernels import window_attention
+from lfvila_kernels.reference import bias_table_rows
 
 from ._compare import assert_within_eager_error
 
