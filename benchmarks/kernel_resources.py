@@ -106,7 +106,7 @@ def cubin_report(cubin: bytes) -> dict:
         "registers": field("REG"),
         "stack": field("STACK"),
         "local": field("LOCAL"),
-        "mma": "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none"),
+        "mma": "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "FFMA only"),
     }
 
 
@@ -114,18 +114,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an int (90 = Hopper)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--layers", default=",".join(LAYERS), help=f"comma-separated subset of {','.join(LAYERS)}")
+    parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     rows = [
-        f"Window-attention kernels compiled for sm_{args.arch}, {args.dtype}, head_dim 32, with bias "
+        f"Window-attention kernels compiled for sm_{args.arch}, {args.dtype}, head_dim {args.head_dim}, with bias "
         f"(triton {triton.__version__}; compiled ahead of time, no GPU involved; resources, not timings).",
         "",
         "| layer | kernel | warps | tiles (M x N) | registers/thread | stack bytes | shared bytes | matrix op |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for layer, (grid, heads, window, shift) in LAYERS.items():
-        for name, _grid, launch_args, kwargs in record_launches((1, *grid, heads, 32), window, shift, dtype):
+    for layer in args.layers.split(","):
+        grid, heads, window, shift = LAYERS[layer]
+        shape = (1, *grid, heads, args.head_dim)
+        for name, _grid, launch_args, kwargs in record_launches(shape, window, shift, dtype):
             tiles = f"{kwargs.get('BLOCK_M', kwargs.get('BLOCK_R', '-'))} x {kwargs.get('BLOCK_N', '-')}"
             compiled, warps = compile_launch(name, launch_args, dict(kwargs), args.arch)
             rep = cubin_report(compiled.asm["cubin"])
