@@ -208,7 +208,7 @@ def _htwa_bwd_dq_kernel(
     HD: tl.constexpr, BLOCK_D: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     N: tl.constexpr, BIAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NQ_PAD: tl.constexpr, NK_PAD: tl.constexpr, SINGLE_KBLK: tl.constexpr,  # SINGLE_KBLK: NK_PAD == BLOCK_N
-    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     split = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -248,7 +248,7 @@ def _htwa_bwd_dq_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-            if HAS_BIAS:
+            if BIAS_GRAD:
                 if SINGLE_KBLK:
                     db_acc += ds
                 else:  # this program alone owns these partial rows: read-modify-write without atomics
@@ -257,7 +257,7 @@ def _htwa_bwd_dq_kernel(
                     tl.debug_barrier()
         tl.store(DQ + o_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
 
-    if HAS_BIAS:
+    if BIAS_GRAD:
         if SINGLE_KBLK:
             tl.store(db_ptr + tl.arange(0, BLOCK_N)[None, :], db_acc)
 
@@ -403,7 +403,8 @@ def _bias_grad_from_dense(dense: torch.Tensor, window) -> torch.Tensor:
     return x.reshape(nh, -1).t().contiguous()
 
 
-def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale):
+def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True):
+    """dq, dk, dv and the table gradient (an empty tensor without a table, or with ``bias_grad=False``)."""
     B, T, H, W, nh, hd = q.shape
     g = _geometry(q, window, shift)
     cfg = _blocks(g["N"], hd)
@@ -431,7 +432,8 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale):
     n_qblk = triton.cdiv(g["N"], cfg["dq_m"])
     nq_pad, nk_pad = n_qblk * cfg["dq_m"], triton.cdiv(g["N"], cfg["dq_n"]) * cfg["dq_n"]
     n_items = B * g["n_win"]
-    if table is None:
+    bias_grad = bias_grad and table is not None
+    if not bias_grad:
         n_split, partials = n_items, q  # one program per item; no partials
     else:
         n_split = _num_splits(n_items, n_qblk * nh, _warps(cfg["dq_m"], cfg["dq_n"]), nh * nq_pad * nk_pad * 4,
@@ -441,9 +443,9 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale):
     _htwa_bwd_dq_kernel[(n_split, n_qblk, nh)](
         q, k, v, tab, do, lse, delta, dq, partials, *in_strides, *geo, n_items, n_split, scale * LOG2E, scale,
         BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], NQ_PAD=nq_pad, NK_PAD=nk_pad, SINGLE_KBLK=nk_pad == cfg["dq_n"],
-        num_warps=_warps(cfg["dq_m"], cfg["dq_n"]), **common,
+        BIAS_GRAD=bias_grad, num_warps=_warps(cfg["dq_m"], cfg["dq_n"]), **common,
     )
-    if table is None:
+    if not bias_grad:
         dtable = q.new_empty(0)
     else:
         dense = partials.sum(0)[:, : g["N"], : g["N"]]  # (heads, N, N), fixed-order reduction over splits
@@ -472,14 +474,14 @@ def _(q, k, v, table, window, shift, scale):
 @torch.library.custom_op("lfvila_kernels::window_attention_bwd", mutates_args=())
 def _window_attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    table: torch.Tensor | None, window: list[int], shift: list[int], scale: float,
+    table: torch.Tensor | None, window: list[int], shift: list[int], scale: float, bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_bwd(do, q, k, v, o, lse, table, tuple(window), tuple(shift), scale)
+    return _launch_bwd(do, q, k, v, o, lse, table, tuple(window), tuple(shift), scale, bias_grad)
 
 
 @_window_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, table, window, shift, scale):
-    dtable = q.new_empty(0) if table is None else table.new_empty(table.shape)
+def _(do, q, k, v, o, lse, table, window, shift, scale, bias_grad):
+    dtable = table.new_empty(table.shape) if table is not None and bias_grad else q.new_empty(0)
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dtable
 
 
@@ -493,8 +495,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, table, o, lse = ctx.saved_tensors
-    dq, dk, dv, dtable = _window_attention_bwd(do, q, k, v, o, lse, table, ctx.window, ctx.shift, ctx.scale)
-    return dq, dk, dv, (dtable if table is not None else None), None, None, None
+    bias_grad = table is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dtable = _window_attention_bwd(
+        do, q, k, v, o, lse, table, ctx.window, ctx.shift, ctx.scale, bias_grad
+    )
+    return dq, dk, dv, (dtable if bias_grad else None), None, None, None
 
 
 torch.library.register_autograd("lfvila_kernels::window_attention_fwd", _backward, setup_context=_setup_context)
