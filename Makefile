@@ -10,7 +10,6 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -e ".[test]"
 	touch $@
