@@ -20,7 +20,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m benchmarks.bench_attention --shapes lfvila --label local
+	$(PY) -m benchmarks.bench_attention --shapes lfvila --label local --out benchmarks/results/_scratch/attention.csv
 
 lint: install
 	$(VENV)/bin/ruff check .

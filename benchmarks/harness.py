@@ -1,0 +1,314 @@
+"""Benchmark plumbing shared by every ``benchmarks/bench_*.py``: timing, peak memory, environment, CSV rows.
+
+Nothing here knows about a particular op. A benchmark builds zero-argument callables, hands them to :func:`measure` and
+:func:`peak_memory` (through :func:`guarded`, so that a provider that raises becomes a ``failed`` row instead of ending
+the run) and appends long-format rows to one CSV through :class:`ResultWriter`.
+
+Long format, one row per (kernel, provider, mode, metric, x): the columns are :data:`SCHEMA`. ``p50/p20/p80`` are the
+median and the 20th/80th percentiles of the metric over the timed repetitions (one value in all three for metrics
+measured once, empty when the row is ``failed`` or ``skipped``; ``note`` then says why).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import gc
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+SCHEMA: tuple[str, ...] = (
+    "timestamp",  # UTC, ISO 8601, when the row was written
+    "label",  # free text from the command line: which run this is (e.g. "h200-main", "cpu-reduced")
+    "kernel",  # the op, e.g. "window_attention"
+    "provider",  # the implementation, e.g. "htwa-triton", "videoswin-eager"
+    "mode",  # "fwd" | "fwd+bwd"
+    "x_name",  # what varies along the x axis, e.g. "layer"
+    "x_value",  # its value, e.g. "layer0"
+    "shape",  # the full problem, e.g. "B=16 T=32 H=24 W=40 heads=4 head_dim=32 window=2x3x5 shift=0x1x2"
+    "metric",  # "time" | "tflops" | "memory" | "max_abs_err"
+    "unit",  # "ms" | "TFLOP/s" | "MB" | "abs"
+    "p50",
+    "p20",
+    "p80",
+    "status",  # "ok" | "failed" | "skipped"
+    "note",  # why a row failed or was skipped (exception type and message), or a remark
+    "dtype",
+    "device",  # GPU name, or CPU model and core count
+    "torch",
+    "triton",
+    "python",
+    "commit",  # git rev-parse --short HEAD, "-dirty" with changed or untracked files, "unknown" without git
+)
+STATUSES = ("ok", "failed", "skipped")
+_NOTE_CHARS = 500
+
+
+# --------------------------------------------------------------------------------------------------- measurement
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str,
+    warmup: int = 2,
+    reps: int = 10,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Time ``fn()``; return ``{"p50", "p20", "p80"}`` in milliseconds.
+
+    CUDA: ``triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])``, which times each
+    call with CUDA events, flushes the L2 cache before every timed call and picks the number of calls so that the
+    warm-up and the timed runs last about ``warmup_ms`` and ``rep_ms`` milliseconds (``warmup``/``reps`` unused).
+    CPU: ``warmup`` untimed calls, then ``reps`` calls timed one by one with ``time.perf_counter``
+    (``warmup_ms``/``rep_ms`` unused). Percentiles are linearly interpolated.
+    ``grad_to_none``: tensors whose ``.grad`` is reset to None before every call (outside the timed region on the CPU),
+    so that a backward pass allocates fresh gradients each time instead of accumulating.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing  # only on CUDA: importing triton on the CPU would fix TRITON_INTERPRET too early
+
+        p50, p20, p80 = triton.testing.do_bench(
+            fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none or []), quantiles=[0.5, 0.2, 0.8]
+        )
+        return {"p50": float(p50), "p20": float(p20), "p80": float(p80)}
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+
+    def reset_grads():
+        for t in grad_to_none or ():
+            t.grad = None
+
+    for _ in range(warmup):
+        reset_grads()
+        fn()
+    times = []
+    for _ in range(reps):
+        reset_grads()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return {"p50": float(q[0]), "p20": float(q[1]), "p80": float(q[2])}
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Peak memory in MB (2**20 bytes) allocated by one call of ``fn`` above what was allocated before it.
+
+    CUDA only (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``); the result of ``fn`` counts
+    while it is alive. Returns None on any other device: the caller writes the row with empty values.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del result
+    return (peak - baseline) / 2**20
+
+
+def free_memory(device: torch.device | str) -> None:
+    """Drop unreachable tensors and return cached CUDA blocks (after an OOM, so that the next provider starts clean)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``"Type: message"`` on one line, at most 500 characters: the ``note`` of a failed row.
+
+    When the exception wraps another (``raise ... from``, as torch.compile does with errors raised while tracing),
+    the innermost cause comes first, then ``[raised as Type: first line]`` of the outer one.
+    """
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 8:
+        chain.append(chain[-1].__cause__)
+    root = chain[-1]
+    text = f"{type(root).__name__}: {root}"
+    if root is not exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        text += f" [raised as {type(exc).__name__}: {first}]"
+    text = " ".join(text.split())
+    return text if len(text) <= _NOTE_CHARS else text[: _NOTE_CHARS - 3] + "..."
+
+
+def guarded(fn: Callable[[], object], device: torch.device | str) -> tuple[object, str | None]:
+    """Run ``fn()``; return ``(result, None)``, or ``(None, note)`` if it raised any Exception (OOM included).
+
+    After a failure the exception and its traceback (which hold the failed call's tensors) are dropped and CUDA memory
+    is freed before returning. KeyboardInterrupt still stops the run.
+    """
+    note = None
+    try:
+        return fn(), None
+    except Exception as exc:  # a provider may fail in any way; the run goes on and records why
+        note = describe_exception(exc)
+    free_memory(device)
+    return None, note
+
+
+# --------------------------------------------------------------------------------------------------- environment
+def _git_commit(root: Path) -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain"))  # untracked (not ignored) files too: they may be the code run
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def _cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, str]:
+    """What produced a result: ``{"device", "torch", "triton", "python", "commit"}``; no host names or user names.
+
+    ``device``: the GPU name (``torch.cuda.get_device_name``) for a CUDA device, else the CPU model from
+    ``/proc/cpuinfo`` with the core count. ``triton`` is read from the installed distribution's metadata, so calling
+    this does not import triton.
+    """
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "python": platform.python_version(),
+        "commit": _git_commit(Path(__file__).resolve().parent.parent),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- CSV rows
+def make_row(
+    *,
+    kernel: str,
+    provider: str,
+    mode: str,
+    x_name: str,
+    x_value: str,
+    shape: str,
+    metric: str,
+    unit: str,
+    dtype: str,
+    values: dict[str, float] | None = None,
+    status: str = "ok",
+    note: str = "",
+) -> dict[str, object]:
+    """One result row without the run-wide columns (label, environment, timestamp), which the writer adds.
+
+    ``values``: ``{"p50", "p20", "p80"}``, or None for a failed/skipped row or a metric not measured here (the three
+    cells are then empty).
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    values = values or {}
+    return {
+        "kernel": kernel,
+        "provider": provider,
+        "mode": mode,
+        "x_name": x_name,
+        "x_value": x_value,
+        "shape": shape,
+        "metric": metric,
+        "unit": unit,
+        "p50": values.get("p50", ""),
+        "p20": values.get("p20", ""),
+        "p80": values.get("p80", ""),
+        "status": status,
+        "note": note,
+        "dtype": dtype,
+    }
+
+
+class ResultWriter:
+    """Appends rows with the fixed :data:`SCHEMA` to a CSV file, writing the header when the file is new or empty.
+
+    ``env`` (from :func:`environment`) and ``label`` fill the run-wide columns. Appending to a file whose header is not
+    :data:`SCHEMA` raises ValueError rather than mixing two layouts in one file. Every :meth:`write` flushes, so an
+    interrupted run keeps the rows it finished.
+    """
+
+    def __init__(self, path: str | os.PathLike, env: dict[str, str], label: str):
+        self.path = Path(path)
+        self.env = dict(env)
+        self.label = label
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if tuple(header) != SCHEMA:
+                raise ValueError(f"{self.path} has columns {header}, not this harness's {list(SCHEMA)}; use a new file")
+
+    def write(self, rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
+        """Complete ``rows`` (from :func:`make_row`) with timestamp, label and environment; append; return them."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        full = []
+        for row in rows:
+            out = {"timestamp": stamp, "label": self.label, **self.env, **row}
+            unknown = set(out) - set(SCHEMA)
+            if unknown:
+                raise ValueError(f"row has columns outside the schema: {sorted(unknown)}")
+            full.append({k: _cell(out.get(k, "")) for k in SCHEMA})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=SCHEMA)
+            if new:
+                writer.writeheader()
+            writer.writerows(full)
+        return full
+
+
+def _cell(value: object) -> object:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    """All rows of a results CSV as dicts keyed by :data:`SCHEMA` (for plots, summaries and tests)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
