@@ -63,15 +63,23 @@ def oracle(q, k, v, table, window, shift, grad_out, **kw):
 NAMES = ("out", "dq", "dk", "dv", "dtable")
 
 
-@pytest.mark.parametrize("shape, window, shift", CASES)
-def test_triton_fp32_matches_videoswin(shape, window, shift):
-    q, k, v, table = make_inputs(shape, window)
-    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    got = run(window_attention, q, k, v, table, window, shift, grad_out, impl="triton")
+def check_triton_against_videoswin(shape, window, shift, dtype=torch.float32, blocks=None):
+    """The interpreted Triton kernels' output and gradients are within 2x the error of eager Video-Swin at ``dtype``
+    (both against the float64 oracle). ``blocks``: tile overrides (``override_config``)."""
+    q, k, v, table = make_inputs(shape, window, dtype=dtype)
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with fused.override_config(**(blocks or {})):
+        got = run(window_attention, q, k, v, table, window, shift, grad_out, impl="triton")
+    assert got[0].dtype == dtype and got[4].dtype == table.dtype
     want = oracle(q, k, v, table, window, shift, grad_out)
     eager = run(videoswin_window_attention, q, k, v, table, window, shift, grad_out)
     for name, a, b, e in zip(NAMES, got, want, eager):
-        assert_within_eager_error(name, a, e, b, torch.float32)
+        assert_within_eager_error(name, a, e, b, dtype)
+
+
+@pytest.mark.parametrize("shape, window, shift", CASES)
+def test_triton_fp32_matches_videoswin(shape, window, shift):
+    check_triton_against_videoswin(shape, window, shift)
 
 
 @pytest.mark.parametrize("shape, window, shift", CASES[:2] + CASES[10:14])
@@ -87,14 +95,7 @@ def test_reference_matches_videoswin_float64(shape, window, shift):
 
 @pytest.mark.parametrize("shape, window, shift", [CASES[1], CASES[11]])
 def test_triton_fp16_within_twice_eager_error(shape, window, shift):
-    q, k, v, table = make_inputs(shape, window, dtype=torch.float16)
-    grad_out = torch.randn(shape).half()
-    got = run(window_attention, q, k, v, table, window, shift, grad_out, impl="triton")
-    want = oracle(q, k, v, table, window, shift, grad_out)
-    eager = run(videoswin_window_attention, q, k, v, table, window, shift, grad_out)
-    assert got[0].dtype == torch.float16 and got[4].dtype == torch.float32
-    for name, a, b, e in zip(NAMES, got, want, eager):
-        assert_within_eager_error(name, a, e, b, torch.float16)
+    check_triton_against_videoswin(shape, window, shift, dtype=torch.float16)
 
 
 @pytest.mark.parametrize(
@@ -106,15 +107,7 @@ def test_triton_fp16_within_twice_eager_error(shape, window, shift):
 )
 def test_triton_multi_block_paths(blocks):
     """Windows spanning several key/query tiles: the online-softmax loop and the bias-gradient read-modify-write."""
-    shape, window, shift = (2, 4, 6, 5, 2, 16), (2, 3, 5), (1, 1, 2)
-    q, k, v, table = make_inputs(shape, window)
-    grad_out = torch.randn(shape)
-    with fused.override_config(**blocks):
-        got = run(window_attention, q, k, v, table, window, shift, grad_out, impl="triton")
-    want = oracle(q, k, v, table, window, shift, grad_out)
-    eager = run(videoswin_window_attention, q, k, v, table, window, shift, grad_out)
-    for name, a, b, e in zip(NAMES, got, want, eager):
-        assert_within_eager_error(name, a, e, b, torch.float32)
+    check_triton_against_videoswin((2, 4, 6, 5, 2, 16), (2, 3, 5), (1, 1, 2), blocks=blocks)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
