@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
+from .contrastive import contrastive_loss
 from .reference import bias_table_rows, relative_position_index
 from .window_attention import window_attention
 
@@ -87,3 +90,33 @@ class WindowAttention3D(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, window={self.window_size}, shift={self.shift_size}"
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE over ``(N, d)`` x ``(M, d)`` features, fused (see ``contrastive_loss``).
+
+    ``learnable=False``: fixed temperature (LF-VILA: 0.05). ``learnable=True``: CLIP's parameterisation, a parameter
+    ``log_logit_scale`` initialised to ``log(1 / temperature)``; the scale ``exp(log_logit_scale)`` is clamped to
+    ``max_logit_scale`` (CLIP: 100). ``forward(a, b, labels=None) -> loss`` (see ``contrastive_loss`` for labels and
+    reductions).
+    """
+
+    def __init__(self, temperature: float = 0.05, learnable: bool = False, max_logit_scale: float = 100.0,
+                 reduction: str = "mean", impl: str = "auto"):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature!r}")
+        self.temperature, self.max_logit_scale = temperature, max_logit_scale
+        self.reduction, self.impl = reduction, impl
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature))) if learnable else None
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        scale = None
+        if self.log_logit_scale is not None:
+            scale = self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+        return contrastive_loss(a, b, temperature=self.temperature, logit_scale=scale, labels=labels,
+                                reduction=self.reduction, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        learn = self.log_logit_scale is not None
+        return f"temperature={self.temperature}, learnable={learn}, reduction={self.reduction!r}"

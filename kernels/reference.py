@@ -108,3 +108,78 @@ def window_attention_reference(q, k, v, window, shift=(0, 0, 0), rel_pos_bias=No
     if any(shift):
         out = torch.roll(out, shifts=shift, dims=(1, 2, 3))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Contrastive loss (symmetric InfoNCE)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def contrastive_loss_naive(a, b, scale, labels=None):
+    """Materialised logits ``(N, M) = a @ b.T * scale`` and ``F.cross_entropy``: the textbook loss, O(N*M) memory.
+
+    Returns ``(row_ce (N,), col_ce (M,) or None)``: per-row cross-entropies a->b (target ``labels`` or the diagonal)
+    and, without labels, per-column b->a (target the diagonal). ``scale``: float or 0-dim tensor.
+    """
+    logits = (a @ b.t()) * scale
+    targets = torch.arange(a.shape[0], device=a.device) if labels is None else labels
+    row_ce = F.cross_entropy(logits, targets, reduction="none")
+    col_ce = None if labels is not None else F.cross_entropy(logits.t(), targets, reduction="none")
+    return row_ce, col_ce
+
+
+def _lse_rows(a, b, scale, chunk):
+    """Row log-sum-exps of ``a @ b.T * scale`` in row chunks: ``(N,)``, O(chunk * M) memory."""
+    return torch.cat([torch.logsumexp((a[i : i + chunk] @ b.t()) * scale, dim=1) for i in range(0, a.shape[0], chunk)])
+
+
+class _ChunkedContrastive(torch.autograd.Function):
+    """Per-row (and per-column) cross-entropies of ``a @ b.T * scale`` with O((N + M) * chunk) extra memory.
+
+    Forward keeps only the row / column log-sum-exps; backward recomputes the logits chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, labels, chunk):
+        symmetric = labels is None
+        targets = torch.arange(a.shape[0], device=a.device) if symmetric else labels
+        lse_r = _lse_rows(a, b, scale, chunk)
+        pos = (a * b[targets]).sum(-1) * scale  # logit of each row's positive
+        lse_c = _lse_rows(b, a, scale, chunk) if symmetric else None
+        ctx.save_for_backward(a, b, scale, targets, lse_r, lse_c if symmetric else lse_r)
+        ctx.symmetric, ctx.chunk = symmetric, chunk
+        row_ce = lse_r - pos
+        col_ce = lse_c - pos if symmetric else a.new_empty(0)
+        return row_ce, col_ce
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        a, b, scale, targets, lse_r, lse_c = ctx.saved_tensors
+        chunk = ctx.chunk
+        da, db = torch.zeros_like(a), torch.zeros_like(b)
+        dscale = torch.zeros((), dtype=torch.float64 if a.dtype == torch.float64 else torch.float32, device=a.device)
+        cols = torch.arange(b.shape[0], device=a.device)
+        for i in range(0, a.shape[0], chunk):
+            rows = slice(i, i + chunk)
+            raw = a[rows] @ b.t()  # (chunk, M)
+            logits = raw * scale
+            # d loss / d logits: row term g_row * (softmax over columns - onehot(target)), column term likewise.
+            ds = torch.exp(logits - lse_r[rows, None]) * g_row[rows, None]
+            ds -= (cols[None, :] == targets[rows, None]) * g_row[rows, None]
+            if ctx.symmetric:
+                ds += torch.exp(logits - lse_c[None, :]) * g_col[None, :]
+                ds -= (cols[None, :] == torch.arange(i, i + raw.shape[0], device=a.device)[:, None]) * g_col[None, :]
+            da[rows] = (ds @ b) * scale
+            db += (ds.t() @ a[rows]) * scale
+            dscale += (ds * raw).sum()
+        return da, db, dscale.to(scale.dtype), None, None
+
+
+def contrastive_ce_chunked(a, b, scale, labels=None, chunk: int = 1024):
+    """Per-row (and, without labels, per-column) cross-entropies like :func:`contrastive_loss_naive`, computed in
+    chunks of ``chunk`` rows so that nothing of size N x M is kept: the CPU path of ``contrastive_loss``.
+
+    ``scale``: 0-dim tensor (it gets a gradient when it requires one). Returns ``(row_ce (N,), col_ce (M,) or None)``.
+    """
+    row_ce, col_ce = _ChunkedContrastive.apply(a, b, scale, labels, chunk)
+    return row_ce, (col_ce if labels is None else None)
