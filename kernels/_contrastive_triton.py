@@ -148,8 +148,9 @@ _config_override: dict | None = None
 
 @contextlib.contextmanager
 def override_config(**cfg):
-    """Force tiles (``block_m``, ``block_n``, ``block_k``, ``block_do``) or the forward's program count ``programs``
-    in a scope: for tests (multi-tile and multi-program paths at small sizes) and tuning runs."""
+    """Force tiles (``block_m``, ``block_n``, ``block_k``, ``block_do``), warps (``fwd_warps``, ``bwd_warps``) or the
+    forward's program count ``programs`` in a scope: for tests (multi-tile and multi-program paths at small sizes)
+    and tuning runs."""
     global _config_override
     previous, _config_override = _config_override, dict(cfg)
     try:
@@ -160,9 +161,10 @@ def override_config(**cfg):
 
 def _config(n: int, m: int, d: int) -> dict:
     """Default tiles (not yet timed on a GPU): 64 x 64 score tiles, 64-wide feature chunks, and backward programs
-    that each write up to 256 feature columns (d <= 256: each logit tile is computed once per side)."""
+    that each write up to 256 feature columns (d <= 256: each logit tile is computed once per side; d = 512: twice).
+    The backward's 64 x 256 fp32 accumulator needs 8 warps not to spill on sm_90 (benchmarks/kernel_resources.py)."""
     cfg = dict(block_m=64, block_n=64, block_k=min(64, max(16, triton.next_power_of_2(d))),
-               block_do=min(256, max(16, triton.next_power_of_2(d))), num_warps=4)
+               block_do=min(256, max(16, triton.next_power_of_2(d))), fwd_warps=4, bwd_warps=8)
     if _config_override:
         cfg.update(_config_override)
     return cfg
@@ -216,7 +218,7 @@ def _launch_fwd(a, b, scale, labels):
     _cl_fwd_kernel[(g,)](
         a, b, y, scale, lse_r, pos, col_m, col_l, n, m, d, a.stride(0), b.stride(0), n_row_blocks, g,
         HAS_COL=symmetric, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        DOT_PREC=_dot_precision(a.dtype), num_warps=cfg["num_warps"],
+        DOT_PREC=_dot_precision(a.dtype), num_warps=cfg["fwd_warps"],
     )
     row_ce = lse_r * LN2 - pos
     if not symmetric:
@@ -239,7 +241,7 @@ def _launch_bwd_side(a, b, scale, da, dscale, yr, lse_r, wr, yc, lse_c, wc, with
         n, m, d, a.stride(0), b.stride(0), da.stride(0),
         HAS_R=lse_r is not None, HAS_C=lse_c is not None, WITH_DSCALE=with_dscale,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], BLOCK_DO=cfg["block_do"],
-        DOT_PREC=_dot_precision(a.dtype), num_warps=cfg["num_warps"],
+        DOT_PREC=_dot_precision(a.dtype), num_warps=cfg["bwd_warps"],
     )
     return grid[0]
 

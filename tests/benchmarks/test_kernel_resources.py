@@ -8,15 +8,22 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("dtype, head_dim, layers", [("bf16", 32, "layer0,layer3"), ("fp32", 64, "layer2")])
-def test_kernels_compile_for_sm90(dtype, head_dim, layers):
+@pytest.mark.parametrize(
+    "op, dtype, extra, cases, kernels_per_case",
+    [
+        ("window_attention", "bf16", ["--head-dim", "32"], "layer0,layer3", 4),
+        ("window_attention", "fp32", ["--head-dim", "64"], "layer2", 4),
+        ("contrastive", "bf16", [], "d512,d2048", 3),
+        ("contrastive", "fp32", [], "d256", 3),
+    ],
+)
+def test_kernels_compile_for_sm90(op, dtype, extra, cases, kernels_per_case):
     env = dict(os.environ, TRITON_INTERPRET="0")
-    cmd = [sys.executable, "-m", "benchmarks.kernel_resources", "--dtype", dtype, "--head-dim", str(head_dim),
-           "--layers", layers]
+    cmd = [sys.executable, "-m", "benchmarks.kernel_resources", "--op", op, "--dtype", dtype, "--layers", cases, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| layer") and "| kernel |" not in line]
-    assert len(rows) == 4 * len(layers.split(",")), proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "| kernel |" not in line]
+    assert len(rows) == kernels_per_case * len(cases.split(",")), proc.stdout
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[4].isdigit() and int(cells[4]) > 0, row  # registers were read from the cubin
