@@ -14,9 +14,12 @@ from __future__ import annotations
 import csv
 import datetime
 import gc
+import json
 import os
 import platform
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
@@ -167,6 +170,127 @@ def guarded(fn: Callable[[], object], device: torch.device | str) -> tuple[objec
         note = describe_exception(exc)
     free_memory(device)
     return None, note
+
+
+# --------------------------------------------------------------------------------------------------- CPU peak RSS
+RESULT_PREFIX = "BENCH_CHILD_RESULT "  # marks the one stdout line of a fresh process that carries its JSON result
+_MB = 2**20
+
+
+def _proc_status_bytes() -> dict[str, int]:
+    """``VmRSS``, ``VmHWM`` and ``VmSize`` of this process in bytes, from ``/proc/self/status`` (Linux)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "VmSize"):
+                    out[key] = int(rest.split()[0]) * 1024  # the kernel writes kB
+    except OSError as exc:
+        raise RuntimeError(f"peak RSS needs Linux /proc/self/status ({exc})") from exc
+    if len(out) != 3:
+        raise RuntimeError(f"/proc/self/status lacks VmRSS/VmHWM/VmSize (found {sorted(out)})")
+    return out
+
+
+def mem_available_mb() -> float:
+    """``MemAvailable`` of ``/proc/meminfo`` in MB (2**20 bytes): what can be allocated without swapping or OOM."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / _MB
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def peak_rss_increase(fn: Callable[[], object], limit_mb: float | None = None) -> dict[str, object]:
+    """By how much one call of ``fn`` raises this process's peak resident set size, in MB (2**20 bytes).
+
+    Method (Linux): drop unreachable objects, reset the resident high-water mark ``VmHWM`` to the current RSS by
+    writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0), read the baseline ``VmRSS``, call ``fn``, read
+    ``VmHWM`` again. ``increase_mb = VmHWM_after - VmRSS_before``: the largest resident set during the call above the
+    resident set before it (pages actually touched, not reserved; the kernel updates the high-water mark before any
+    page is unmapped or dropped, so a short-lived peak counts). The result of ``fn`` is alive while ``VmHWM`` is read.
+    Where the reset is refused, the mark is not reset (``method`` says ``"hwm-no-reset"``) and, when the call did not
+    exceed an earlier peak of the process, ``exact`` is False and ``increase_mb`` is only a lower bound.
+
+    ``limit_mb``: if given, the soft ``RLIMIT_AS`` is lowered to the current virtual size plus this many MB during the
+    call, so that an op needing more fails with an allocation error instead of waking the kernel's OOM killer.
+
+    Returns ``{"increase_mb", "baseline_mb", "peak_mb", "method", "exact"}``.
+    Run it in a fresh process (:func:`run_fresh_process`) so that other work does not shape the allocator's state.
+    """
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        method = "clear_refs"
+    except OSError:
+        method = "hwm-no-reset"
+    before = _proc_status_bytes()
+    restore = None
+    if limit_mb is not None:
+        import resource
+
+        restore = resource.getrlimit(resource.RLIMIT_AS)
+        cap = before["VmSize"] + int(limit_mb * _MB)
+        if restore[1] != resource.RLIM_INFINITY:
+            cap = min(cap, restore[1])
+        resource.setrlimit(resource.RLIMIT_AS, (cap, restore[1]))
+    try:
+        result = fn()
+        after = _proc_status_bytes()
+        del result
+    finally:
+        if restore is not None:
+            resource.setrlimit(resource.RLIMIT_AS, restore)
+    exact = method == "clear_refs" or after["VmHWM"] > before["VmHWM"]
+    return {
+        "increase_mb": (after["VmHWM"] - before["VmRSS"]) / _MB,
+        "baseline_mb": before["VmRSS"] / _MB,
+        "peak_mb": after["VmHWM"] / _MB,
+        "method": method,
+        "exact": exact,
+    }
+
+
+def report_to_parent(result: dict) -> None:
+    """In a process started by :func:`run_fresh_process`: print ``result`` (JSON-serialisable) for the parent."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_fresh_process(argv: Sequence[str], timeout: float = 3600.0, env: dict[str, str] | None = None) -> dict:
+    """Run ``python *argv`` (this interpreter) in a new process from the repository root; return its result.
+
+    The child reports with :func:`report_to_parent`; the last such line of its stdout is parsed. A result with an
+    ``"error"`` key, or a child that ends without a result (a crash, a signal such as the OOM killer's SIGKILL, a
+    timeout), raises RuntimeError naming the exit status and the last line of its stderr, so that :func:`guarded`
+    turns it into a ``failed`` row. ``env``: the child's environment (default: this process's).
+    """
+    cmd = [sys.executable, *argv]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"child process timed out after {timeout:.0f} s: {' '.join(argv)}") from exc
+    result = None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX) :])
+            break
+    if result is not None and "error" in result:
+        raise RuntimeError(result["error"])
+    if result is None or proc.returncode != 0:
+        code = proc.returncode
+        how = f"exit status {code}"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            how = f"killed by {name}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
+        last = (proc.stderr.strip().splitlines() or ["no stderr"])[-1]
+        raise RuntimeError(f"child process ended without a result ({how}): {last}")
+    return result
 
 
 # --------------------------------------------------------------------------------------------------- environment
