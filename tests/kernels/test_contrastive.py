@@ -50,6 +50,7 @@ CASES = [
     pytest.param(20, 20, 16, 0.05, "dup", SMALL_TILES, id="duplicated-rows"),
     pytest.param(5, 23, 16, 0.05, [3, 1, 1, 0, 22], SMALL_TILES, id="rect-labels-dup"),
     pytest.param(19, 40, 48, 0.01, list(range(21, 40)), SMALL_TILES, id="rect-local-rows"),
+    pytest.param(5, 5, 2048, 0.05, None, {}, id="d2048"),
 ]
 
 
