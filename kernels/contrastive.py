@@ -94,17 +94,19 @@ def contrastive_loss(
     Returns the loss (fp32 for half inputs), or ``(loss, loss_ab, loss_ba)``.
     """
     _check_features(a, b, labels, reduction, check_finite)
+    if labels is not None and not torch.compiler.is_compiling():  # a data-dependent check: skipped when compiled
+        check_labels_range(labels, b.shape[0])
     scale = _scale(a, temperature, logit_scale)
+    return _reduce(*_per_row_ce(a, b, scale, labels, impl), reduction, return_directions)
+
+
+def _per_row_ce(a, b, scale, labels, impl):
+    """(row_ce (N,), col_ce (M,) or None) on checked arguments: fp32 for half/fp32 inputs, fp64 for fp64."""
     if select_impl(impl, a.device, a.dtype, TRITON_DTYPES) == "triton":
-        row_ce, col_ce = contrastive_ce_fused(a, b, scale, labels)
-    else:
-        if labels is not None and not torch.compiler.is_compiling():
-            check_labels_range(labels, b.shape[0])
-        row_ce, col_ce = contrastive_ce_chunked(a, b, scale.to(a.dtype) if a.dtype == torch.float64 else scale,
-                                                labels)
-        row_ce = row_ce.float() if row_ce.dtype != torch.float64 else row_ce
-        col_ce = col_ce if col_ce is None or col_ce.dtype == torch.float64 else col_ce.float()
-    return _reduce(row_ce, col_ce, reduction, return_directions)
+        return contrastive_ce_fused(a, b, scale, labels)
+    row_ce, col_ce = contrastive_ce_chunked(a, b, scale.to(a.dtype) if a.dtype == torch.float64 else scale, labels)
+    as_float = lambda t: t if t is None or t.dtype == torch.float64 else t.float()  # noqa: E731
+    return as_float(row_ce), as_float(col_ce)
 
 
 def _reduce(row_ce, col_ce, reduction, return_directions):
@@ -138,6 +140,7 @@ def distributed_contrastive_loss(
     from torch.distributed.nn.functional import all_gather
 
     _check_features(a_local, b_local, None, "mean", False)
+    scale = _scale(a_local, temperature, logit_scale)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n = a_local.shape[0]
     sizes = [torch.zeros(1, dtype=torch.int64, device=a_local.device) for _ in range(world)]
@@ -146,7 +149,8 @@ def distributed_contrastive_loss(
         raise ValueError(f"every rank must hold the same number of rows; got {[int(s) for s in sizes]}")
     a_all = torch.cat(all_gather(a_local, group=group), dim=0)  # (world * n, d)
     b_all = torch.cat(all_gather(b_local, group=group), dim=0)
-    labels = torch.arange(rank * n, (rank + 1) * n, device=a_local.device)
-    kw = dict(temperature=temperature, logit_scale=logit_scale, labels=labels, reduction="sum", impl=impl)
-    total = contrastive_loss(a_local, b_all, **kw) + contrastive_loss(b_local, a_all, **kw)
+    labels = torch.arange(rank * n, (rank + 1) * n, device=a_local.device)  # in range by construction
+    ab, _ = _per_row_ce(a_local, b_all, scale, labels, impl)  # (n,): local videos against all paragraphs
+    ba, _ = _per_row_ce(b_local, a_all, scale, labels, impl)  # (n,): local paragraphs against all videos
+    total = ab.sum() + ba.sum()
     return total / (2 * n) if ddp_average else total / (2 * n * world)
