@@ -21,6 +21,7 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.bench_attention --shapes lfvila --label local --out benchmarks/results/_scratch/attention.csv
+	$(PY) -m benchmarks.bench_contrastive --label local --out benchmarks/results/_scratch/contrastive.csv
 
 lint: install
 	$(VENV)/bin/ruff check .

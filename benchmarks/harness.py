@@ -7,6 +7,10 @@ the run) and appends long-format rows to one CSV through :class:`ResultWriter`.
 Long format, one row per (kernel, provider, mode, metric, x): the columns are :data:`SCHEMA`. ``p50/p20/p80`` are the
 median and the 20th/80th percentiles of the metric over the timed repetitions (one value in all three for metrics
 measured once, empty when the row is ``failed`` or ``skipped``; ``note`` then says why).
+
+CPU memory: :func:`peak_rss_increase` measures the peak resident set of one call (``VmHWM`` reset through
+``/proc/self/clear_refs``), and :func:`run_fresh_process` runs such a measurement in a new interpreter, so that what
+ran before does not shape the allocator's state; the child answers with :func:`report_to_parent`.
 """
 
 from __future__ import annotations

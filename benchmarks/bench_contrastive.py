@@ -1,0 +1,596 @@
+"""Benchmark symmetric InfoNCE (contrastive loss) providers against the batch size N; append rows to a CSV.
+
+Commands (from the repository root)::
+
+    python -m benchmarks.bench_contrastive --label h200-main             # CUDA: N = 1k ... 256k, d = 512, bf16
+    python -m benchmarks.bench_contrastive --label cpu-reduced           # CPU: N = 1k, 2k, 4k, d = 256, fp32
+    python -m benchmarks.bench_contrastive --rss --label cpu-rss         # CPU: peak RSS at N = 32768, d = 256
+    python -m benchmarks.bench_contrastive --providers naive,ours --sizes 32768 --dim 512 --dtype bf16 \
+        --out benchmarks/results/_scratch/contrastive.csv --label try
+
+The loss: a, b ``(N, d)``, logits ``a @ b.T * 20`` (temperature 0.05), ``(CE(logits, diag) + CE(logits.T, diag)) / 2``.
+Inputs are L2-normalised random features, b a noisy copy of a (positives have cosine ~0.7), never zeros.
+
+Providers (optional ones are imported lazily; where they cannot run the rows are ``skipped`` with the reason):
+    naive      lfvila_kernels.reference.contrastive_loss_naive: materialised (N, N) logits + F.cross_entropy
+    chunked    lfvila_kernels.contrastive_loss(impl="torch"): row chunks, logits recomputed in backward
+    ours       lfvila_kernels.contrastive_loss(impl="triton"): the fused Triton kernels (CUDA; on the CPU only
+               under TRITON_INTERPRET=1, far too slow to time: skipped unless --interpret-ok)
+    open_clip  open_clip.loss.ClipLoss()(a, b, logit_scale) (pip open_clip_torch): two materialised logit matrices
+    inf-cl     inf_cl.cal_inf_loss (pip inf-cl), once per direction, averaged: Triton, CUDA only, fp32 inside
+
+Modes: ``fwd`` is the forward of a training step (a, b require grad, the graph is built and dropped); ``fwd+bwd``
+adds the backward to a and b. Per (N, provider, mode) the CSV gets these rows:
+
+    time         ms        median and 20th/80th percentiles (CUDA: triton.testing.do_bench, L2 flushed per call)
+    tflops       TFLOP/s   useful FLOPs: 2*N*N*d forward (one logits product), 3x that for fwd+bwd
+    memory       MB        CUDA: peak of one call above what was allocated before (inputs excluded; the graph, the
+                           gradients of a and b included); skipped on the CPU
+    max_abs_err  abs       fwd: |loss - float64 loss|; fwd+bwd: max |grad - float64 grad| over a and b, on the
+                           first call, against :func:`reference_loss_and_grads` (float64, independent of the providers)
+    peak_rss     MB        CPU, fwd+bwd: peak resident set increase of one call in a fresh process (see below)
+
+Peak RSS (CPU): each (provider, N) runs in a new Python process (``--rss-child``), so that other providers do not
+shape the allocator's state: imports, input creation and one warm-up call at N = 64 (thread pools, BLAS buffers) come
+first, then ``harness.peak_rss_increase`` resets ``VmHWM`` through ``/proc/self/clear_refs``, reads ``VmRSS``, runs
+one forward+backward and reads ``VmHWM``: the increase is the peak resident memory of that call (gradients included).
+The child's address space is capped at MemAvailable - 1 GiB (``--rss-max-mb``), so a provider too big for the machine
+fails with an allocation error (a ``failed`` row) instead of waking the OOM killer. Children run one at a time.
+
+A provider that raises gives ``failed`` rows with the exception text; after an out-of-memory failure at some N, it
+is ``skipped`` at every larger N. Benchmarks measure; the targets of the issue are only reported (markdown summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+
+KERNEL = "contrastive_loss"
+TEMPERATURE = 0.05
+SCALE = 1.0 / TEMPERATURE
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_FLAGS = {v: k for k, v in DTYPES.items()}  # torch dtype -> its --dtype value
+BASELINE = "naive"
+MODES = ("fwd", "fwd+bwd")
+CUDA_SIZES = tuple(1024 * 2**k for k in range(9))  # 1k ... 256k
+CPU_SIZES = (1024, 2048, 4096)
+RSS_SIZE, RSS_DIM = 32768, 256
+_OOM_MARKS = ("out of memory", "outofmemoryerror", "can't allocate memory", "cannot allocate memory", "memoryerror")
+
+Forward = Callable[[], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------- providers
+@dataclass(frozen=True)
+class Provider:
+    """``make(a, b) -> forward``: ``forward()`` returns the scalar loss of a, b ``(N, d)`` at logit scale 20.
+    ``refusal(device, dtype) -> reason or None``: why the provider cannot run here (a ``skipped`` row), if known."""
+
+    make: Callable[[torch.Tensor, torch.Tensor], Forward]
+    refusal: Callable[[torch.device, torch.dtype], str | None] | None = None
+
+
+def make_naive(a, b):
+    from lfvila_kernels.reference import contrastive_loss_naive
+
+    def forward():
+        row_ce, col_ce = contrastive_loss_naive(a, b, SCALE)
+        return 0.5 * (row_ce.mean() + col_ce.mean())
+
+    return forward
+
+
+def _make_ours(impl: str):
+    def make(a, b):
+        from lfvila_kernels import contrastive_loss  # lazily: a missing op is a failed row, not a crash
+
+        return lambda: contrastive_loss(a, b, temperature=TEMPERATURE, impl=impl)
+
+    return make
+
+
+def make_open_clip(a, b):
+    from open_clip.loss import ClipLoss
+
+    loss_fn = ClipLoss()  # one process: world_size=1, logits computed per image and per text
+    logit_scale = torch.tensor(SCALE, device=a.device)  # the already exponentiated scale, as CLIP passes it
+    return lambda: loss_fn(a, b, logit_scale)
+
+
+def make_inf_cl(a, b):
+    from inf_cl import cal_inf_loss
+
+    d = a.shape[1]
+    head_dim = next((h for h in (256, 128, 64, 32, 16) if d % h == 0), None)
+    if head_dim is None:
+        raise ValueError(f"Inf-CL needs a feature dim divisible by 16, 32, 64, 128 or 256; got d={d}")
+    scale = torch.tensor(SCALE, device=a.device)
+
+    def forward():  # cal_inf_loss is one direction (a -> b), mean over rows
+        ab = cal_inf_loss(a, b, scale=scale, head_dim=head_dim)
+        ba = cal_inf_loss(b, a, scale=scale, head_dim=head_dim)
+        return 0.5 * (ab + ba)
+
+    return forward
+
+
+def _ours_refusal(device, dtype):
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+        return "Triton kernels need a CUDA device; on the CPU they run only under TRITON_INTERPRET=1 (--interpret-ok)"
+    return None
+
+
+def import_refusal(module: str, install: str) -> str | None:
+    """None if ``module`` imports, else ``"<module> cannot be imported (Type: message); <install>"``."""
+    try:
+        __import__(module)
+    except Exception as exc:  # ImportError, or a broken dependency raising anything else (e.g. torchvision)
+        return f"{module} cannot be imported ({harness.describe_exception(exc)}); {install}"
+    return None
+
+
+def _inf_cl_refusal(device, dtype):
+    if device.type != "cuda":
+        return "Inf-CL's Triton kernels need CUDA tensors (inf_cl asserts q.is_cuda)"
+    return import_refusal("inf_cl", "pip install inf-cl")
+
+
+PROVIDERS: dict[str, Provider] = {
+    "naive": Provider(make_naive),
+    "chunked": Provider(_make_ours("torch")),
+    "ours": Provider(_make_ours("triton"), _ours_refusal),
+    "open_clip": Provider(
+        make_open_clip, lambda device, dtype: import_refusal("open_clip", "pip install open_clip_torch")
+    ),
+    "inf-cl": Provider(make_inf_cl, _inf_cl_refusal),
+}
+
+
+# --------------------------------------------------------------------------------------------------- inputs, reference
+def make_inputs(n: int, dim: int, dtype: torch.dtype, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """a, b ``(n, dim)`` of ``dtype`` on ``device``, rows L2-normalised (in fp32, then cast), b = normalise(a + noise),
+    so that each positive pair has cosine ~0.7 and the negatives ~0; generated on the CPU from ``seed``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    a = F.normalize(torch.randn(n, dim, generator=gen), dim=-1)
+    b = F.normalize(a + torch.randn(n, dim, generator=gen) / dim**0.5, dim=-1)
+    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+def reference_loss_and_grads(a, b, scale: float = SCALE, block_elems: int = 2**26):
+    """The symmetric InfoNCE of a, b ``(N, d)`` and its gradients, in float64, blocked over rows (no N x N tensor).
+
+    With ``L = s a b^T`` (s = ``scale``), row and column log-sum-exps ``r_i``, ``c_j`` and positives ``p_i = L_ii``:
+    ``loss = (mean_i (r_i - p_i) + mean_j (c_j - p_j)) / 2``; ``dloss/dL = (softmax_rows(L) - I + softmax_cols(L) - I)
+    / (2N)``, ``da = s dL b``, ``db = s dL^T a``. Blocks of ``block_elems // N`` rows bound the memory to a few
+    ``block_elems`` float64 values. Returns ``(loss 0-dim, da (N, d), db (N, d))``, all float64.
+    """
+    a, b = a.detach().double(), b.detach().double()
+    n = a.shape[0]
+    rows = max(1, block_elems // n)
+    blocks = [(i, min(i + rows, n)) for i in range(0, n, rows)]
+    lse_r = torch.cat([torch.logsumexp((a[i:j] @ b.t()) * scale, dim=1) for i, j in blocks])  # (N,)
+    lse_c = torch.cat([torch.logsumexp((b[i:j] @ a.t()) * scale, dim=1) for i, j in blocks])  # (N,) columns of L
+    pos = (a * b).sum(-1) * scale
+    loss = 0.5 * ((lse_r - pos).mean() + (lse_c - pos).mean())
+    da, db = torch.empty_like(a), torch.zeros_like(b)
+    for i, j in blocks:
+        logits = (a[i:j] @ b.t()) * scale  # (rows, N)
+        g = torch.exp(logits - lse_r[i:j, None]) + torch.exp(logits - lse_c[None, :])
+        g[torch.arange(j - i), torch.arange(i, j)] -= 2.0
+        g /= 2 * n
+        da[i:j] = (g @ b) * scale
+        db += (g.t() @ a[i:j]) * scale
+    return loss, da, db
+
+
+def loss_flops(n: int, dim: int, mode: str) -> float:
+    """Useful FLOPs of one call: ``2 N^2 d`` for the logits product; fwd+bwd adds da and db (3x in all).
+    Recomputed logits, a second logits product (open_clip), softmax and exp are not counted."""
+    fwd = 2.0 * n * n * dim
+    return fwd if mode == "fwd" else 3.0 * fwd
+
+
+# --------------------------------------------------------------------------------------------------- measuring
+def _make_step(provider: Provider, a, b, mode: str) -> Forward:
+    forward = provider.make(a, b)
+    if mode == "fwd":
+        return forward
+
+    def step():
+        loss = forward()
+        loss.backward()
+        return loss
+
+    return step
+
+
+def _measure_one(provider, n, dim, mode, inputs, reference, device, timing) -> dict:
+    """Check and time one (provider, N, mode); return metric -> (status, values, note). Raises what the provider
+    raises."""
+    a = inputs[0].detach().clone().requires_grad_(True)
+    b = inputs[1].detach().clone().requires_grad_(True)
+    step = _make_step(provider, a, b, mode)
+    cells: dict[str, tuple] = {}
+    first = step()  # compiles / autotunes where the provider does; checked against the float64 reference
+    if reference is None:
+        cells["max_abs_err"] = ("skipped", None, "no float64 reference (--no-check)")
+    elif isinstance(reference, str):
+        cells["max_abs_err"] = ("failed", None, f"float64 reference failed: {reference}")
+    elif mode == "fwd":
+        err = abs(first.double().item() - reference[0].item())
+        cells["max_abs_err"] = ("ok", _one(err), f"|loss - float64 loss|, loss = {reference[0].item():.6g}")
+    else:
+        err = max(
+            (g.double() - r.to(g.device)).abs().max().item()
+            for g, r in ((a.grad, reference[1]), (b.grad, reference[2]))
+        )
+        top = max(reference[1].abs().max().item(), reference[2].abs().max().item())
+        cells["max_abs_err"] = ("ok", _one(err), f"max |grad - float64 grad| over a and b; max |grad| = {top:.3g}")
+    del first
+    t = harness.measure(step, device=device, grad_to_none=[a, b], **timing)
+    cells["time"] = ("ok", t, "")
+    flops = loss_flops(n, dim, mode)
+    pairs = (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))  # throughput's p20 comes from time's p80
+    cells["tflops"] = ("ok", {k: flops / (t[src] * 1e-3) / 1e12 for k, src in pairs}, "")
+    a.grad = b.grad = None  # the last timed call's gradients would otherwise count in the baseline
+    mem = harness.peak_memory(step, device)
+    if mem is None:
+        cells["memory"] = ("skipped", None, "peak memory is measured on CUDA only (CPU: the peak_rss rows)")
+    else:
+        cells["memory"] = ("ok", _one(mem), "")
+    return cells
+
+
+def _one(value: float) -> dict[str, float]:
+    return {"p50": value, "p20": value, "p80": value}
+
+
+def measure_rss(name: str, n: int, dim: int, dtype_name: str, max_mb: float | None = None, timeout: float = 3600.0):
+    """Peak RSS increase (MB) of one CPU forward+backward of provider ``name`` at ``(n, dim)``, in a fresh process
+    (which inherits this one's environment, TRITON_INTERPRET included).
+
+    Returns ``harness.peak_rss_increase``'s dict plus ``"seconds"`` (the measured call); raises RuntimeError with the
+    child's reason if it failed (allocation refused, killed, ...)."""
+    argv = ["-m", "benchmarks.bench_contrastive", "--rss-child", name, "--sizes", str(n), "--dim", str(dim),
+            "--dtype", dtype_name] + ([] if max_mb is None else ["--rss-max-mb", str(max_mb)])  # fmt: skip
+    return harness.run_fresh_process(argv, timeout=timeout)
+
+
+def _rss_child(args) -> None:
+    """The child of :func:`measure_rss`: report one measurement (or the error) to the parent on stdout."""
+    try:
+        provider = PROVIDERS[args.rss_child]
+        dtype, cpu = DTYPES[args.dtype or "fp32"], torch.device("cpu")
+        refusal = provider.refusal(cpu, dtype) if provider.refusal else None
+        if refusal:
+            raise RuntimeError(refusal)
+        n, dim = int(args.sizes.split(",")[0]), args.dim or RSS_DIM
+        warm = [t.requires_grad_(True) for t in make_inputs(64, dim, dtype, cpu, seed=1)]
+        _make_step(provider, *warm, "fwd+bwd")()  # lazy initialisation lands in the baseline, not in the peak
+        a, b = (t.requires_grad_(True) for t in make_inputs(n, dim, dtype, cpu))
+        step = _make_step(provider, a, b, "fwd+bwd")
+        del warm
+        limit = args.rss_max_mb if args.rss_max_mb is not None else max(256.0, harness.mem_available_mb() - 1024)
+        start = time.perf_counter()
+        result = harness.peak_rss_increase(step, limit_mb=limit)
+        result["seconds"] = time.perf_counter() - start
+    except Exception as exc:  # everything the parent must record as a failed row
+        harness.report_to_parent({"error": harness.describe_exception(exc)})
+        raise SystemExit(1) from None
+    harness.report_to_parent(result)
+
+
+# --------------------------------------------------------------------------------------------------- running
+def _metrics(mode: str, device: torch.device, rss: bool) -> list[tuple[str, str]]:
+    out = [("time", "ms"), ("tflops", "TFLOP/s"), ("memory", "MB"), ("max_abs_err", "abs")]
+    if rss and device.type == "cpu" and mode == "fwd+bwd":
+        out.append(("peak_rss", "MB"))
+    return out
+
+
+def _rows(n, dim, provider, mode, dtype_name, metrics, cells, status="ok", note=""):
+    """The metric rows of one (N, provider, mode): from ``cells`` (metric -> (status, values, note)) when the
+    provider ran, else every metric with ``status`` and ``note``."""
+    rows = []
+    for metric, unit in metrics:
+        missing = ("skipped", None, "not measured")
+        row_status, vals, row_note = cells.get(metric, missing) if status == "ok" else (status, None, note)
+        rows.append(harness.make_row(
+            kernel=KERNEL, provider=provider, mode=mode, x_name="N", x_value=str(n),
+            shape=f"N={n} M={n} d={dim} temperature={TEMPERATURE}", metric=metric, unit=unit, dtype=dtype_name,
+            values=vals, status=row_status, note=row_note,
+        ))  # fmt: skip
+    return rows
+
+
+def _is_oom(note: str) -> bool:
+    return any(mark in note.lower() for mark in _OOM_MARKS)
+
+
+def run(
+    sizes: Sequence[int],
+    dim: int,
+    providers: dict[str, Provider],
+    modes: Sequence[str],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    writer: harness.ResultWriter,
+    timing: dict | None = None,
+    check: bool = True,
+    rss: bool = False,
+    rss_opts: dict | None = None,
+    log=print,
+) -> list[dict]:
+    """Benchmark every (N, provider, mode); append its rows to ``writer`` as soon as they exist; return all rows.
+
+    ``timing``: keyword arguments of :func:`benchmarks.harness.measure`. ``check``: compute the float64 reference
+    once per N and record ``max_abs_err``. ``rss`` (CPU): a ``peak_rss`` row per (provider, N) for fwd+bwd, measured
+    by :func:`measure_rss` (``rss_opts``: its keyword arguments), only for providers that ran in this process.
+    """
+    device = torch.device(device)
+    dtype_name = str(dtype).replace("torch.", "")
+    timing = dict(timing or {})
+    written: list[dict] = []
+    oom_at: dict[str, int] = {}
+    for n in sorted(sizes):
+        inputs = make_inputs(n, dim, dtype, device)
+        reference = None
+        if check:
+            reference, ref_note = harness.guarded(functools.partial(reference_loss_and_grads, *inputs), device)
+            reference = reference if ref_note is None else ref_note
+        for name, provider in providers.items():
+            refusal = provider.refusal(device, dtype) if provider.refusal else None
+            for mode in modes:
+                metrics = _metrics(mode, device, rss)
+                if refusal is None and name in oom_at:
+                    skip = f"not run: out of memory at N={oom_at[name]}"
+                    rows = _rows(n, dim, name, mode, dtype_name, metrics, {}, "skipped", skip)
+                    log(f"N={n:<7d} {name:10s} {mode:8s} skipped: {skip}")
+                elif refusal:
+                    rows = _rows(n, dim, name, mode, dtype_name, metrics, {}, "skipped", refusal)
+                    log(f"N={n:<7d} {name:10s} {mode:8s} skipped: {refusal}")
+                else:
+                    job = functools.partial(_measure_one, provider, n, dim, mode, inputs, reference, device, timing)
+                    cells, note = harness.guarded(job, device)
+                    if note is None:
+                        if rss and device.type == "cpu" and mode == "fwd+bwd":
+                            cells["peak_rss"] = _rss_cell(name, n, dim, DTYPE_FLAGS[dtype], rss_opts or {}, log)
+                        rows = _rows(n, dim, name, mode, dtype_name, metrics, cells)
+                        log(f"N={n:<7d} {name:10s} {mode:8s} {cells['time'][1]['p50']:10.3f} ms")
+                    else:
+                        rows = _rows(n, dim, name, mode, dtype_name, metrics, {}, "failed", note)
+                        log(f"N={n:<7d} {name:10s} {mode:8s} failed: {note}")
+                        if _is_oom(note):
+                            oom_at[name] = n
+                written.extend(writer.write(rows))
+        inputs = reference = None  # drop this size's tensors before the next one
+        harness.free_memory(device)
+    return written
+
+
+def _rss_cell(name, n, dim, dtype_name, rss_opts, log) -> tuple:
+    result, note = harness.guarded(functools.partial(measure_rss, name, n, dim, dtype_name, **rss_opts), "cpu")
+    if note is not None:
+        log(f"N={n:<7d} {name:10s} peak_rss failed: {note}")
+        return ("failed", None, note)
+    log(f"N={n:<7d} {name:10s} peak_rss {result['increase_mb']:10.1f} MB")
+    remark = (f"VmHWM increase over VmRSS {result['baseline_mb']:.0f} MB ({result['method']}"
+              f"{'' if result['exact'] else ', lower bound'}); one fwd+bwd took {result['seconds']:.1f} s")  # fmt: skip
+    return ("ok", _one(result["increase_mb"]), remark)
+
+
+def run_rss(sizes, dim, providers: dict[str, Provider], dtype, writer, rss_opts=None, log=print) -> list[dict]:
+    """RSS mode: one ``peak_rss`` row per (N, provider), each from a fresh CPU process, one process at a time."""
+    dtype_name = str(dtype).replace("torch.", "")
+    written = []
+    for n in sorted(sizes):
+        for name, provider in providers.items():
+            refusal = provider.refusal(torch.device("cpu"), dtype) if provider.refusal else None
+            if refusal:
+                log(f"N={n:<7d} {name:10s} peak_rss skipped: {refusal}")
+                cell = ("skipped", None, refusal)
+            else:
+                cell = _rss_cell(name, n, dim, DTYPE_FLAGS[dtype], rss_opts or {}, log)
+            rows = _rows(n, dim, name, "fwd+bwd", dtype_name, [("peak_rss", "MB")], {"peak_rss": cell})
+            written.extend(writer.write(rows))
+    return written
+
+
+# --------------------------------------------------------------------------------------------------- summary
+def _table(rows, metric, mode, title, baseline, relation) -> str | None:
+    """A provider x N markdown table of one metric and mode; ``relation``: "speedup" (baseline / value) or
+    "fraction" (value / baseline) in parentheses. None when there is no such row."""
+    sel = [r for r in rows if r["metric"] == metric and r["mode"] == mode]
+    if not sel:
+        return None
+    sizes = sorted(dict.fromkeys(r["x_value"] for r in sel), key=int)
+    cell = {(r["provider"], r["x_value"]): r for r in sel}
+    lines = [f"**{title}**", "", "| provider | " + " | ".join(f"N={x}" for x in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]  # fmt: skip
+    for provider in dict.fromkeys(r["provider"] for r in sel):
+        cells = []
+        for x in sizes:
+            r, base = cell.get((provider, x)), cell.get((baseline, x))
+            if r is None:
+                cells.append("")
+            elif r["status"] != "ok":
+                cells.append(r["status"])
+            else:
+                v = float(r["p50"])
+                extra = ""
+                if relation and base and base["status"] == "ok" and float(base["p50"]) > 0 and v > 0:
+                    ratio = float(base["p50"]) / v if relation == "speedup" else v / float(base["p50"])
+                    extra = f" ({ratio:.3g}x)"
+                cells.append(f"{v:.3g}{extra}")
+        lines.append(f"| {provider} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pick(rows, provider, metric, n, dtype=None, dim=None):
+    for r in rows:
+        if (r["provider"], r["metric"], r["mode"], r["x_value"]) != (provider, metric, "fwd+bwd", str(n)):
+            continue
+        if (dtype is None or r["dtype"] == dtype) and (dim is None or f" d={dim} " in r["shape"]):
+            return r
+    return None
+
+
+# The issue's ratio targets: (what, numerator (provider, metric), denominator, N, dtype, d, bound, "<=" or ">=").
+RATIO_TARGETS = (
+    ("CPU peak RSS chunked / naive", ("chunked", "peak_rss"), ("naive", "peak_rss"), RSS_SIZE, "float32", RSS_DIM,
+     1 / 8, "<="),
+    ("fwd+bwd time ours / naive", ("ours", "time"), ("naive", "time"), 32768, "bfloat16", 512, 1.0, "<="),
+    ("fwd+bwd time Inf-CL / ours", ("inf-cl", "time"), ("ours", "time"), 32768, "bfloat16", 512, 2.0, ">="),
+    ("fwd+bwd peak memory ours / naive", ("ours", "memory"), ("naive", "memory"), 32768, "bfloat16", 512, 1 / 50,
+     "<="),
+)  # fmt: skip
+
+
+def targets_report(rows: Sequence[dict]) -> list[str]:
+    """The issue's targets, evaluated from whichever of the needed rows exist (reported, never asserted)."""
+    lines = []
+    for what, num, den, n, dtype, dim, bound, sign in RATIO_TARGETS:
+        pair = [_pick(rows, provider, metric, n, dtype, dim) for provider, metric in (num, den)]
+        if not any(pair):
+            continue
+        head = f"- {what} at N={n}, d={dim}, {dtype} (target {sign} {bound:.4g}):"
+        bad = [r for r in pair if r is None or r["status"] != "ok"]
+        if bad:
+            why = ", ".join("a row is missing" if r is None else f"{r['provider']} {r['status']}: {r['note'][:120]}"
+                            for r in bad)  # fmt: skip
+            lines.append(f"{head} not measured ({why})")
+            continue
+        ratio = float(pair[0]["p50"]) / float(pair[1]["p50"])
+        met = ratio <= bound if sign == "<=" else ratio >= bound
+        lines.append(f"{head} {ratio:.4g}, {'met' if met else 'NOT met'}")
+    big = CUDA_SIZES[-1]
+    ours, naive = _pick(rows, "ours", "time", big), _pick(rows, "naive", "time", big)
+    if ours or naive:
+        ours_ok = ours is not None and ours["status"] == "ok"
+        naive_oom = naive is not None and naive["status"] != "ok" and _is_oom(naive["note"])
+        lines.append(
+            f"- N={big} (target: ours runs where naive runs out of memory): ours "
+            f"{ours['status'] if ours else 'not run'}, naive {naive['status'] if naive else 'not run'}"
+            f"{' (out of memory)' if naive_oom else ''}: {'met' if ours_ok and naive_oom else 'NOT met'}"
+        )
+    return lines
+
+
+SUMMARY_TABLES = (  # (metric, mode, title, relation to the baseline in parentheses)
+    ("time", "fwd", "fwd time (median ms; speedup vs {})", "speedup"),
+    ("time", "fwd+bwd", "fwd+bwd time (median ms; speedup vs {})", "speedup"),
+    ("memory", "fwd+bwd", "fwd+bwd peak CUDA memory (MB; fraction of {})", "fraction"),
+    ("peak_rss", "fwd+bwd", "fwd+bwd peak RSS increase, fresh process (MB; fraction of {})", "fraction"),
+    ("max_abs_err", "fwd", "|loss - float64 loss|", None),
+    ("max_abs_err", "fwd+bwd", "max |gradient - float64 gradient| over a and b", None),
+)
+
+
+def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
+    """Time per mode (median ms, speedup vs ``baseline``), peak memory, errors, and the targets that apply."""
+    parts = [_table(rows, m, mode, title.format(baseline), baseline, rel) for m, mode, title, rel in SUMMARY_TABLES]
+    targets = targets_report(rows)
+    if targets:
+        parts.append("**Targets** (measured, not asserted)\n\n" + "\n".join(targets))
+    return "\n\n".join(p for p in parts if p)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_contrastive", description=__doc__.split("\n")[0])
+    p.add_argument("--label", default="local", help="free text stored in every row (which run this is)")
+    p.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all;"
+                   " --rss: naive,chunked)")  # fmt: skip
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
+    p.add_argument("--sizes", default=None, help="comma-separated N; default: 1024..262144 (x2) on CUDA, "
+                   "1024,2048,4096 on the CPU, 32768 with --rss")  # fmt: skip
+    p.add_argument("--dim", type=int, default=None, help="feature dim d; default: 512 on CUDA, 256 on the CPU")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
+    p.add_argument("--out", default=None, help="CSV to append to; default benchmarks/results/contrastive-<device>.csv"
+                   " (--rss: contrastive-cpu-rss.csv)")  # fmt: skip
+    p.add_argument("--markdown", default=None, help="also write the summary to this file")
+    p.add_argument("--reps", type=int, default=5, help="CPU: timed calls per measurement")
+    p.add_argument("--warmup", type=int, default=1, help="CPU: untimed calls before timing")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="CUDA: do_bench's timed budget in ms")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="CUDA: do_bench's warm-up budget in ms")
+    p.add_argument("--no-check", action="store_true", help="skip the float64 reference and the max_abs_err rows")
+    p.add_argument("--no-rss", action="store_true", help="CPU: no peak_rss rows (no fresh process per provider)")
+    p.add_argument("--rss", action="store_true", help="RSS mode: only peak_rss rows, CPU, one fresh process each")
+    p.add_argument("--rss-max-mb", type=float, default=None, help="RSS child's memory cap (MB, default: free - 1024)")
+    p.add_argument("--rss-timeout", type=float, default=3600.0, help="seconds before an RSS child is given up")
+    p.add_argument("--interpret-ok", action="store_true", help="on the CPU, run ours through TRITON_INTERPRET=1")
+    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Run the benchmark from command-line arguments; print progress and the summary; return the rows written."""
+    args = _parse(argv)
+    if args.rss_child:
+        _rss_child(args)
+        return []
+    rss_mode = args.rss
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
+    device = torch.device("cpu") if rss_mode else device or torch.device(args.device)
+    cpu = device.type == "cpu"
+    if cpu and args.interpret_ok:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            print("warning: triton is already imported, TRITON_INTERPRET=1 may not take effect", file=sys.stderr)
+        os.environ["TRITON_INTERPRET"] = "1"  # before lfvila_kernels (and so triton.jit) is imported
+
+    default_names = "naive,chunked" if rss_mode else ",".join(PROVIDERS)
+    names = (args.providers or default_names).split(",")
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown:
+        raise SystemExit(f"unknown providers {unknown}; choose from {list(PROVIDERS)}")
+    modes = args.modes.split(",")
+    if any(m not in MODES for m in modes):
+        raise SystemExit(f"--modes must be a comma-separated subset of fwd,fwd+bwd; got {args.modes!r}")
+    default_sizes = (RSS_SIZE,) if rss_mode else CPU_SIZES if cpu else CUDA_SIZES
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(default_sizes)
+    dim = args.dim or (256 if cpu else 512)
+    dtype = DTYPES[args.dtype or ("fp32" if cpu else "bf16")]
+    kind = "cpu-rss" if rss_mode else device.type
+    out = Path(args.out or f"benchmarks/results/contrastive-{kind}.csv")
+    env = harness.environment(device)
+    writer = harness.ResultWriter(out, env, args.label)
+    timing = {"warmup": args.warmup, "reps": args.reps, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms}
+    rss_opts = {"max_mb": args.rss_max_mb, "timeout": args.rss_timeout}
+    providers = {n: PROVIDERS[n] for n in names}
+
+    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}", flush=True)
+    print(f"# N={sizes} d={dim} dtype {dtype}, providers {names}" + ("" if rss_mode else f", modes {modes}")
+          + f" -> {out}", flush=True)  # fmt: skip
+    start = time.perf_counter()
+    if rss_mode:
+        rows = run_rss(sizes, dim, providers, dtype, writer, rss_opts, log=_log)
+    else:
+        rows = run(sizes, dim, providers, modes, dtype, device, writer, timing, check=not args.no_check,
+                   rss=cpu and not args.no_rss, rss_opts=rss_opts, log=_log)  # fmt: skip
+    print(f"\n# {len(rows)} rows appended to {out} in {time.perf_counter() - start:.0f} s\n")
+    summary = markdown_summary(rows)
+    print(summary)
+    if args.markdown:
+        Path(args.markdown).write_text(summary + "\n")
+    return rows
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+if __name__ == "__main__":
+    main()
