@@ -19,9 +19,11 @@ setup(
         "triton>=3.0",
         "einops>=0.7",
         "numpy>=1.24",
+        "av>=12",
+        "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.5"],
+        "test": ["pytest>=8", "ruff>=0.5", "nvidia-dali-cuda130>=2.0"],
         "bench": ["matplotlib>=3.7"],
         "dali": ["nvidia-dali-cuda130>=2.0"],
     },
