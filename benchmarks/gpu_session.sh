@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# What a session with a lent GPU runs, one stage per device call (each well inside the 10-minute call limit).
+# Results land in $OUT (the device tool brings that folder back); commit them under benchmarks/results/ with the
+# machine's name. The device image has torch, triton, pytest and transformers, but nothing can be installed there
+# from a registry: the package itself is installed from the checkout without dependencies.
+#
+#   bash benchmarks/gpu_session.sh tests        # gpu-marked tests (correctness in bf16/fp16/fp32, determinism)
+#   bash benchmarks/gpu_session.sh resources    # what the compiled kernels use on this GPU (registers, spills)
+#   bash benchmarks/gpu_session.sh attention  h200-2026-11-22
+#   bash benchmarks/gpu_session.sh contrastive h200-2026-11-22
+set -uo pipefail
+stage=${1:?stage: tests | resources | attention | contrastive}
+label=${2:-$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")}
+out=${OUT:-benchmarks/results/_scratch}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv >"$out/gpu-$stage.txt"
+case "$stage" in
+  tests)
+    python3 -m pytest -m gpu tests -q -rA 2>&1 | tee "$out/gpu-tests.log" ;;
+  resources)
+    python3 -m benchmarks.kernel_resources --out "$out/kernel-resources.md" &&
+      python3 -m benchmarks.kernel_resources --op contrastive --out "$out/contrastive-resources.md" ;;
+  attention)
+    python3 -m benchmarks.bench_attention --shapes lfvila --label "$label" \
+      --out "$out/attention-$label.csv" --markdown "$out/attention-$label.md" ;;
+  contrastive)
+    python3 -m benchmarks.bench_contrastive --label "$label" \
+      --out "$out/contrastive-$label.csv" --markdown "$out/contrastive-$label.md" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
