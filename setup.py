@@ -19,7 +19,7 @@ setup(
         "triton>=3.0",
         "einops>=0.7",
         "numpy>=1.24",
-        "av>=12",
+        "av>=18",
         "tokenizers>=0.15",
     ],
     extras_require={

@@ -1,0 +1,250 @@
+"""Batches of (video, paragraph) for LF-VILA: a ``torch.utils.data.DataLoader`` with PyAV decoding in its workers.
+
+One sample: the annotation (``datasets.AnnotationDataset``), frame indices from ``sampling`` (eval: uniform; train:
+jittered; ``sampling="clips"``: clip i inside sentence i's span, the sentences first merged to ``M`` so that clip i and
+sentence i stay paired), the frames decoded exactly (``decode``), the official augmentation on uint8 frames, and the
+paragraph tokenised to ``M`` sentences of ``L`` tokens (``text``).
+
+Batch on the CPU (pinned when ``pin_memory``)::
+
+    video          uint8 (B, T, H, W, C)    T = clips * frames_per_clip, (H, W) = size (default 32, 192, 320)
+    text_ids       int64 (B, M, L)          [CLS] ... [SEP] [PAD]...; padding sentences all zero
+    text_mask      int64 (B, M, L)
+    sentence_real  bool  (B, M)
+    index          int64 (B,)               the annotation index (to gather eval results across ranks)
+    meta           list of dicts            video_id, video path, frame indices, source row
+
+``to_model_input(batch, device)`` moves it to the device and returns the normalised float video ``(B, C, T, H, W)``
+(ImageNet mean/std) there. A bad video is skipped and counted under ``on_error="skip"`` (its sample is dropped from
+the batch, never replaced by another) or raises naming the file; ``max_skip_fraction`` stops a run with too many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from . import decode as decoding
+from .datasets import AnnotationDataset, shard
+from .sampling import clip_indices, jittered_indices, merge_segments, uniform_indices
+from .text import tokenize_paragraph
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class LoaderConfig:
+    """What a loader produces. ``sampling``: ``"uniform"`` (the retrieval rule: eval uniform, train jittered over the
+    whole video) or ``"clips"`` (``clips`` x ``frames_per_clip``, clip i inside sentence i's span)."""
+
+    size: tuple[int, int] = (192, 320)
+    clips: int = 4
+    frames_per_clip: int = 8
+    sentences: int = 4
+    max_len: int = 50
+    sampling: str = "uniform"
+    train: bool = False
+    augment: bool = True  # False: frames only resized to ``size`` (no crop / flip), for checks and visualisation
+    backend: str = "pyav"
+    on_error: str = "raise"
+    max_skip_fraction: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.sampling not in ("uniform", "clips"):
+            raise ValueError(f"sampling must be 'uniform' or 'clips', got {self.sampling!r}")
+
+    @property
+    def frames(self) -> int:
+        return self.clips * self.frames_per_clip
+
+
+def _resize(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``(T, H, W, C)`` -> uint8 ``(T, h, w, C)``, bilinear with antialiasing."""
+    x = video.permute(0, 3, 1, 2).float()  # (T, C, H, W)
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _center_crop(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    h, w = video.shape[1:3]
+    top, left = max(0, (h - size[0]) // 2), max(0, (w - size[1]) // 2)
+    return video[:, top : top + size[0], left : left + size[1]]
+
+
+def _random_resized_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop box rule (area fraction in ``scale``, log-uniform aspect ratio in ``ratio``,
+    10 tries, then a centre crop clamped to the ratio range): ``(top, left, height, width)``."""
+    area = h * w
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+        cw, ch = int(round((target * aspect) ** 0.5)), int(round((target / aspect) ** 0.5))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def augment(video: torch.Tensor, size: tuple[int, int], train: bool, rng: np.random.Generator) -> torch.Tensor:
+    """The official transforms on uint8 ``(T, H, W, C)`` frames, one draw per video (all frames alike).
+
+    train: RandomResizedCrop to ``size`` (scale 0.8-1), horizontal flip with p = 0.5. eval: resize to 240x428, centre
+    crop 216x385, resize to ``size`` (the official ``Resize(240, 428)``, ``CenterCrop(216, 385)``,
+    ``Resize(192, 320)``). Normalisation happens on the device (:func:`to_model_input`).
+    """
+    if train:
+        top, left, ch, cw = _random_resized_crop_box(video.shape[1], video.shape[2], rng)
+        video = _resize(video[:, top : top + ch, left : left + cw], size)
+        if rng.random() < 0.5:
+            video = video.flip(2)
+        return video.contiguous()
+    video = _center_crop(_resize(video, (240, 428)), (216, 385))
+    return _resize(video, size).contiguous()
+
+
+class VideoTextDataset(Dataset):
+    """Decoded, augmented, tokenised samples of an :class:`AnnotationDataset` (see the module docstring).
+
+    ``__getitem__`` returns the sample dict, or ``None`` for a video skipped under ``on_error="skip"``. Randomness
+    (jitter, crop, flip) is drawn from ``(seed, epoch, index)``, so a sample is reproducible whatever the worker.
+    """
+
+    def __init__(self, annotations: AnnotationDataset, tokenizer, cfg: LoaderConfig):
+        self.annotations, self.tokenizer, self.cfg = annotations, tokenizer, cfg
+        self.epoch = 0
+        self.skips = decoding.SkipCounter(cfg.on_error, cfg.max_skip_fraction)
+
+    def __len__(self) -> int:
+        return len(self.annotations)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _frames(self, sample: dict, segments, rng) -> tuple[torch.Tensor, list]:
+        cfg = self.cfg
+        if sample.get("clips"):  # official pretraining rows: one file per clip, frames_per_clip from each
+            parts, picks = [], []
+            for path in sample["clips"][: cfg.clips]:
+                n = decoding.probe(path).num_frames
+                idx = jittered_indices(n, cfg.frames_per_clip, rng) if cfg.train else \
+                    uniform_indices(n, cfg.frames_per_clip)
+                parts.append(decoding.decode(path, idx, backend=cfg.backend))
+                picks.append(idx)
+            while len(parts) < cfg.clips:  # fewer clip files than clips: repeat the last one (documented)
+                parts.append(parts[-1])
+                picks.append(picks[-1])
+            return torch.cat([torch.as_tensor(p) for p in parts]), picks
+        info = decoding.probe(sample["video"])
+        if cfg.sampling == "clips":
+            idx = clip_indices(info.num_frames, info.fps, segments, cfg.clips, cfg.frames_per_clip, cfg.train, rng)
+        elif cfg.train:
+            idx = jittered_indices(info.num_frames, cfg.frames, rng)
+        else:
+            idx = uniform_indices(info.num_frames, cfg.frames)
+        return torch.as_tensor(decoding.decode(sample["video"], idx, backend=cfg.backend)), idx
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.annotations[index]
+        cfg = self.cfg
+        rng = np.random.default_rng((cfg.seed, self.epoch, index))
+        segments = merge_segments(sample["segments"], cfg.sentences)  # clip i <-> sentence i
+        path = sample["video"]
+        try:
+            video, picks = self._frames(sample, segments, rng)
+        except (decoding.DecodeError, OSError, ValueError) as e:
+            self.skips.skip(path, e)  # raises under on_error="raise" (or when too many were skipped)
+            return None
+        self.skips.ok()
+        text = tokenize_paragraph(self.tokenizer, segments, cfg.sentences, cfg.max_len)
+        if cfg.augment:
+            video = augment(video, cfg.size, cfg.train, rng)
+        elif tuple(video.shape[1:3]) != tuple(cfg.size):
+            video = _resize(video, cfg.size)
+        return {
+            "video": video,
+            "text_ids": text["ids"],
+            "text_mask": text["mask"],
+            "sentence_real": text["real"],
+            "index": index,
+            "meta": {"video_id": sample["video_id"], "video": path, "frames": picks, "source": sample["source"]},
+        }
+
+
+def collate(samples: list[dict | None]) -> dict | None:
+    """Stack samples into a batch; skipped (``None``) samples are left out; ``None`` if nothing is left."""
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return None
+    return {
+        "video": torch.stack([s["video"] for s in samples]),  # (B, T, H, W, C) uint8
+        "text_ids": torch.stack([s["text_ids"] for s in samples]),  # (B, M, L)
+        "text_mask": torch.stack([s["text_mask"] for s in samples]),
+        "sentence_real": torch.stack([s["sentence_real"] for s in samples]),  # (B, M)
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+        "meta": [s["meta"] for s in samples],
+    }
+
+
+class _ShardSampler(Sampler[int]):
+    """Evaluation sharding: this rank's disjoint part of the dataset, in order (every item once over all ranks)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = shard(n, rank, world_size, mode="disjoint")
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_loader(annotations: AnnotationDataset, tokenizer, cfg: LoaderConfig, batch_size: int, num_workers: int = 0,
+                 rank: int = 0, world_size: int = 1, pin_memory: bool | None = None, prefetch_factor: int = 2,
+                 drop_last: bool | None = None) -> DataLoader:
+    """A DataLoader over ``annotations`` for rank ``rank`` of ``world_size``.
+
+    Training (``cfg.train``): shuffled with ``DistributedSampler`` (seeded; call ``loader.sampler.set_epoch`` and
+    ``loader.dataset.set_epoch`` each epoch), ``drop_last`` by default. Evaluation: each rank a disjoint, ordered part
+    (no duplicate padding), so gathered results cover the dataset exactly once; use ``batch["index"]`` to reorder.
+    """
+    dataset = VideoTextDataset(annotations, tokenizer, cfg)
+    if cfg.train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+    else:
+        sampler = _ShardSampler(len(dataset), rank, world_size)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=cfg.train if drop_last is None else drop_last,
+        prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=num_workers > 0,
+    )
+
+
+def to_model_input(batch: dict, device, dtype: torch.dtype = torch.float32) -> dict:
+    """Move a batch to ``device`` (non-blocking) and normalise the video there.
+
+    Returns the batch with ``video`` float ``(B, C, T, H, W)`` (ImageNet mean/std, ``dtype``) and the text tensors on
+    the device.
+    """
+    out = dict(batch)
+    video = batch["video"].to(device, non_blocking=True)  # (B, T, H, W, C) uint8
+    video = video.permute(0, 4, 1, 2, 3).to(dtype).div_(255.0)  # (B, C, T, H, W)
+    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1, 1)
+    out["video"] = video.sub_(mean).div_(std)
+    for key in ("text_ids", "text_mask", "sentence_real", "index"):
+        out[key] = batch[key].to(device, non_blocking=True)
+    return out
