@@ -114,6 +114,17 @@ def augment(video: torch.Tensor, size: tuple[int, int], train: bool, rng: np.ran
     return _resize(video, size).contiguous()
 
 
+def plan_frames(path, segments, cfg: LoaderConfig, rng: np.random.Generator) -> list[int]:
+    """The frame indices of one single-file video under ``cfg``'s sampling rule (probes the file for its length and
+    frame rate; ``segments`` already merged to ``cfg.sentences``). Shared by the DataLoader and DALI paths."""
+    info = decoding.probe(path)
+    if cfg.sampling == "clips":
+        return clip_indices(info.num_frames, info.fps, segments, cfg.clips, cfg.frames_per_clip, cfg.train, rng)
+    if cfg.train:
+        return jittered_indices(info.num_frames, cfg.frames, rng)
+    return uniform_indices(info.num_frames, cfg.frames)
+
+
 class VideoTextDataset(Dataset):
     """Decoded, augmented, tokenised samples of an :class:`AnnotationDataset` (see the module docstring).
 
@@ -146,13 +157,7 @@ class VideoTextDataset(Dataset):
                 parts.append(parts[-1])
                 picks.append(picks[-1])
             return torch.cat([torch.as_tensor(p) for p in parts]), picks
-        info = decoding.probe(sample["video"])
-        if cfg.sampling == "clips":
-            idx = clip_indices(info.num_frames, info.fps, segments, cfg.clips, cfg.frames_per_clip, cfg.train, rng)
-        elif cfg.train:
-            idx = jittered_indices(info.num_frames, cfg.frames, rng)
-        else:
-            idx = uniform_indices(info.num_frames, cfg.frames)
+        idx = plan_frames(sample["video"], segments, cfg, rng)
         return torch.as_tensor(decoding.decode(sample["video"], idx, backend=cfg.backend)), idx
 
     def __getitem__(self, index: int) -> dict | None:
