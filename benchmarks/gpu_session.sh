@@ -8,8 +8,10 @@
 #   bash benchmarks/gpu_session.sh resources    # what the compiled kernels use on this GPU (registers, spills)
 #   bash benchmarks/gpu_session.sh attention  h200-2026-11-22
 #   bash benchmarks/gpu_session.sh contrastive h200-2026-11-22
+#   bash benchmarks/gpu_session.sh decode      h200-2026-11-22   # needs PyAV and DALI carried as wheels in .whl
+#                                                                # (the device README says how; DALI in 3 parts)
 set -uo pipefail
-stage=${1:?stage: tests | resources | attention | contrastive}
+stage=${1:?stage: tests | resources | attention | contrastive | decode}
 label=${2:-$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")}
 out=${OUT:-benchmarks/results/_scratch}
 mkdir -p "$out"
@@ -28,5 +30,8 @@ case "$stage" in
   contrastive)
     python3 -m benchmarks.bench_contrastive --label "$label" \
       --out "$out/contrastive-$label.csv" --markdown "$out/contrastive-$label.md" ;;
+  decode)
+    python3 -m benchmarks.bench_decode --label "$label" --size 360x640 \
+      --out "$out/decode-$label.csv" --markdown "$out/decode-$label.md" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
