@@ -375,17 +375,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}", flush=True)
     print(f"# {args.shapes}: {len(cases)} shapes, dtype {dtype}, providers {names}, modes {modes} -> {out}", flush=True)
     start = time.perf_counter()
-    rows = run(cases, {n: VARIANTS[n] for n in names}, modes, dtype, device, writer, timing, log=_log)
-    print(f"\n# {len(rows)} rows appended to {out} in {time.perf_counter() - start:.0f} s\n")
-    summary = markdown_summary(rows)
-    print(summary)
-    if args.markdown:
-        Path(args.markdown).write_text(summary + "\n")
-    return rows
-
-
-def _log(message: str) -> None:
-    print(message, flush=True)
+    rows = run(cases, {n: VARIANTS[n] for n in names}, modes, dtype, device, writer, timing, log=harness.log)
+    return harness.finish(rows, out, start, markdown_summary(rows), args.markdown)
 
 
 if __name__ == "__main__":

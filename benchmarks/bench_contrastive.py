@@ -576,20 +576,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
           + f" -> {out}", flush=True)  # fmt: skip
     start = time.perf_counter()
     if rss_mode:
-        rows = run_rss(sizes, dim, providers, dtype, writer, rss_opts, log=_log)
+        rows = run_rss(sizes, dim, providers, dtype, writer, rss_opts, log=harness.log)
     else:
         rows = run(sizes, dim, providers, modes, dtype, device, writer, timing, check=not args.no_check,
-                   rss=cpu and not args.no_rss, rss_opts=rss_opts, log=_log)  # fmt: skip
-    print(f"\n# {len(rows)} rows appended to {out} in {time.perf_counter() - start:.0f} s\n")
-    summary = markdown_summary(rows)
-    print(summary)
-    if args.markdown:
-        Path(args.markdown).write_text(summary + "\n")
-    return rows
-
-
-def _log(message: str) -> None:
-    print(message, flush=True)
+                   rss=cpu and not args.no_rss, rss_opts=rss_opts, log=harness.log)  # fmt: skip
+    return harness.finish(rows, out, start, markdown_summary(rows), args.markdown)
 
 
 if __name__ == "__main__":

@@ -579,19 +579,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     writer = harness.ResultWriter(out, env, args.label)
     print(f"# {env['device']} | torch {env['torch']} | commit {env['commit']} | procs {args.procs}", flush=True)
     start = time.perf_counter()
-    log = functools.partial(print, flush=True)
+    log = harness.log
     files = make_inputs(src, inputs, args.scratch, args.procs, log=log)
     print(f"# inputs ready in {time.perf_counter() - start:.0f} s: {src.videos} videos each of {inputs}; "
           f"providers {names}, workloads {workloads} -> {out}", flush=True)  # fmt: skip
     started = time.perf_counter()
     rows = run(files, {n: PROVIDERS[n] for n in names}, workloads, opts, writer, src, args.repeats,
                args.clip_seconds, log=log)  # fmt: skip
-    print(f"\n# {len(rows)} rows appended to {out} in {time.perf_counter() - started:.0f} s\n")
-    summary = markdown_summary(rows)
-    print(summary)
-    if args.markdown:
-        Path(args.markdown).write_text(summary + "\n")
-    return rows
+    return harness.finish(rows, out, started, markdown_summary(rows), args.markdown)
 
 
 if __name__ == "__main__":

@@ -440,3 +440,18 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
     """All rows of a results CSV as dicts keyed by :data:`SCHEMA` (for plots, summaries and tests)."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def log(message: str) -> None:
+    """Progress line, flushed at once (benchmarks run for minutes; output must not wait in a buffer)."""
+    print(message, flush=True)
+
+
+def finish(rows: list, out, started: float, summary: str, markdown=None) -> list:
+    """End of a benchmark CLI: report how many rows went to ``out`` and how long the run took (``started``: a
+    ``time.perf_counter()`` reading), print the markdown ``summary`` and write it to ``markdown`` when given."""
+    print(f"\n# {len(rows)} rows appended to {out} in {time.perf_counter() - started:.0f} s\n")
+    print(summary)
+    if markdown:
+        Path(markdown).write_text(summary + "\n")
+    return rows
