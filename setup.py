@@ -21,6 +21,8 @@ setup(
         "numpy>=1.24",
         "av>=18",
         "tokenizers>=0.15",
+        "transformers>=4.40",
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.5", "nvidia-dali-cuda130>=2.0"],

@@ -1,0 +1,452 @@
+"""LF-VILA's text and cross-modal encoder: one transformers BERT split by layer ranges.
+
+Structure (official numbers, ``OFFICIAL_LFVILA.md`` §1.2; D = 1024, M = 4 sentences, L = 50 tokens, T = 32, P = 6):
+
+    ids (B, M, L) --BERT embeddings + layers [0, 8) per sentence (B*M sequences)-->  sentence states (B, M, L, D)
+    --SentEmbedding (positions 0..M*L-1, sentence index, LN, dropout)--> (B, M*L, D)
+    --prepend paragraph [CLS] = mean of the sentence [CLS] states--> (B, 1+M*L, D)
+    --layers [8, 12)-->                                               paragraph states (B, 1+M*L, D)
+    final video grid (B, T, 3, 5, D) --per-frame MaxPool2d((2,3), stride 1) + VideoTokenPos--> (B, T*P, D)
+    [paragraph ; video] --layers [12, 24), plain self-attention-->     fused states (B, 1+M*L+T*P, D)
+
+Attention is the library's (``attn_implementation="sdpa"``); every layer range gets an additive float key mask
+``(B, 1, 1, N)`` (0 for real keys, ``finfo.min`` for padding), so an all-padding sentence gives uniform attention
+instead of NaN (a boolean mask would give NaN rows).
+
+Known defect reproduced behind ``compat_official=True``: the official paragraph [CLS] is the mean over all M sentence
+[CLS] vectors, padded (empty) sentences included; by default only the real sentences enter the mean.
+
+Module names follow the official checkpoint: this module is the official ``text_encoder`` (``bert.*``, ``cls.*``,
+``seq_relationship.*``, and for QA models ``classifier.*`` / ``span_classifier.*``); ``SentEmbedding`` and
+``VideoTokenPos`` are defined here for the top-level model to own as ``sent_embedding`` and ``video_token_pos``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+
+__all__ = [
+    "ClassificationHead",
+    "LoadReport",
+    "MultipleChoiceHead",
+    "SentEmbedding",
+    "SplitBertTextEncoder",
+    "TextEncoderConfig",
+    "VideoTokenPos",
+    "bert_large_text_config",
+    "extended_key_mask",
+    "load_bert_weights",
+    "pool_video_tokens",
+    "tiny_text_config",
+]
+
+
+@dataclass
+class TextEncoderConfig:
+    """BERT sizes plus the LF-VILA split. ``bert_config`` (a transformers ``BertConfig``), when given, supplies the BERT
+    fields instead of the ones below; ``num_hidden_layers`` is always replaced by ``num_layers``.
+
+    ``num_layers`` is 12 for stage-1 models (dual encoder, retrieval) and 24 for stage-2 / QA models; layers
+    ``[0, num_local_layers)`` are per sentence, ``[num_local_layers, stage1_layers)`` per paragraph and
+    ``[stage1_layers, num_layers)`` the fusion encoder.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 1024
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    bert_config: BertConfig | None = None
+    num_layers: int = 24
+    num_local_layers: int = 8
+    stage1_layers: int = 12
+    num_sentences: int = 4
+    max_len: int = 50
+    sent_type_vocab: int = 8
+    num_frames: int = 32
+    pool_grid: tuple[int, int] = (2, 3)
+    compat_official: bool = False
+
+    @property
+    def patches_per_frame(self) -> int:
+        """Video tokens per frame for fusion (6 for the official 2 x 3 pooled grid)."""
+        return self.pool_grid[0] * self.pool_grid[1]
+
+    def to_bert_config(self) -> BertConfig:
+        """The transformers ``BertConfig`` (SDPA attention, ``num_layers`` layers)."""
+        if self.bert_config is not None:
+            cfg = BertConfig.from_dict(self.bert_config.to_dict())
+        else:
+            cfg = BertConfig(
+                vocab_size=self.vocab_size,
+                hidden_size=self.hidden_size,
+                num_attention_heads=self.num_attention_heads,
+                intermediate_size=self.intermediate_size,
+                max_position_embeddings=self.max_position_embeddings,
+                type_vocab_size=self.type_vocab_size,
+                hidden_dropout_prob=self.hidden_dropout_prob,
+                attention_probs_dropout_prob=self.attention_probs_dropout_prob,
+                layer_norm_eps=self.layer_norm_eps,
+                pad_token_id=self.pad_token_id,
+            )
+        cfg.num_hidden_layers = self.num_layers
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+    def __post_init__(self):
+        if not 0 < self.num_local_layers <= self.stage1_layers <= self.num_layers:
+            raise ValueError("need 0 < num_local_layers <= stage1_layers <= num_layers")
+
+
+def bert_large_text_config(stage: int = 2, **overrides) -> TextEncoderConfig:
+    """The official split of bert-large-uncased: 12 layers for stage-1 models, 24 for stage-2 / QA models."""
+    return dataclasses.replace(TextEncoderConfig(num_layers=12 if stage == 1 else 24), **overrides)
+
+
+def tiny_text_config(**overrides) -> TextEncoderConfig:
+    """``lfvila-tiny`` text side: hidden 64, 4 heads, layers 2/2/2, vocab 128, 4 sentences x 12 tokens, 8 frames."""
+    base = TextEncoderConfig(
+        vocab_size=128, hidden_size=64, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+        num_layers=6, num_local_layers=2, stage1_layers=4, num_sentences=4, max_len=12, num_frames=8,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def extended_key_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Key-padding mask ``(B, N)`` (1 real, 0 pad) -> additive ``(B, 1, 1, N)`` for SDPA (``None`` stays ``None``).
+
+    No "is anything padded?" check: that would cost a device sync per layer range."""
+    if mask is None:
+        return None
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class SentEmbedding(nn.Module):
+    """Paragraph positions and sentence index added to the concatenated sentence states, then LN and dropout.
+
+    Official parameter names: ``position_embeddings`` (P_max, D) (initialise from BERT's with ``init_from_bert``),
+    ``segment_embeddings`` (8, D), ``norm``. The official ``position_ids`` buffer is non-persistent here (drop it when
+    loading an official checkpoint).
+    """
+
+    def __init__(self, hidden_size: int, max_positions: int = 512, type_vocab: int = 8, eps: float = 1e-12,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.position_embeddings = nn.Embedding(max_positions, hidden_size)
+        self.segment_embeddings = nn.Embedding(type_vocab, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("position_ids", torch.arange(max_positions)[None], persistent=False)
+        nn.init.normal_(self.position_embeddings.weight, std=0.02)
+        nn.init.normal_(self.segment_embeddings.weight, std=0.02)
+
+    @torch.no_grad()
+    def init_from_bert(self, bert: BertModel) -> None:
+        """Copy BERT's absolute position embeddings (the official ``_init_sent_embedding``)."""
+        src = bert.embeddings.position_embeddings.weight
+        n = min(src.shape[0], self.position_embeddings.weight.shape[0])
+        self.position_embeddings.weight[:n].copy_(src[:n])
+
+    def forward(self, x: torch.Tensor, sentence_len: int) -> torch.Tensor:
+        """``x`` (B, M*L, D), sentences of ``sentence_len`` tokens in order -> (B, M*L, D)."""
+        n = x.shape[1]
+        if n > self.position_embeddings.num_embeddings:
+            raise ValueError(f"paragraph of {n} tokens exceeds {self.position_embeddings.num_embeddings} positions")
+        pos = self.position_ids[:, :n]
+        seg = torch.div(pos, sentence_len, rounding_mode="floor")
+        return self.dropout(self.norm(x + self.position_embeddings(pos) + self.segment_embeddings(seg)))
+
+
+class VideoTokenPos(nn.Module):
+    """Learned spatial ``s_pos_embed`` (1, 1, P, D) and temporal ``t_pos_embed`` (1, T, 1, D) positions, then LN."""
+
+    def __init__(self, hidden_size: int, num_frames: int = 32, patches_per_frame: int = 6, eps: float = 1e-12):
+        super().__init__()
+        self.s_pos_embed = nn.Parameter(torch.zeros(1, 1, patches_per_frame, hidden_size))
+        self.t_pos_embed = nn.Parameter(torch.zeros(1, num_frames, 1, hidden_size))
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        nn.init.trunc_normal_(self.s_pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.t_pos_embed, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, T, P, D) with T <= num_frames -> (B, T*P, D)."""
+        b, t, p, d = x.shape
+        if t > self.t_pos_embed.shape[1] or p != self.s_pos_embed.shape[2]:
+            raise ValueError(f"video tokens {tuple(x.shape)} do not fit positions "
+                             f"(T<={self.t_pos_embed.shape[1]}, P={self.s_pos_embed.shape[2]})")
+        x = x + self.s_pos_embed + self.t_pos_embed[:, :t]
+        return self.norm(x).reshape(b, t * p, d)
+
+
+def pool_video_tokens(grid: torch.Tensor, out_grid: tuple[int, int] = (2, 3)) -> torch.Tensor:
+    """Per-frame max pooling of the final video grid to ``out_grid`` tokens per frame.
+
+    ``grid`` (B, T, h, w, D) -> (B, T, oh, ow, D) flattened to (B, T, oh*ow, D). The official code applies
+    ``MaxPool2d((2, 3), stride 1)`` to the 3 x 5 map, i.e. a stride-1 window of size ``(h-oh+1, w-ow+1)``; that rule is
+    used for any grid at least ``out_grid`` in size (identical to the official on 3 x 5). Smaller grids (tiny test
+    models) use ``adaptive_max_pool2d``, which repeats cells.
+    """
+    b, t, h, w, d = grid.shape
+    oh, ow = out_grid
+    x = grid.reshape(b * t, h, w, d).permute(0, 3, 1, 2)
+    if h >= oh and w >= ow:
+        x = F.max_pool2d(x, kernel_size=(h - oh + 1, w - ow + 1), stride=1)
+    else:
+        x = F.adaptive_max_pool2d(x, (oh, ow))
+    return x.permute(0, 2, 3, 1).reshape(b, t, oh * ow, d)
+
+
+class SplitBertTextEncoder(nn.Module):
+    """One BERT run in three layer ranges (sentence, paragraph, fusion) with the MLM and VTM heads.
+
+    Parameters: ``bert`` (transformers ``BertModel`` with pooler, SDPA attention), ``cls`` (``BertOnlyMLMHead``, its
+    decoder tied to the word embeddings as in ``BertForPreTraining``), ``seq_relationship`` Linear(D, 2) (VTM).
+    """
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = config
+        bert_cfg = config.to_bert_config()
+        self.bert = BertModel(bert_cfg, add_pooling_layer=True)
+        self.cls = BertOnlyMLMHead(bert_cfg)
+        self.seq_relationship = nn.Linear(bert_cfg.hidden_size, 2)
+        std = bert_cfg.initializer_range
+        for m in (self.cls, self.seq_relationship):
+            for sub in m.modules():
+                if isinstance(sub, nn.Linear):
+                    nn.init.normal_(sub.weight, std=std)
+                    nn.init.zeros_(sub.bias)
+        self.tie_weights()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.bert.config.hidden_size
+
+    def tie_weights(self) -> None:
+        """MLM decoder weight = word embeddings, decoder bias = ``cls.predictions.bias`` (BERT's tying)."""
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+
+    def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+        """Apply BERT layers ``[start, end)`` to ``hidden`` (N, S, D) with key mask ``mask`` (N, S) -> (N, S, D)."""
+        ext = extended_key_mask(mask, hidden.dtype)
+        for layer in self.bert.encoder.layer[start:end]:
+            hidden = layer(hidden, ext)
+        return hidden
+
+    def encode_sentences(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``ids``, ``mask`` (B, M, L) -> token states (B, M, L, D): BERT embeddings (token type 0, positions 0..L-1)
+        and layers ``[0, num_local_layers)`` on each of the B*M sentences independently."""
+        b, m, length = ids.shape
+        h = self.bert.embeddings(input_ids=ids.reshape(b * m, length))
+        h = self.run_layers(h, mask.reshape(b * m, length), 0, self.config.num_local_layers)
+        return h.reshape(b, m, length, -1)
+
+    def paragraph_cls(self, sentence_states: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """Mean of the sentence [CLS] states (B, M, L, D) over the real sentences ``real`` (B, M) -> (B, D); over all M
+        when ``compat_official`` or ``real`` is None. A sample with no real sentence falls back to the mean of all."""
+        cls = sentence_states[:, :, 0]
+        if real is None or self.config.compat_official:
+            return cls.mean(1)
+        w = real.to(cls.dtype)
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+        return (cls * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+
+    def encode_paragraph(self, sentence_states: torch.Tensor, mask: torch.Tensor, sent_embedding: SentEmbedding,
+                         real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paragraph stage: ``sentence_states`` (B, M, L, D), ``mask`` (B, M, L), ``real`` (B, M) bool (default: a
+        sentence is real when any of its tokens is) -> (paragraph states (B, 1+M*L, D), paragraph mask (B, 1+M*L)).
+
+        ``sent_embedding`` is passed in because the official model owns it at the top level (``sent_embedding.*``).
+        """
+        b, m, length, d = sentence_states.shape
+        if real is None:
+            real = mask.any(-1)
+        cls = self.paragraph_cls(sentence_states, real)
+        tokens = sent_embedding(sentence_states.reshape(b, m * length, d), length)
+        h = torch.cat([cls[:, None], tokens], 1)
+        pmask = torch.cat([mask.new_ones(b, 1), mask.reshape(b, m * length)], 1)
+        h = self.run_layers(h, pmask, self.config.num_local_layers, self.config.stage1_layers)
+        return h, pmask
+
+    def fuse(self, paragraph_states: torch.Tensor, paragraph_mask: torch.Tensor, video_tokens: torch.Tensor,
+             video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fusion layers ``[stage1_layers, num_layers)`` over ``[paragraph (B, Np, D) ; video (B, Nv, D)]`` with the
+        joint key mask (video all real unless ``video_mask`` (B, Nv)) -> (B, Np+Nv, D)."""
+        if self.config.num_layers <= self.config.stage1_layers:
+            raise RuntimeError("this text encoder has no fusion layers (a stage-1 model)")
+        if video_mask is None:
+            video_mask = paragraph_mask.new_ones(video_tokens.shape[:2])
+        h = torch.cat([paragraph_states, video_tokens.to(paragraph_states.dtype)], 1)
+        mask = torch.cat([paragraph_mask, video_mask.to(paragraph_mask.dtype)], 1)
+        return self.run_layers(h, mask, self.config.stage1_layers, self.config.num_layers)
+
+    def pooled(self, states: torch.Tensor) -> torch.Tensor:
+        """BERT pooler (dense + tanh on token 0): (B, N, D) -> (B, D)."""
+        return self.bert.pooler(states)
+
+    def mlm_logits(self, states: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """MLM logits: (B, N, D) -> (B, N, V); with ``select`` (B, N) bool only the selected tokens -> (K, V), which
+        avoids the vocabulary projection on the ~85% of tokens that carry no label."""
+        if select is not None:
+            states = states[select]
+        return self.cls(states)
+
+    def vtm_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Video-text matching logits: ``seq_relationship(pooler(states))``, (B, N, D) -> (B, 2)."""
+        return self.seq_relationship(self.pooled(states))
+
+
+class MultipleChoiceHead(nn.Module):
+    """How2QA head (official ``classifier`` Linear(D, 1) and ``span_classifier`` Linear(D, 2) in ``text_encoder``).
+
+    ``forward(pooled (B*C, D), video_states (B*C, T*P, D), num_choices C)`` -> (choice logits (B, C), span logits
+    (B, T, 2)): one logit per (question, answer_i, subtitles) pooler output; per-frame span logits from the mean of the
+    P video tokens of each frame, max over the C choices.
+    """
+
+    def __init__(self, hidden_size: int, patches_per_frame: int = 6, dropout: float = 0.1):
+        super().__init__()
+        self.patches_per_frame = patches_per_frame
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, 1)
+        self.span_classifier = nn.Linear(hidden_size, 2)
+
+    def forward(self, pooled: torch.Tensor, video_states: torch.Tensor, num_choices: int):
+        bc, nv, d = video_states.shape
+        b = bc // num_choices
+        logits = self.classifier(self.dropout(pooled)).reshape(b, num_choices)
+        frames = video_states.reshape(bc, nv // self.patches_per_frame, self.patches_per_frame, d).mean(2)
+        span = self.span_classifier(frames).reshape(b, num_choices, -1, 2).amax(1)
+        return logits, span
+
+    @staticmethod
+    def span_loss(span_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Per-frame in/out-of-span CE, ``span_logits`` (B, T, 2), ``labels`` (B, T) in {0, 1, ignore}, with
+        class-balanced weights ``n / (2 * n_c)`` from the batch's valid labels (each class weighs half)."""
+        valid = labels != ignore_index
+        n = valid.sum().clamp(min=1).to(span_logits.dtype)
+        counts = torch.stack([((labels == c) & valid).sum() for c in (0, 1)]).to(span_logits.dtype)
+        weight = n / (2 * counts.clamp(min=1))
+        return F.cross_entropy(span_logits.reshape(-1, 2).float(), labels.reshape(-1), weight=weight.float(),
+                               ignore_index=ignore_index)
+
+
+class ClassificationHead(nn.Module):
+    """ActivityNet-QA / VIOLIN head: pooler output (B, D) -> dropout -> ``classifier`` Linear(D, n) -> (B, n)."""
+
+    def __init__(self, hidden_size: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(pooled))
+
+
+@dataclass
+class LoadReport:
+    """What ``load_bert_weights`` did: keys loaded, model keys left at init, source keys unused, shape mismatches."""
+
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+
+
+_TIED = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+
+
+def _read_state_dict(src) -> dict[str, torch.Tensor]:
+    """A state dict from a dict, a ``.bin``/``.pt``/``.pth``/``.safetensors`` file or a local HF directory (single or
+    sharded ``model.safetensors`` / ``pytorch_model.bin``)."""
+    if isinstance(src, dict):
+        return dict(src)
+    path = os.fspath(src)
+    if os.path.isdir(path):
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            if os.path.exists(os.path.join(path, single)):
+                return _read_state_dict(os.path.join(path, single))
+            index = os.path.join(path, index_name)
+            if os.path.exists(index):
+                with open(index) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                out: dict[str, torch.Tensor] = {}
+                for shard in shards:
+                    out.update(_read_state_dict(os.path.join(path, shard)))
+                return out
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+def _normalise_key(key: str) -> str | None:
+    """Map a source key onto this module's names (``bert.*``, ``cls.*``, ...); None drops it silently."""
+    for prefix in ("module.", "text_encoder."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    if key.startswith(("embeddings.", "encoder.", "pooler.")):  # a bare BertModel
+        key = "bert." + key
+    if key.endswith("position_ids"):
+        return None
+    if key.endswith(".gamma"):
+        key = key[: -len(".gamma")] + ".weight"
+    elif key.endswith(".beta"):
+        key = key[: -len(".beta")] + ".bias"
+    return key
+
+
+def load_bert_weights(module: SplitBertTextEncoder, src) -> LoadReport:
+    """Load BERT weights into ``module`` from a state dict, a file (``torch.load(weights_only=True)`` or safetensors)
+    or a local ``save_pretrained`` directory (no hub access).
+
+    Accepts ``bert.*``/``cls.*`` (``BertForPreTraining``), bare ``BertModel`` keys, and ``text_encoder.*`` (official
+    LF-VILA) keys; renames ``LayerNorm.gamma/beta`` to ``weight/bias``. Like the official loader, shape mismatches are
+    skipped and everything else is non-strict; BERT's NSP head (``cls.seq_relationship``) does not match the VTM head
+    ``seq_relationship`` and is reported as unexpected. Layers beyond ``num_layers`` are unexpected too.
+    """
+    raw = _read_state_dict(src)
+    target = module.state_dict()
+    to_load: dict[str, torch.Tensor] = {}
+    unexpected, mismatched = [], []
+    for key, value in raw.items():
+        name = _normalise_key(key)
+        if name is None:
+            continue
+        if name not in target:
+            unexpected.append(key)
+        elif tuple(target[name].shape) != tuple(value.shape):
+            mismatched.append(f"{key}: {tuple(value.shape)} vs {tuple(target[name].shape)}")
+        else:
+            to_load[name] = value.to(target[name].dtype)
+    module.load_state_dict(to_load, strict=False)
+    module.tie_weights()
+    loaded = set(to_load)
+    if "bert.embeddings.word_embeddings.weight" in loaded:
+        loaded.add("cls.predictions.decoder.weight")
+    if "cls.predictions.bias" in loaded:
+        loaded.add("cls.predictions.decoder.bias")
+    missing = sorted(k for k in target if k not in loaded)
+    return LoadReport(sorted(to_load), missing, sorted(unexpected), sorted(mismatched))
