@@ -114,7 +114,10 @@ def load_tokenizer(vocab_path, lowercase: bool = True, backend: str = "tokenizer
         except ImportError as err:
             raise ImportError("backend='transformers' needs the transformers package; "
                               "use backend='tokenizers'") from err
-        return as_text_tokenizer(BertTokenizerFast(vocab_file=str(vocab_path), do_lower_case=lowercase))
+        hf = BertTokenizerFast(vocab_file=str(vocab_path), do_lower_case=lowercase)
+        if len(hf.get_vocab()) != len(vocab):  # transformers 5 ignores vocab_file: it takes the vocabulary as `vocab`
+            hf = BertTokenizerFast(vocab=dict(vocab), do_lower_case=lowercase)
+        return as_text_tokenizer(hf)
     raise ValueError(f"backend must be 'tokenizers' or 'transformers', got {backend!r}")
 
 
