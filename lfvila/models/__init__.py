@@ -1,5 +1,7 @@
-"""LF-VILA models: the HTWA video encoder and the named-variant registry (``create_model``)."""
+"""LF-VILA models: the HTWA video encoder, the split-BERT text encoder, the full model and the named-variant registry
+(``create_model``)."""
 
+from .lfvila import LFVILA, LFVILAConfig
 from .registry import create_model, list_models, model_config, register_model
 from .video_encoder import (
     PatchEmbed3D,
@@ -10,6 +12,8 @@ from .video_encoder import (
 )
 
 __all__ = [
+    "LFVILA",
+    "LFVILAConfig",
     "PatchEmbed3D",
     "PatchMerging",
     "VideoEncoder",

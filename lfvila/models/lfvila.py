@@ -1,0 +1,220 @@
+"""The full LF-VILA pre-training model: video encoder + split BERT + projections + stage-1 / stage-2 losses.
+
+Structure (official numbers, ``OFFICIAL_LFVILA.md`` §1.1, §1.2, §2; D = 1024, M = 4 clips / sentences, T = 32):
+
+    video --VideoEncoder--> grid (B, T, 3, 5, D) [final, after ``norm``], local (B, T, 3, 5, D) [intra-clip branch]
+    pooled = per-frame 2 x 3 max-pool (``pool_video_tokens``)                  (B, T, 6, D)
+    clip feature   = mean over the T/M frames and 6 patches of each clip   (B, M, D)  (official downsample_video_embd)
+    video global   = norm(video_global_proj(mean over clips of the *grid* clip features))   (B, D)   -> VPC
+    video clips    = norm(video_local_proj(clip features of the *local* branch))            (B, M, D) -> MTC
+    fusion tokens  = video_token_pos(pooled grid) (stage 2; plain flatten in stage 1)        (B, T*6, D)
+
+    ids (B, M, L) --text_encoder layers [0, 8)--> sentence states; sentence [CLS] --text_local_proj, norm--> (B, M, D)
+    --sent_embedding + paragraph [CLS] + layers [8, 12)--> paragraph states; [CLS] --text_global_proj, norm--> (B, D)
+
+Which video features feed MTC: by default the clip features are pooled from ``VideoEncoderOutput.local`` (the
+intra-clip branch ``local_feat_proj`` + ``norm_local`` on the last layer whose temporal window fits one clip), as the
+paper intends. ``compat_official=True`` reproduces the official bug (the local feature is the final grid): clips and
+global are then both pooled from ``grid``, and ``local_feat_proj`` / ``norm_local`` get no gradient. The global (VPC)
+feature always comes from the final grid. ``compat_official`` is also passed to the video encoder, the text encoder
+(paragraph [CLS] over padded sentences too) and the MTC / VTM sampling.
+
+Module names are the official top-level ones (``video_encoder``, ``text_encoder``, ``video_local_proj``,
+``text_local_proj``, ``video_global_proj``, ``text_global_proj``, ``sent_embedding``, ``video_token_pos`` (stage 2
+only)), so an official ``pytorch_model.bin`` maps by prefix (drop ``sent_embedding.position_ids``: non-persistent
+here).
+
+Registered variants (importing this module registers them):
+    ``lfvila-base-model``: official sizes (video encoder ``lfvila-base``, BERT-large split 8/12/24, D = 1024).
+    ``lfvila-tiny-model``: the ``lfvila-tiny`` video encoder (final width 256) with a tiny BERT of hidden 256
+        (4 heads, FFN 512, layers 2/4/6, vocab 128, 4 sentences x 12 tokens, 8 frames); intended input 8 x 64 x 96,
+        i.e. 4 clips of 2 frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import losses
+from .registry import _tiny_video_config, register_model
+from .text_encoder import (
+    SentEmbedding,
+    SplitBertTextEncoder,
+    TextEncoderConfig,
+    VideoTokenPos,
+    bert_large_text_config,
+    pool_video_tokens,
+    tiny_text_config,
+)
+from .video_encoder import VideoEncoder, VideoEncoderConfig
+
+__all__ = ["LFVILA", "LFVILAConfig", "lfvila_base_config", "lfvila_tiny_config"]
+
+
+@dataclass
+class LFVILAConfig:
+    """The full model. ``embed_dim`` is the projection output width (official 1024 = video width = BERT hidden).
+
+    ``stage`` 1 builds the dual encoder (BERT layers ``[0, stage1_layers)`` only, no ``video_token_pos``); stage 2
+    builds all ``text.num_layers`` layers and the fusion positions. ``compat_official`` overrides the sub-configs'
+    flags (see the module docstring). ``num_clips`` defaults to ``text.num_sentences``.
+    """
+
+    video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=bert_large_text_config)
+    embed_dim: int = 1024
+    temperature: float = 0.05
+    mtc_temperature: float = 0.05
+    mtc_weight: float = 0.25
+    vtm_weight: float = 10.0
+    stage: int = 1
+    num_clips: int | None = None
+    compat_official: bool = False
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.num_clips is None:
+            self.num_clips = self.text.num_sentences
+
+
+def lfvila_base_config(**overrides) -> LFVILAConfig:
+    return dataclasses.replace(LFVILAConfig(video=VideoEncoderConfig(extra={"input": (32, 192, 320)})), **overrides)
+
+
+def lfvila_tiny_config(**overrides) -> LFVILAConfig:
+    text = tiny_text_config(hidden_size=256, num_attention_heads=4, intermediate_size=512)
+    return dataclasses.replace(LFVILAConfig(video=_tiny_video_config(), text=text, embed_dim=256), **overrides)
+
+
+def _l2(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+class LFVILA(nn.Module):
+    """LF-VILA pre-training model (official ``LFVILA_Pretrain``'s parameter names); see the module docstring."""
+
+    def __init__(self, cfg: LFVILAConfig | None = None):
+        super().__init__()
+        cfg = cfg or LFVILAConfig()
+        video_cfg = dataclasses.replace(cfg.video, compat_official=cfg.compat_official)
+        text_cfg = dataclasses.replace(cfg.text, compat_official=cfg.compat_official)
+        if cfg.stage == 1:
+            text_cfg = dataclasses.replace(text_cfg, num_layers=text_cfg.stage1_layers)
+        self.cfg = cfg
+        self.compat_official = cfg.compat_official
+        self.video_encoder = VideoEncoder(video_cfg)
+        self.text_encoder = SplitBertTextEncoder(text_cfg)
+        dv, dt, e = self.video_encoder.num_features, self.text_encoder.hidden_size, cfg.embed_dim
+        local_dv = self.video_encoder.norm_local.normalized_shape[0]
+        if not cfg.compat_official and local_dv != dv:
+            raise ValueError(f"local branch width {local_dv} != final video width {dv}")
+        if cfg.stage == 2 and dv != dt:
+            raise ValueError(f"fusion needs video width {dv} == text hidden {dt}")
+        self.video_local_proj = nn.Linear(dv, e)
+        self.text_local_proj = nn.Linear(dt, e)
+        self.video_global_proj = nn.Linear(dv, e)
+        self.text_global_proj = nn.Linear(dt, e)
+        for m in (self.video_local_proj, self.text_local_proj, self.video_global_proj, self.text_global_proj):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        self.sent_embedding = SentEmbedding(dt, text_cfg.max_position_embeddings, text_cfg.sent_type_vocab,
+                                            text_cfg.layer_norm_eps, text_cfg.hidden_dropout_prob)
+        self.sent_embedding.init_from_bert(self.text_encoder.bert)
+        if cfg.stage == 2:
+            self.video_token_pos = VideoTokenPos(dt, text_cfg.num_frames, text_cfg.patches_per_frame,
+                                                 text_cfg.layer_norm_eps)
+        else:
+            self.video_token_pos = None
+
+    # ------------------------------------------------------------------------------------------------- encoders
+
+    def _clip_mean(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, T, P, C) -> (B, M, C): average over the T/M frames and P patches of each clip."""
+        b, t, p, c = pooled.shape
+        m = self.cfg.num_clips
+        if t % m:
+            raise ValueError(f"{t} frames do not split into {m} clips")
+        return pooled.reshape(b, m, t // m, p, c).mean((2, 3))
+
+    def encode_video(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``video`` (float (B, 3, T, H, W) normalised, or uint8 (B, T, H, W, 3)) ->
+        ``clip`` (B, M, E) L2-normed, ``global`` (B, E) L2-normed, ``tokens`` (B, T*P, D) for fusion (with
+        ``video_token_pos`` in stage 2), ``pooled`` (B, T, P, D) the pooled final grid."""
+        out = self.video_encoder(video)
+        grid_pool = pool_video_tokens(out.grid, self.text_encoder.config.pool_grid)  # (B, T, P, D)
+        grid_clips = self._clip_mean(grid_pool)  # (B, M, D)
+        if self.compat_official:
+            local_clips = grid_clips  # official: "local" is the final grid
+        else:
+            local_clips = self._clip_mean(pool_video_tokens(out.local, self.text_encoder.config.pool_grid))
+        clip = _l2(self.video_local_proj(local_clips))
+        glob = _l2(self.video_global_proj(grid_clips.mean(1)))
+        if self.video_token_pos is not None:
+            tokens = self.video_token_pos(grid_pool)
+        else:
+            tokens = grid_pool.flatten(1, 2)
+        return {"clip": clip, "global": glob, "tokens": tokens, "pooled": grid_pool}
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
+        """``ids``, ``mask`` (B, M, L), ``real`` (B, M) bool (default: any token real) -> ``sentence`` (B, M, E)
+        L2-normed, ``paragraph`` (B, E) L2-normed, ``states`` (B, 1+M*L, D) / ``mask`` (B, 1+M*L) for fusion,
+        ``real`` (B, M)."""
+        if real is None:
+            real = mask.bool().any(-1)
+        sent_states = self.text_encoder.encode_sentences(ids, mask)  # (B, M, L, D)
+        sentence = _l2(self.text_local_proj(sent_states[:, :, 0]))
+        states, pmask = self.text_encoder.encode_paragraph(sent_states, mask, self.sent_embedding, real)
+        paragraph = _l2(self.text_global_proj(states[:, 0]))
+        return {"sentence": sentence, "paragraph": paragraph, "states": states, "mask": pmask, "real": real}
+
+    # --------------------------------------------------------------------------------------------------- losses
+
+    def forward_stage1(self, video: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                       real: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                       distributed=None) -> dict[str, torch.Tensor]:
+        """Stage-1 losses: ``loss = vpc + mtc_weight * mtc`` (VPC on this rank's batch or the global one, see
+        ``losses.vpc_loss``; MTC on this rank's batch)."""
+        v = self.encode_video(video)
+        t = self.encode_text(ids, mask, real)
+        vpc = losses.vpc_loss(v["global"], t["paragraph"], self.cfg.temperature, distributed=distributed)
+        mtc = losses.mtc_loss(v["clip"], t["sentence"], t["real"], self.cfg.mtc_temperature, generator=generator,
+                              compat_official=self.compat_official)
+        return {"loss": losses.stage1_loss(vpc, mtc, self.cfg.mtc_weight), "vpc": vpc, "mtc": mtc}
+
+    def forward_stage2(self, video: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, mlm_labels: torch.Tensor,
+                       real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Stage-2 losses on already-masked ``ids`` (``losses.mlm_mask``) with ``mlm_labels`` (B, M, L):
+        VTM pairs from ``losses.vtm_pairs`` (first half mismatched), MLM only on the matched samples;
+        ``loss = mlm + vtm_weight * vtm``."""
+        if self.cfg.stage != 2:
+            raise RuntimeError("forward_stage2 needs a stage-2 model (fusion layers)")
+        v = self.encode_video(video)
+        t = self.encode_text(ids, mask, real)
+        b = ids.shape[0]
+        perm, vtm_labels = losses.vtm_pairs(b, ids.device, self.compat_official)
+        fused = self.text_encoder.fuse(t["states"], t["mask"], v["tokens"][perm])
+        n_text = t["states"].shape[1]
+        labels = torch.cat([mlm_labels.new_full((b, 1), losses.IGNORE_INDEX), mlm_labels.reshape(b, -1)], 1)
+        select = labels != losses.IGNORE_INDEX  # (B, 1+M*L)
+        logits = self.text_encoder.mlm_logits(fused[:, :n_text], select)  # (K, V)
+        matched = vtm_labels.bool()[:, None].expand_as(select)[select]
+        mlm = losses.mlm_loss(logits, labels[select], matched)
+        vtm = losses.vtm_loss(self.text_encoder.vtm_logits(fused), vtm_labels)
+        return {"loss": losses.stage2_loss(mlm, vtm, self.cfg.vtm_weight), "mlm": mlm, "vtm": vtm}
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """``forward_stage1`` for stage-1 models, ``forward_stage2`` for stage-2 ones."""
+        return (self.forward_stage1 if self.cfg.stage == 1 else self.forward_stage2)(*args, **kwargs)
+
+
+register_model("lfvila-base-model", lfvila_base_config, LFVILA,
+               "official LF-VILA pre-training model (video encoder + BERT-large split, D = 1024)")
+register_model("lfvila-tiny-model", lfvila_tiny_config, LFVILA,
+               "scaled-down LF-VILA pre-training model for tests and the CPU demo (D = 256)")
