@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 _INDEX_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
+_DEVICE_INDEX_CACHE: dict[tuple[tuple[int, int, int], str], torch.Tensor] = {}
 
 
 def _relative_position_index_cpu(window: tuple[int, int, int]) -> torch.Tensor:
@@ -33,8 +34,14 @@ def relative_position_index(window, device=None) -> torch.Tensor:
     ``((2wt-1)(2wh-1)(2ww-1), heads)`` holding the bias of query token ``i`` attending to key token ``j``, tokens
     numbered row-major over ``(t, h, w)`` inside the window.
     """
-    index = _relative_position_index_cpu(tuple(int(w) for w in window))
-    return index if device is None else index.to(device)
+    window = tuple(int(w) for w in window)
+    index = _relative_position_index_cpu(window)
+    if device is None or torch.device(device).type == "cpu":
+        return index
+    key = (window, str(torch.device(device)))  # one copy per device, not a host-to-device copy per call
+    if key not in _DEVICE_INDEX_CACHE:
+        _DEVICE_INDEX_CACHE[key] = index.to(device)
+    return _DEVICE_INDEX_CACHE[key]
 
 
 def bias_table_rows(window) -> int:
