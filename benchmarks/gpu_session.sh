@@ -10,8 +10,10 @@
 #   bash benchmarks/gpu_session.sh contrastive h200-2026-11-22
 #   bash benchmarks/gpu_session.sh decode      h200-2026-11-22   # needs PyAV and DALI carried as wheels in .whl
 #                                                                # (the device README says how; DALI in 3 parts)
+#   bash benchmarks/gpu_session.sh train       h200-2026-11-22   # one LF-VILA stage-1 training step, triton vs torch
+#   bash benchmarks/gpu_session.sh train       h200-adamw --optimizer   # extra arguments go to bench_train_step
 set -uo pipefail
-stage=${1:?stage: tests | resources | attention | contrastive | decode}
+stage=${1:?stage: tests | resources | attention | contrastive | decode | train}
 label=${2:-$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")}
 out=${OUT:-benchmarks/results/_scratch}
 mkdir -p "$out"
@@ -33,5 +35,13 @@ case "$stage" in
   decode)
     python3 -m benchmarks.bench_decode --label "$label" --size 360x640 \
       --out "$out/decode-$label.csv" --markdown "$out/decode-$label.md" ;;
+  train)
+    # The configuration: lfvila-base-model, batch 16, 32 frames at 192x320, bf16 autocast, fp32 parameters,
+    # both impls (our kernels, then the torch paths), one model each. A few warm-up steps (the first compiles the
+    # Triton kernels) and ~15 timed steps per impl (do_bench adds 6 calls of its own) plus one for peak memory
+    # suffice: expected to take a few minutes in all (not yet timed on the device), inside the 10-minute limit of one
+    # device call; keep --reps modest if a step turns out slow.
+    python3 -m benchmarks.bench_train_step --label "$label" --warmup 3 --reps 15 "${@:3}" \
+      --out "$out/train-step-$label.csv" --markdown "$out/train-step-$label.md" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

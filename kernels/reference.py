@@ -17,11 +17,13 @@ def _relative_position_index_cpu(window: tuple[int, int, int]) -> torch.Tensor:
     if window in _INDEX_CACHE:
         return _INDEX_CACHE[window]
     wt, wh, ww = window
-    coords = torch.stack(torch.meshgrid(torch.arange(wt), torch.arange(wh), torch.arange(ww), indexing="ij"))
+    cpu = torch.device("cpu")  # explicit: a default-device context (e.g. meta) must not leak into the cache
+    coords = torch.stack(torch.meshgrid(torch.arange(wt, device=cpu), torch.arange(wh, device=cpu),
+                                        torch.arange(ww, device=cpu), indexing="ij"))
     flat = coords.flatten(1)  # (3, N): the (t, h, w) of each window token, row-major
     rel = flat[:, :, None] - flat[:, None, :]  # (3, N, N): query minus key
-    strides = torch.tensor([(2 * wh - 1) * (2 * ww - 1), 2 * ww - 1, 1])
-    offsets = torch.tensor([wt - 1, wh - 1, ww - 1])
+    strides = torch.tensor([(2 * wh - 1) * (2 * ww - 1), 2 * ww - 1, 1], device=cpu)
+    offsets = torch.tensor([wt - 1, wh - 1, ww - 1], device=cpu)
     index = ((rel + offsets[:, None, None]) * strides[:, None, None]).sum(0)
     _INDEX_CACHE[window] = index
     return index

@@ -1,4 +1,4 @@
-"""LF-VILA pre-training losses: VPC, MTC (stage 1), MLM, VTM (stage 2), and the stage totals.
+"""LF-VILA losses: VPC, MTC (stage 1), MLM, VTM (stage 2), the stage totals, and How2QA's per-frame span loss.
 
 Every loss returns a scalar and is **unweighted**; the official weights are applied by :func:`stage1_loss`
 (``vpc + 0.25 * mtc``) and :func:`stage2_loss` (``mlm + 10 * vtm``).
@@ -36,6 +36,8 @@ __all__ = [
     "mtc_labels",
     "mtc_loss",
     "mtc_sample",
+    "span_frame_labels",
+    "span_loss",
     "stage1_loss",
     "stage2_loss",
     "vpc_loss",
@@ -351,3 +353,43 @@ def stage1_loss(vpc: torch.Tensor, mtc: torch.Tensor, mtc_weight: float = 0.25) 
 def stage2_loss(mlm: torch.Tensor, vtm: torch.Tensor, vtm_weight: float = 10.0) -> torch.Tensor:
     """Stage-2 total: ``mlm + vtm_weight * vtm`` (official ``mlm_loss_weight`` 1, ``vtm_loss_weight`` 10)."""
     return mlm + vtm_weight * vtm
+
+
+# ------------------------------------------------------------------------------------------------ How2QA span loss
+
+
+def span_frame_labels(span: tuple[float, float] | None, duration: float, num_frames: int = 32
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame in-span labels and class-balanced weights for How2QA's span loss (official
+    ``get_temporal_loss_label``).
+
+    ``span`` ``(start, end)`` in seconds (None or NaN: the whole video), ``duration`` of the sampled video in seconds
+    (the official code uses ``frame_count / 3`` for its 3 fps videos), ``num_frames`` T uniformly covering it ->
+    ``labels`` (T,) long in {0, 1} and ``weights`` (T,) float: ``T / 2 / N1`` on the N1 in-span frames and
+    ``T / 2 / max(1, T - N1)`` elsewhere, so each class carries half the total weight. The span covers frames
+    ``[round(start / duration * T), round(end / duration * T))`` clamped to ``[0, T)`` and at least one frame long
+    (Python's ``round``, half to even, like the official code).
+    """
+    if duration <= 0:
+        raise ValueError(f"duration must be positive, got {duration}")
+    if span is None or any(v != v for v in span):  # NaN check without numpy
+        lo, hi = 0.0, 1.0
+    else:
+        lo = min(max(span[0] / duration, 0.0), 1.0)
+        hi = min(max(span[1] / duration, 0.0), 1.0)
+    start = min(max(int(round(lo * num_frames)), 0), num_frames - 1)
+    end = min(max(int(round(hi * num_frames)), start + 1), num_frames)
+    labels = torch.zeros(num_frames, dtype=torch.long)
+    labels[start:end] = 1
+    n1 = end - start
+    weights = torch.full((num_frames,), num_frames * 0.5 / max(1, num_frames - n1))
+    weights[start:end] = num_frames * 0.5 / n1
+    return labels, weights
+
+
+def span_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """How2QA span loss: per-frame CE of ``logits`` (B, T, 2) against ``labels`` (B, T), times ``weights`` (B, T)
+    (:func:`span_frame_labels`), averaged over all B*T frames (the official ``(CE * w).mean()``, not a weighted
+    mean)."""
+    ce = F.cross_entropy(logits.reshape(-1, 2).float(), labels.reshape(-1), reduction="none")
+    return (ce * weights.reshape(-1).to(ce.dtype)).mean()

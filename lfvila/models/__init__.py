@@ -1,8 +1,9 @@
-"""LF-VILA models: the HTWA video encoder, the split-BERT text encoder, the full model and the named-variant registry
-(``create_model``)."""
+"""LF-VILA models: the HTWA video encoder, the split-BERT text encoder, the pre-training and task models, checkpoint
+conversion and the named-variant registry (``create_model``)."""
 
 from .lfvila import LFVILA, LFVILAConfig
 from .registry import create_model, list_models, model_config, register_model
+from .tasks import LFVILAForClassification, LFVILAForMultipleChoice, LFVILARetrieval
 from .video_encoder import (
     PatchEmbed3D,
     PatchMerging,
@@ -14,6 +15,9 @@ from .video_encoder import (
 __all__ = [
     "LFVILA",
     "LFVILAConfig",
+    "LFVILAForClassification",
+    "LFVILAForMultipleChoice",
+    "LFVILARetrieval",
     "PatchEmbed3D",
     "PatchMerging",
     "VideoEncoder",

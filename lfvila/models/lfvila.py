@@ -74,6 +74,9 @@ class LFVILAConfig:
     vtm_weight: float = 10.0
     stage: int = 1
     num_clips: int | None = None
+    num_classes: int = 0
+    span_weight: float = 1.0
+    label_smoothing: float = 0.0
     compat_official: bool = False
 
     def __post_init__(self):
@@ -97,36 +100,47 @@ def _l2(x: torch.Tensor) -> torch.Tensor:
 
 
 class LFVILA(nn.Module):
-    """LF-VILA pre-training model (official ``LFVILA_Pretrain``'s parameter names); see the module docstring."""
+    """LF-VILA pre-training model (official ``LFVILA_Pretrain``'s parameter names); see the module docstring.
+
+    Task models (``tasks.py``) subclass it and change three class attributes: ``projections`` (which of the
+    ``{video,text}_{local,global}_proj`` pairs exist), ``text_head`` (``TextEncoderConfig.head``) and ``fusion``
+    (``None``: from ``cfg.stage``; True / False: always / never build the fusion layers and ``video_token_pos``).
+    """
+
+    projections: tuple[str, ...] = ("local", "global")
+    text_head: str = "pretraining"
+    fusion: bool | None = None
 
     def __init__(self, cfg: LFVILAConfig | None = None):
         super().__init__()
         cfg = cfg or LFVILAConfig()
+        fusion = cfg.stage == 2 if self.fusion is None else self.fusion
         video_cfg = dataclasses.replace(cfg.video, compat_official=cfg.compat_official)
-        text_cfg = dataclasses.replace(cfg.text, compat_official=cfg.compat_official)
-        if cfg.stage == 1:
+        text_cfg = dataclasses.replace(cfg.text, compat_official=cfg.compat_official, head=self.text_head,
+                                       num_classes=cfg.num_classes)
+        if not fusion:
             text_cfg = dataclasses.replace(text_cfg, num_layers=text_cfg.stage1_layers)
         self.cfg = cfg
         self.compat_official = cfg.compat_official
+        self.has_fusion = fusion
         self.video_encoder = VideoEncoder(video_cfg)
         self.text_encoder = SplitBertTextEncoder(text_cfg)
         dv, dt, e = self.video_encoder.num_features, self.text_encoder.hidden_size, cfg.embed_dim
         local_dv = self.video_encoder.norm_local.normalized_shape[0]
-        if not cfg.compat_official and local_dv != dv:
+        if "local" in self.projections and not cfg.compat_official and local_dv != dv:
             raise ValueError(f"local branch width {local_dv} != final video width {dv}")
-        if cfg.stage == 2 and dv != dt:
+        if fusion and dv != dt:
             raise ValueError(f"fusion needs video width {dv} == text hidden {dt}")
-        self.video_local_proj = nn.Linear(dv, e)
-        self.text_local_proj = nn.Linear(dt, e)
-        self.video_global_proj = nn.Linear(dv, e)
-        self.text_global_proj = nn.Linear(dt, e)
-        for m in (self.video_local_proj, self.text_local_proj, self.video_global_proj, self.text_global_proj):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+        for kind in self.projections:
+            for side, d in (("video", dv), ("text", dt)):
+                proj = nn.Linear(d, e)
+                nn.init.normal_(proj.weight, std=0.02)
+                nn.init.zeros_(proj.bias)
+                setattr(self, f"{side}_{kind}_proj", proj)
         self.sent_embedding = SentEmbedding(dt, text_cfg.max_position_embeddings, text_cfg.sent_type_vocab,
                                             text_cfg.layer_norm_eps, text_cfg.hidden_dropout_prob)
         self.sent_embedding.init_from_bert(self.text_encoder.bert)
-        if cfg.stage == 2:
+        if fusion:
             self.video_token_pos = VideoTokenPos(dt, text_cfg.num_frames, text_cfg.patches_per_frame,
                                                  text_cfg.layer_norm_eps)
         else:
@@ -144,35 +158,43 @@ class LFVILA(nn.Module):
 
     def encode_video(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
         """``video`` (float (B, 3, T, H, W) normalised, or uint8 (B, T, H, W, 3)) ->
-        ``clip`` (B, M, E) L2-normed, ``global`` (B, E) L2-normed, ``tokens`` (B, T*P, D) for fusion (with
-        ``video_token_pos`` in stage 2), ``pooled`` (B, T, P, D) the pooled final grid."""
+        ``clip`` (B, M, E) L2-normed (models with the local projections), ``global`` (B, E) L2-normed (models with
+        the global ones), ``tokens`` (B, T*P, D) for fusion (through ``video_token_pos`` when the model fuses),
+        ``pooled`` (B, T, P, D) the pooled final grid."""
         out = self.video_encoder(video)
         grid_pool = pool_video_tokens(out.grid, self.text_encoder.config.pool_grid)  # (B, T, P, D)
-        grid_clips = self._clip_mean(grid_pool)  # (B, M, D)
-        if self.compat_official:
-            local_clips = grid_clips  # official: "local" is the final grid
-        else:
-            local_clips = self._clip_mean(pool_video_tokens(out.local, self.text_encoder.config.pool_grid))
-        clip = _l2(self.video_local_proj(local_clips))
-        glob = _l2(self.video_global_proj(grid_clips.mean(1)))
+        result = {"pooled": grid_pool}
+        if "global" in self.projections or "local" in self.projections:
+            grid_clips = self._clip_mean(grid_pool)  # (B, M, D)
+        if "local" in self.projections:
+            if self.compat_official:
+                local_clips = grid_clips  # official: "local" is the final grid
+            else:
+                local_clips = self._clip_mean(pool_video_tokens(out.local, self.text_encoder.config.pool_grid))
+            result["clip"] = _l2(self.video_local_proj(local_clips))
+        if "global" in self.projections:
+            result["global"] = _l2(self.video_global_proj(grid_clips.mean(1)))
         if self.video_token_pos is not None:
-            tokens = self.video_token_pos(grid_pool)
+            result["tokens"] = self.video_token_pos(grid_pool)
         else:
-            tokens = grid_pool.flatten(1, 2)
-        return {"clip": clip, "global": glob, "tokens": tokens, "pooled": grid_pool}
+            result["tokens"] = grid_pool.flatten(1, 2)
+        return result
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor | None = None
                     ) -> dict[str, torch.Tensor]:
         """``ids``, ``mask`` (B, M, L), ``real`` (B, M) bool (default: any token real) -> ``sentence`` (B, M, E)
-        L2-normed, ``paragraph`` (B, E) L2-normed, ``states`` (B, 1+M*L, D) / ``mask`` (B, 1+M*L) for fusion,
-        ``real`` (B, M)."""
+        L2-normed (local projections), ``paragraph`` (B, E) L2-normed (global projections), ``states``
+        (B, 1+M*L, D) / ``mask`` (B, 1+M*L) for fusion, ``real`` (B, M)."""
         if real is None:
             real = mask.bool().any(-1)
         sent_states = self.text_encoder.encode_sentences(ids, mask)  # (B, M, L, D)
-        sentence = _l2(self.text_local_proj(sent_states[:, :, 0]))
         states, pmask = self.text_encoder.encode_paragraph(sent_states, mask, self.sent_embedding, real)
-        paragraph = _l2(self.text_global_proj(states[:, 0]))
-        return {"sentence": sentence, "paragraph": paragraph, "states": states, "mask": pmask, "real": real}
+        result = {"states": states, "mask": pmask, "real": real}
+        if "local" in self.projections:
+            result["sentence"] = _l2(self.text_local_proj(sent_states[:, :, 0]))
+        if "global" in self.projections:
+            result["paragraph"] = _l2(self.text_global_proj(states[:, 0]))
+        return result
 
     # --------------------------------------------------------------------------------------------------- losses
 
@@ -193,7 +215,7 @@ class LFVILA(nn.Module):
         """Stage-2 losses on already-masked ``ids`` (``losses.mlm_mask``) with ``mlm_labels`` (B, M, L):
         VTM pairs from ``losses.vtm_pairs`` (first half mismatched), MLM only on the matched samples;
         ``loss = mlm + vtm_weight * vtm``."""
-        if self.cfg.stage != 2:
+        if not self.has_fusion:
             raise RuntimeError("forward_stage2 needs a stage-2 model (fusion layers)")
         v = self.encode_video(video)
         t = self.encode_text(ids, mask, real)

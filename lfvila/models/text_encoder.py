@@ -4,7 +4,7 @@ Structure (official numbers, ``OFFICIAL_LFVILA.md`` §1.2; D = 1024, M = 4 sente
 
     ids (B, M, L) --BERT embeddings + layers [0, 8) per sentence (B*M sequences)-->  sentence states (B, M, L, D)
     --SentEmbedding (positions 0..M*L-1, sentence index, LN, dropout)--> (B, M*L, D)
-    --prepend paragraph [CLS] = mean of the sentence [CLS] states--> (B, 1+M*L, D)
+    --prepend paragraph [CLS] = mean of the sentences' [CLS] tokens after SentEmbedding--> (B, 1+M*L, D)
     --layers [8, 12)-->                                               paragraph states (B, 1+M*L, D)
     final video grid (B, T, 3, 5, D) --per-frame MaxPool2d((2,3), stride 1) + VideoTokenPos--> (B, T*P, D)
     [paragraph ; video] --layers [12, 24), plain self-attention-->     fused states (B, 1+M*L+T*P, D)
@@ -14,18 +14,23 @@ Attention is the library's (``attn_implementation="sdpa"``); every layer range g
 instead of NaN (a boolean mask would give NaN rows).
 
 Known defect reproduced behind ``compat_official=True``: the official paragraph [CLS] is the mean over all M sentence
-[CLS] vectors, padded (empty) sentences included; by default only the real sentences enter the mean.
+[CLS] tokens, padded (empty) sentences included; by default only the real sentences enter the mean. Either way the
+[CLS] tokens are taken *after* ``SentEmbedding`` (paragraph position, sentence index, LN), as the official models do.
 
-Module names follow the official checkpoint: this module is the official ``text_encoder`` (``bert.*``, ``cls.*``,
-``seq_relationship.*``, and for QA models ``classifier.*`` / ``span_classifier.*``); ``SentEmbedding`` and
+Heads (``TextEncoderConfig.head``), with the official module names of the three official text encoders:
+    ``"pretraining"`` (``TextEncoderForPretraining``; pre-training and retrieval models): ``cls`` (BERT MLM head,
+        decoder tied to the word embeddings) and ``seq_relationship`` Linear(D, 2) (VTM, on the pooler).
+    ``"multichoice"`` (``TextEncoderForMultichoice``; How2QA): ``classifier`` Linear(D, 1) on the dropped-out pooler,
+        one logit per choice, and ``span_classifier`` Linear(D, 2) on each frame's mean fused video token.
+    ``"classification"`` (``TextEncoderForClassification``; ActivityNet-QA, VIOLIN): ``classifier`` Linear(D, n) on
+        the dropped-out pooler.
+Module names follow the official checkpoint: this module is the official ``text_encoder``; ``SentEmbedding`` and
 ``VideoTokenPos`` are defined here for the top-level model to own as ``sent_embedding`` and ``video_token_pos``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +39,11 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
+from ._io import LoadReport, read_state_dict
+
 __all__ = [
-    "ClassificationHead",
+    "HEADS",
     "LoadReport",
-    "MultipleChoiceHead",
     "SentEmbedding",
     "SplitBertTextEncoder",
     "TextEncoderConfig",
@@ -48,6 +54,9 @@ __all__ = [
     "pool_video_tokens",
     "tiny_text_config",
 ]
+
+
+HEADS = ("pretraining", "multichoice", "classification")
 
 
 @dataclass
@@ -79,6 +88,8 @@ class TextEncoderConfig:
     sent_type_vocab: int = 8
     num_frames: int = 32
     pool_grid: tuple[int, int] = (2, 3)
+    head: str = "pretraining"
+    num_classes: int = 0
     compat_official: bool = False
 
     @property
@@ -110,6 +121,11 @@ class TextEncoderConfig:
     def __post_init__(self):
         if not 0 < self.num_local_layers <= self.stage1_layers <= self.num_layers:
             raise ValueError("need 0 < num_local_layers <= stage1_layers <= num_layers")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head == "classification" and self.num_classes < 1:
+            raise ValueError(f"head 'classification' needs num_classes >= 1, got {self.num_classes}")
+        self.pool_grid = tuple(self.pool_grid)
 
 
 def bert_large_text_config(stage: int = 2, **overrides) -> TextEncoderConfig:
@@ -211,10 +227,12 @@ def pool_video_tokens(grid: torch.Tensor, out_grid: tuple[int, int] = (2, 3)) ->
 
 
 class SplitBertTextEncoder(nn.Module):
-    """One BERT run in three layer ranges (sentence, paragraph, fusion) with the MLM and VTM heads.
+    """One BERT run in three layer ranges (sentence, paragraph, fusion) with the heads of ``config.head``.
 
-    Parameters: ``bert`` (transformers ``BertModel`` with pooler, SDPA attention), ``cls`` (``BertOnlyMLMHead``, its
-    decoder tied to the word embeddings as in ``BertForPreTraining``), ``seq_relationship`` Linear(D, 2) (VTM).
+    Parameters: ``bert`` (transformers ``BertModel`` with pooler, SDPA attention) and, per head (module docstring):
+    ``cls`` (``BertOnlyMLMHead``, decoder tied to the word embeddings as in ``BertForPreTraining``) +
+    ``seq_relationship`` Linear(D, 2); or ``classifier`` Linear(D, 1) + ``span_classifier`` Linear(D, 2); or
+    ``classifier`` Linear(D, n).
     """
 
     def __init__(self, config: TextEncoderConfig):
@@ -222,10 +240,20 @@ class SplitBertTextEncoder(nn.Module):
         self.config = config
         bert_cfg = config.to_bert_config()
         self.bert = BertModel(bert_cfg, add_pooling_layer=True)
-        self.cls = BertOnlyMLMHead(bert_cfg)
-        self.seq_relationship = nn.Linear(bert_cfg.hidden_size, 2)
+        d = bert_cfg.hidden_size
+        if config.head == "pretraining":
+            self.cls = BertOnlyMLMHead(bert_cfg)
+            self.seq_relationship = nn.Linear(d, 2)
+            heads = (self.cls, self.seq_relationship)
+        else:
+            self.dropout = nn.Dropout(bert_cfg.hidden_dropout_prob)
+            self.classifier = nn.Linear(d, 1 if config.head == "multichoice" else config.num_classes)
+            heads = (self.classifier,)
+            if config.head == "multichoice":
+                self.span_classifier = nn.Linear(d, 2)
+                heads += (self.span_classifier,)
         std = bert_cfg.initializer_range
-        for m in (self.cls, self.seq_relationship):
+        for m in heads:
             for sub in m.modules():
                 if isinstance(sub, nn.Linear):
                     nn.init.normal_(sub.weight, std=std)
@@ -238,6 +266,8 @@ class SplitBertTextEncoder(nn.Module):
 
     def tie_weights(self) -> None:
         """MLM decoder weight = word embeddings, decoder bias = ``cls.predictions.bias`` (BERT's tying)."""
+        if self.config.head != "pretraining":
+            return
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
         self.cls.predictions.decoder.bias = self.cls.predictions.bias
 
@@ -257,8 +287,9 @@ class SplitBertTextEncoder(nn.Module):
         return h.reshape(b, m, length, -1)
 
     def paragraph_cls(self, sentence_states: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-        """Mean of the sentence [CLS] states (B, M, L, D) over the real sentences ``real`` (B, M) -> (B, D); over all M
-        when ``compat_official`` or ``real`` is None. A sample with no real sentence falls back to the mean of all."""
+        """Mean of the sentence [CLS] tokens of ``sentence_states`` (B, M, L, D) over the real sentences ``real`` (B, M)
+        -> (B, D); over all M when ``compat_official`` or ``real`` is None. A sample with no real sentence falls back to
+        the mean of all. ``encode_paragraph`` passes the tokens after ``SentEmbedding`` (the official order)."""
         cls = sentence_states[:, :, 0]
         if real is None or self.config.compat_official:
             return cls.mean(1)
@@ -276,8 +307,8 @@ class SplitBertTextEncoder(nn.Module):
         b, m, length, d = sentence_states.shape
         if real is None:
             real = mask.any(-1)
-        cls = self.paragraph_cls(sentence_states, real)
         tokens = sent_embedding(sentence_states.reshape(b, m * length, d), length)
+        cls = self.paragraph_cls(tokens.reshape(b, m, length, d), real)
         h = torch.cat([cls[:, None], tokens], 1)
         pmask = torch.cat([mask.new_ones(b, 1), mask.reshape(b, m * length)], 1)
         h = self.run_layers(h, pmask, self.config.num_local_layers, self.config.stage1_layers)
@@ -310,96 +341,26 @@ class SplitBertTextEncoder(nn.Module):
         """Video-text matching logits: ``seq_relationship(pooler(states))``, (B, N, D) -> (B, 2)."""
         return self.seq_relationship(self.pooled(states))
 
+    def choice_logits(self, states: torch.Tensor, num_choices: int) -> torch.Tensor:
+        """Multiple choice: fused states (B*C, N, D), choices contiguous per sample -> logits (B, C) from
+        ``classifier(dropout(pooler))``."""
+        return self.classifier(self.dropout(self.pooled(states))).reshape(-1, num_choices)
 
-class MultipleChoiceHead(nn.Module):
-    """How2QA head (official ``classifier`` Linear(D, 1) and ``span_classifier`` Linear(D, 2) in ``text_encoder``).
+    def span_logits(self, states: torch.Tensor, num_frames: int, num_choices: int) -> torch.Tensor:
+        """Per-frame in-span logits from the last ``num_frames * P`` fused tokens (the video tokens) of
+        ``states`` (B*C, N, D): mean over each frame's P tokens, ``span_classifier``, max over the C choices ->
+        (B, T, 2) (official ``TextEncoderForMultichoice``)."""
+        p = self.config.patches_per_frame
+        video = states[:, states.shape[1] - num_frames * p:]
+        frames = video.reshape(video.shape[0], num_frames, p, video.shape[-1]).mean(2)
+        return self.span_classifier(frames).reshape(-1, num_choices, num_frames, 2).amax(1)
 
-    ``forward(pooled (B*C, D), video_states (B*C, T*P, D), num_choices C)`` -> (choice logits (B, C), span logits
-    (B, T, 2)): one logit per (question, answer_i, subtitles) pooler output; per-frame span logits from the mean of the
-    P video tokens of each frame, max over the C choices.
-    """
-
-    def __init__(self, hidden_size: int, patches_per_frame: int = 6, dropout: float = 0.1):
-        super().__init__()
-        self.patches_per_frame = patches_per_frame
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(hidden_size, 1)
-        self.span_classifier = nn.Linear(hidden_size, 2)
-
-    def forward(self, pooled: torch.Tensor, video_states: torch.Tensor, num_choices: int):
-        bc, nv, d = video_states.shape
-        b = bc // num_choices
-        logits = self.classifier(self.dropout(pooled)).reshape(b, num_choices)
-        frames = video_states.reshape(bc, nv // self.patches_per_frame, self.patches_per_frame, d).mean(2)
-        span = self.span_classifier(frames).reshape(b, num_choices, -1, 2).amax(1)
-        return logits, span
-
-    @staticmethod
-    def span_loss(span_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Per-frame in/out-of-span CE, ``span_logits`` (B, T, 2), ``labels`` (B, T) in {0, 1, ignore}, with
-        class-balanced weights ``n / (2 * n_c)`` from the batch's valid labels (each class weighs half)."""
-        valid = labels != ignore_index
-        n = valid.sum().clamp(min=1).to(span_logits.dtype)
-        counts = torch.stack([((labels == c) & valid).sum() for c in (0, 1)]).to(span_logits.dtype)
-        weight = n / (2 * counts.clamp(min=1))
-        return F.cross_entropy(span_logits.reshape(-1, 2).float(), labels.reshape(-1), weight=weight.float(),
-                               ignore_index=ignore_index)
-
-
-class ClassificationHead(nn.Module):
-    """ActivityNet-QA / VIOLIN head: pooler output (B, D) -> dropout -> ``classifier`` Linear(D, n) -> (B, n)."""
-
-    def __init__(self, hidden_size: int, num_classes: int, dropout: float = 0.1):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(hidden_size, num_classes)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(pooled))
-
-
-@dataclass
-class LoadReport:
-    """What ``load_bert_weights`` did: keys loaded, model keys left at init, source keys unused, shape mismatches."""
-
-    loaded: list[str]
-    missing: list[str]
-    unexpected: list[str]
-    mismatched: list[str]
+    def class_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Classification: fused states (B, N, D) -> (B, num_classes) from ``classifier(dropout(pooler))``."""
+        return self.classifier(self.dropout(self.pooled(states)))
 
 
 _TIED = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
-
-
-def _read_state_dict(src) -> dict[str, torch.Tensor]:
-    """A state dict from a dict, a ``.bin``/``.pt``/``.pth``/``.safetensors`` file or a local HF directory (single or
-    sharded ``model.safetensors`` / ``pytorch_model.bin``)."""
-    if isinstance(src, dict):
-        return dict(src)
-    path = os.fspath(src)
-    if os.path.isdir(path):
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-            if os.path.exists(os.path.join(path, single)):
-                return _read_state_dict(os.path.join(path, single))
-            index = os.path.join(path, index_name)
-            if os.path.exists(index):
-                with open(index) as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-                out: dict[str, torch.Tensor] = {}
-                for shard in shards:
-                    out.update(_read_state_dict(os.path.join(path, shard)))
-                return out
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    return sd
 
 
 def _normalise_key(key: str) -> str | None:
@@ -427,7 +388,7 @@ def load_bert_weights(module: SplitBertTextEncoder, src) -> LoadReport:
     skipped and everything else is non-strict; BERT's NSP head (``cls.seq_relationship``) does not match the VTM head
     ``seq_relationship`` and is reported as unexpected. Layers beyond ``num_layers`` are unexpected too.
     """
-    raw = _read_state_dict(src)
+    raw = read_state_dict(src)
     target = module.state_dict()
     to_load: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []

@@ -6,8 +6,6 @@ import torch.nn as nn
 from transformers import BertForPreTraining, BertModel
 
 from lfvila.models.text_encoder import (
-    ClassificationHead,
-    MultipleChoiceHead,
     SentEmbedding,
     SplitBertTextEncoder,
     VideoTokenPos,
@@ -109,7 +107,7 @@ def test_paragraph_cls_is_mean_of_sentence_cls(compat):
     p, _ = model.encode_paragraph(s, mask, sent)
     real = mask.any(-1)
     assert real.tolist() == [[True] * 4, [True, True, True, False]]
-    cls = s[:, :, 0]
+    cls = sent(s.reshape(B, M * L, D), L).reshape(B, M, L, D)[:, :, 0]  # official: [CLS] after SentEmbedding
     expected = cls.mean(1) if compat else torch.stack([cls[b][real[b]].mean(0) for b in range(B)])
     assert torch.allclose(p[:, 0], expected, atol=1e-6)
     if not compat:
@@ -146,23 +144,30 @@ def test_sent_embedding_segments_and_init():
 
 
 @torch.no_grad()
-def test_heads_shapes():
+def test_heads_and_official_names():
     model, _, _ = _model()
+    names = {k.split(".")[0] for k in model.state_dict()}
+    assert names == {"bert", "cls", "seq_relationship"}
+    torch.manual_seed(0)
+    mc = SplitBertTextEncoder(tiny_text_config(head="multichoice")).eval()
+    assert {k.split(".")[0] for k in mc.state_dict()} == {"bert", "classifier", "span_classifier"}
+    assert mc.classifier.weight.shape == (1, D) and mc.span_classifier.weight.shape == (2, D)
     C = 4
     states = torch.randn(B * C, 1 + M * L + T * 6, D)
-    pooled = model.pooled(states)
-    head = MultipleChoiceHead(D, patches_per_frame=6).eval()
-    logits, span = head(pooled, states[:, 1 + M * L:], C)
-    assert logits.shape == (B, C) and span.shape == (B, T, 2)
+    logits = mc.choice_logits(states, C)
+    assert logits.shape == (B, C)
+    torch.testing.assert_close(logits, mc.classifier(mc.pooled(states)).reshape(B, C))
+    span = mc.span_logits(states, T, C)
+    assert span.shape == (B, T, 2)
     frames = states[:, 1 + M * L:].reshape(B * C, T, 6, D).mean(2)
-    assert torch.allclose(span, head.span_classifier(frames).reshape(B, C, T, 2).amax(1), atol=1e-6)
-    labels = torch.zeros(B, T, dtype=torch.long)
-    labels[:, 2:4] = 1
-    labels[0, -1] = -100
-    loss = MultipleChoiceHead.span_loss(span, labels)
-    assert loss.ndim == 0 and torch.isfinite(loss)
-    cls_head = ClassificationHead(D, 7).eval()
-    assert cls_head(pooled).shape == (B * C, 7)
+    torch.testing.assert_close(span, mc.span_classifier(frames).reshape(B, C, T, 2).amax(1))
+    cl = SplitBertTextEncoder(tiny_text_config(head="classification", num_classes=7)).eval()
+    assert {k.split(".")[0] for k in cl.state_dict()} == {"bert", "classifier"}
+    assert cl.class_logits(states).shape == (B * C, 7)
+    with pytest.raises(ValueError, match="num_classes"):
+        tiny_text_config(head="classification")
+    with pytest.raises(ValueError, match="head"):
+        tiny_text_config(head="mlm")
 
 
 @torch.no_grad()

@@ -1,0 +1,326 @@
+"""Checkpoints: official LF-VILA weights, Swin-2D inflation, BERT weights, and our own ``save_pretrained`` format.
+
+Official checkpoints (``pytorch_model.bin`` from DeepSpeed's ``save_fp16_model``: a flat fp16 state dict, no
+``module.`` prefix) use the official module names, which are ours too, so the key map is the identity except for:
+
+    ============================================  ==========================================================
+    official key                                  here
+    ============================================  ==========================================================
+    ``module.*`` (a DDP wrapper's prefix)         prefix stripped
+    ``*.LayerNorm.gamma`` / ``.beta``             ``*.LayerNorm.weight`` / ``.bias`` (old BERT files)
+    ``sent_embedding.position_ids``               dropped: a non-persistent buffer here (``arange``)
+    ``text_encoder.bert.embeddings.position_ids``  dropped: non-persistent in transformers >= 4.31
+    ``text_encoder.bert.embeddings.token_type_ids`` dropped: idem
+    ``*.attn.relative_position_index``            checked equal to ours (else an error naming it), not loaded
+    ``text_encoder.cls.predictions.decoder.*``    optional: tied to the word embeddings / ``cls.predictions.bias``
+    ============================================  ==========================================================
+
+Every other key must exist with the same shape: :func:`load_checkpoint` raises :class:`CheckpointError` listing every
+missing, unexpected and mismatched key (strict by default). fp16 values are cast to the model's dtypes.
+
+Which official file fits which class: ``lfvila_stage1.bin`` -> ``LFVILA`` with ``stage=1``; ``lfvila_stage2.bin`` ->
+``stage=2``; fine-tuned retrieval checkpoints -> ``LFVILARetrieval``; How2QA -> ``LFVILAForMultipleChoice``;
+ActivityNet-QA / VIOLIN -> ``LFVILAForClassification``. Build the model with ``compat_official=True`` to reproduce the
+official forward with official weights (``OFFICIAL_LFVILA.md`` §1). Starting a task from a pre-training checkpoint is
+:func:`init_from_pretraining` (the task's new heads may be missing, the pre-training heads it drops unused); stage 2
+from stage 1 is :func:`init_stage2` (BERT-large first for the fusion layers, then the stage-1 weights over it, as the
+official code does).
+
+Our own format (:func:`save_pretrained` / :func:`from_pretrained`): a directory with ``config.json`` (the model class
+and its config dataclass) and ``model.safetensors``, written to a temporary directory beside the target and renamed
+into place, so an interrupted save never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import typing
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import BertConfig
+
+from ._io import CheckpointError, LoadReport, read_state_dict
+from .lfvila import LFVILA, LFVILAConfig
+from .swin2d import inflate_swin2d, load_swin2d
+from .tasks import LFVILAForClassification, LFVILAForMultipleChoice, LFVILARetrieval
+from .text_encoder import load_bert_weights
+from .video_encoder import VideoEncoder, VideoEncoderConfig
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "from_pretrained",
+    "inflate_swin2d",
+    "init_from_pretraining",
+    "init_stage2",
+    "load_bert_weights",
+    "load_checkpoint",
+    "load_swin2d",
+    "official_key",
+    "read_state_dict",
+    "save_pretrained",
+]
+
+_DROPPED = ("sent_embedding.position_ids", "text_encoder.bert.embeddings.position_ids",
+            "text_encoder.bert.embeddings.token_type_ids")
+_TIED = {"text_encoder.cls.predictions.decoder.weight": "text_encoder.bert.embeddings.word_embeddings.weight",
+         "text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias"}
+_LIST = 12  # keys listed per category in an error message
+
+
+def official_key(key: str) -> str | None:
+    """The name in our models of official key ``key``; None for keys dropped on purpose (see the module table)."""
+    if key.startswith("module."):
+        key = key[len("module."):]
+    if key in _DROPPED:
+        return None
+    if key.endswith(".gamma") and "LayerNorm" in key:
+        key = key[: -len(".gamma")] + ".weight"
+    elif key.endswith(".beta") and "LayerNorm" in key:
+        key = key[: -len(".beta")] + ".bias"
+    return key
+
+
+def _listing(title: str, keys: list[str]) -> str:
+    more = f" (+{len(keys) - _LIST} more)" if len(keys) > _LIST else ""
+    return f"{title} ({len(keys)}): " + ", ".join(keys[:_LIST]) + more
+
+
+def _matches(key: str, patterns) -> bool:
+    """``patterns``: regular expressions (``re.search``) or predicates ``key -> bool``."""
+    return any(p(key) if callable(p) else re.search(p, key) for p in patterns)
+
+
+def load_checkpoint(model: nn.Module, src, *, strict: bool = True, allow_missing=(), allow_unexpected=(),
+                    resize_segments: bool = False) -> LoadReport:
+    """Load an official LF-VILA checkpoint (or any state dict with our names) into ``model``.
+
+    ``src``: a state dict, a file (``.bin``/``.pt``/``.pth`` read with ``weights_only=True``, or ``.safetensors``) or a
+    directory (``read_state_dict``). Keys go through :func:`official_key`. ``allow_missing`` / ``allow_unexpected``
+    are regular expressions (``re.search``) of model keys that may stay at their init / source keys that may go
+    unused. With ``strict`` any other missing or unexpected key, any shape mismatch, and any
+    ``relative_position_index`` that differs from the model's raise :class:`CheckpointError` listing them all; without
+    it they are only reported. Patterns may also be predicates ``key -> bool``. ``resize_segments``: a
+    ``sent_embedding.segment_embeddings.weight`` with another number of rows loads its overlapping rows and keeps the
+    model's others (the official loader's rule).
+    """
+    where = src if isinstance(src, (str, os.PathLike)) else "<state dict>"
+    raw = read_state_dict(src)
+    target = model.state_dict()
+    to_load: dict[str, torch.Tensor] = {}
+    unexpected, mismatched, dropped, bad_index = [], [], [], []
+    seen = set()  # model keys the checkpoint has, loadable or not (a mismatch is not also "missing")
+    for key, value in raw.items():
+        name = official_key(key)
+        if name is None:
+            dropped.append(key)
+            continue
+        if name not in target:
+            unexpected.append(key)
+            continue
+        want = target[name]
+        seen.add(name)
+        if name.endswith("relative_position_index"):
+            (dropped if torch.equal(value.to(want.dtype), want) else bad_index).append(key)
+            continue
+        if tuple(value.shape) != tuple(want.shape):
+            if (resize_segments and name == "sent_embedding.segment_embeddings.weight"
+                    and value.shape[1:] == want.shape[1:]):
+                merged = want.clone()
+                n = min(value.shape[0], want.shape[0])
+                merged[:n] = value[:n].to(want.dtype)
+                to_load[name] = merged
+                continue
+            mismatched.append(f"{key}: {tuple(value.shape)} vs {tuple(want.shape)}")
+            continue
+        to_load[name] = value.to(want.dtype)
+    for tied, source in _TIED.items():  # a tied key is satisfied by its source
+        if tied in target and tied not in to_load and source in to_load:
+            to_load[tied] = to_load[source]
+    missing = sorted(k for k in target
+                     if k not in to_load and k not in seen and not k.endswith("relative_position_index"))
+    bad_missing = [k for k in missing if not _matches(k, allow_missing)]
+    bad_unexpected = [k for k in sorted(unexpected) if not _matches(official_key(k) or k, allow_unexpected)]
+    if strict and (bad_missing or bad_unexpected or mismatched or bad_index):
+        parts = [f"{where}: checkpoint does not fit {type(model).__name__}"]
+        for title, keys in (("missing", bad_missing), ("unexpected", bad_unexpected),
+                            ("shape mismatch (checkpoint vs model)", sorted(mismatched)),
+                            ("relative_position_index differs (other window size?)", bad_index)):
+            if keys:
+                parts.append(_listing(title, keys))
+        raise CheckpointError("\n  ".join(parts))
+    model.load_state_dict(to_load, strict=False)
+    if hasattr(model, "text_encoder"):
+        model.text_encoder.tie_weights()
+    return LoadReport(sorted(to_load), missing, sorted(unexpected), sorted(mismatched + bad_index), sorted(dropped))
+
+
+_LAYER = re.compile(r"^text_encoder\.bert\.encoder\.layer\.(\d+)\.")
+
+
+def _layers_from(first: int):
+    """A key predicate: BERT layer ``i >= first`` (``text_encoder.bert.encoder.layer.{i}.*``)."""
+    def match(key: str) -> bool:
+        m = _LAYER.match(key)
+        return m is not None and int(m.group(1)) >= first
+    return match
+
+
+def _pretraining_allowances(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(may be missing, may be unused) when ``model`` starts from a pre-training checkpoint."""
+    heads = r"^text_encoder\.(cls|seq_relationship)\."
+    projections = r"^(video|text)_(local|global)_proj\."
+    if isinstance(model, LFVILARetrieval):  # from stage 1 (or 2): drops the local projections and any fusion part
+        n = model.text_encoder.config.num_layers
+        return (), (r"^(video|text)_local_proj\.", r"^video_token_pos\.", _layers_from(n))
+    if isinstance(model, (LFVILAForMultipleChoice, LFVILAForClassification)):  # from stage 2
+        return (r"^text_encoder\.(classifier|span_classifier)\.",), (heads, projections)
+    if isinstance(model, LFVILA):
+        return (), ()
+    raise TypeError(f"init_from_pretraining does not know {type(model).__name__}")
+
+
+def init_from_pretraining(model: nn.Module, src, *, allow_missing=(), allow_unexpected=()) -> LoadReport:
+    """Initialise a task model from a pre-training checkpoint (official ``lfvila_stage1.bin`` / ``lfvila_stage2.bin``
+    or ours): strict except that the task's new heads may be missing (QA ``classifier`` / ``span_classifier``) and
+    the pre-training parts it does not have may be unused (retrieval: local projections, fusion layers; QA: MLM / VTM
+    heads and projections). A segment table of another size loads its overlapping rows. More patterns can be added."""
+    missing, unused = _pretraining_allowances(model)
+    return load_checkpoint(model, src, allow_missing=missing + tuple(allow_missing),
+                           allow_unexpected=unused + tuple(allow_unexpected), resize_segments=True)
+
+
+def init_stage2(model: LFVILA, stage1, bert) -> tuple[LoadReport, LoadReport]:
+    """Stage-2 initialisation as the official code: BERT weights (``bert``: bert-large-uncased directory, file or
+    state dict) into ``model.text_encoder`` (they supply the fusion layers, the pooler and the MLM head), then the
+    stage-1 checkpoint over everything it has (missing: the fusion layers, ``video_token_pos``, the VTM head)."""
+    if not getattr(model, "has_fusion", False):
+        raise ValueError("init_stage2 needs a stage-2 model (LFVILA with stage=2)")
+    bert_report = load_bert_weights(model.text_encoder, bert)
+    first = model.text_encoder.config.stage1_layers
+    allow = (_layers_from(first), r"^video_token_pos\.", r"^text_encoder\.seq_relationship\.",
+             r"^text_encoder\.bert\.pooler\.", r"^text_encoder\.cls\.")
+    return bert_report, load_checkpoint(model, stage1, allow_missing=allow)
+
+
+# ------------------------------------------------------------------------------------------ our own format
+
+MODEL_CLASSES: dict[str, tuple[type[nn.Module], type]] = {
+    "LFVILA": (LFVILA, LFVILAConfig),
+    "LFVILARetrieval": (LFVILARetrieval, LFVILAConfig),
+    "LFVILAForMultipleChoice": (LFVILAForMultipleChoice, LFVILAConfig),
+    "LFVILAForClassification": (LFVILAForClassification, LFVILAConfig),
+    "VideoEncoder": (VideoEncoder, VideoEncoderConfig),
+}
+FORMAT_VERSION = 1
+
+
+def config_to_dict(cfg) -> dict:
+    """A config dataclass (nested dataclasses, tuples, a transformers ``BertConfig``) -> JSON-ready dict."""
+    def encode(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: encode(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, BertConfig):
+            return {"__bert_config__": v.to_dict()}
+        if isinstance(v, (tuple, list)):
+            return [encode(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): encode(x) for k, x in v.items()}
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        raise TypeError(f"cannot serialise config value {v!r} of type {type(v).__name__}")
+    return encode(cfg)
+
+
+def config_from_dict(cls: type, data: dict, where: str = "config"):
+    """Inverse of :func:`config_to_dict` for dataclass ``cls``; unknown keys raise ValueError naming them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown} for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+
+    def decode(v, hint, name):
+        if isinstance(v, dict) and "__bert_config__" in v:
+            return BertConfig.from_dict(v["__bert_config__"])
+        sub = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+        if sub is not None and isinstance(v, dict):
+            return config_from_dict(sub, v, f"{where}.{name}")
+        if isinstance(v, list):
+            return tuple(decode(x, None, name) for x in v)
+        if isinstance(v, dict):
+            return {k: decode(x, None, name) for k, x in v.items()}
+        return v
+
+    return cls(**{k: decode(v, hints.get(k), k) for k, v in data.items()})
+
+
+def save_pretrained(model: nn.Module, directory, *, overwrite: bool = True) -> Path:
+    """Write ``model`` as ``directory/config.json`` + ``directory/model.safetensors`` (tied weights stored once),
+    atomically: built in a temporary sibling directory, then renamed over ``directory``. Returns the path."""
+    from safetensors.torch import save_model
+
+    name = type(model).__name__
+    if name not in MODEL_CLASSES:
+        raise TypeError(f"save_pretrained supports {sorted(MODEL_CLASSES)}, not {name}")
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists (pass overwrite=True to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        meta = {"format": "lfvila", "format_version": FORMAT_VERSION, "class": name,
+                "config": config_to_dict(model.cfg)}
+        with open(tmp / "config.json", "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "class": name})
+        with open(tmp / "model.safetensors", "rb") as f:
+            os.fsync(f.fileno())
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def from_pretrained(directory, **overrides) -> nn.Module:
+    """Rebuild a model written by :func:`save_pretrained` (config overrides allowed, e.g. ``attn_impl`` through
+    ``video=...``, or ``compat_official=True``) and load its weights strictly. ``model.safetensors`` is read by
+    safetensors; a ``pytorch_model.bin`` in its place is read with ``weights_only=True``."""
+    path = Path(directory)
+    config_file = path / "config.json"
+    try:
+        with open(config_file) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: cannot read the model config ({type(e).__name__}: {e})") from e
+    if meta.get("format") != "lfvila" or meta.get("class") not in MODEL_CLASSES:
+        raise CheckpointError(f"{config_file}: not an lfvila checkpoint config (format={meta.get('format')!r}, "
+                              f"class={meta.get('class')!r}; known classes {sorted(MODEL_CLASSES)})")
+    model_cls, cfg_cls = MODEL_CLASSES[meta["class"]]
+    try:
+        cfg = config_from_dict(cfg_cls, meta["config"], f"{config_file}:config")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from e
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    model = model_cls(cfg)
+    load_checkpoint(model, path)
+    return model

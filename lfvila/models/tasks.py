@@ -1,0 +1,145 @@
+"""LF-VILA task models: paragraph-to-video retrieval, How2QA multiple choice, ActivityNet-QA / VIOLIN classification.
+
+Each is the pre-training model (``LFVILA``) with other heads, under the official parameter names of
+``LFVILA_Retrieval``, ``LFVILA_QA_Multichoice`` and ``LFVILA_QA_Classification``, so their checkpoints load without
+missing or unexpected keys:
+
+    ``LFVILARetrieval``         dual encoder: ``video_encoder``, ``text_encoder`` (12 layers, ``cls`` +
+                                ``seq_relationship`` kept, unused), ``{video,text}_global_proj``, ``sent_embedding``.
+                                Loss: VPC only (global batch), the official fine-tuning loss.
+    ``LFVILAForMultipleChoice``  ``video_encoder``, ``text_encoder`` (24 layers, ``classifier`` Linear(D, 1),
+                                ``span_classifier`` Linear(D, 2)), ``sent_embedding``, ``video_token_pos``.
+                                Each (question, answer_c, subtitles) text is fused with the video; loss
+                                ``CE(choice logits) + span_weight * span_loss`` (``losses.span_loss``).
+    ``LFVILAForClassification``  as above with ``classifier`` Linear(D, num_classes); loss CE with
+                                ``label_smoothing``.
+
+To start a task from a pre-training checkpoint use ``convert.init_from_pretraining`` (it expects the heads the task
+adds to be missing and the pre-training heads it drops to be unused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .. import losses
+from .lfvila import LFVILA, LFVILAConfig, lfvila_base_config, lfvila_tiny_config
+from .registry import register_model
+
+__all__ = ["LFVILAForClassification", "LFVILAForMultipleChoice", "LFVILARetrieval"]
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+class LFVILARetrieval(LFVILA):
+    """Paragraph-to-video retrieval (official ``LFVILA_Retrieval``): VPC on the global features only.
+
+    ``forward(video, ids, mask, real=None, distributed=None)`` -> ``loss`` (= ``vpc``), ``video`` (B, E) and ``text``
+    (B, E) L2-normed embeddings (this rank's; eval builds the similarity matrix from them).
+    """
+
+    projections = ("global",)
+    fusion = False
+
+    def forward(self, video: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor | None = None,
+                distributed=None) -> dict[str, torch.Tensor]:
+        v = self.encode_video(video)["global"]
+        t = self.encode_text(ids, mask, real)["paragraph"]
+        vpc = losses.vpc_loss(v, t, self.cfg.temperature, distributed=distributed)
+        return {"loss": vpc, "vpc": vpc, "video": v, "text": t}
+
+
+class _FusionQA(LFVILA):
+    fusion = True
+    projections = ()
+
+    def _fused(self, video: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, copies: int,
+               real: torch.Tensor | None) -> torch.Tensor:
+        """Text (N, M, L) with N = B * ``copies`` (copies of a sample contiguous) fused with its video -> fused states
+        (N, 1 + M*L + T*P, D)."""
+        tokens = self.encode_video(video)["tokens"]  # (B, T*P, D)
+        t = self.encode_text(ids, mask, real)
+        if copies > 1:
+            tokens = tokens.repeat_interleave(copies, 0)
+        return self.text_encoder.fuse(t["states"], t["mask"], tokens)
+
+
+class LFVILAForMultipleChoice(_FusionQA):
+    """How2QA (official ``LFVILA_QA_Multichoice``): one fused sequence per choice.
+
+    ``forward(video, ids, mask, labels=None, span_labels=None, span_weights=None, real=None)`` with ``ids``/``mask``
+    (B, C, M, L) (choice c: question, answer c, subtitles as M segments) -> ``logits`` (B, C), ``span_logits``
+    (B, T, 2) (per-frame in-span, max over choices) and, with ``labels`` (B,), ``ce``; with ``span_labels`` /
+    ``span_weights`` (B, T) (``losses.span_frame_labels``), ``span``; ``loss = ce + span_weight * span``.
+    """
+
+    text_head = "multichoice"
+
+    def forward(self, video: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None,
+                span_labels: torch.Tensor | None = None, span_weights: torch.Tensor | None = None,
+                real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if ids.ndim != 4 or mask.shape != ids.shape:
+            raise ValueError(f"ids and mask must both be (B, choices, M, L), got {tuple(ids.shape)} and "
+                             f"{tuple(mask.shape)}")
+        b, c, m, length = ids.shape
+        flat_real = None if real is None else real.reshape(b * c, m)
+        fused = self._fused(video, ids.reshape(b * c, m, length), mask.reshape(b * c, m, length), c, flat_real)
+        num_frames = fused.shape[1] - (1 + m * length)
+        num_frames //= self.text_encoder.config.patches_per_frame
+        out = {"logits": self.text_encoder.choice_logits(fused, c),
+               "span_logits": self.text_encoder.span_logits(fused, num_frames, c)}
+        loss = None
+        if labels is not None:
+            out["ce"] = loss = _ce(out["logits"], labels)
+        if span_labels is not None:
+            if span_weights is None:
+                raise ValueError("span_labels given without span_weights (see losses.span_frame_labels)")
+            out["span"] = losses.span_loss(out["span_logits"], span_labels, span_weights)
+            loss = self.cfg.span_weight * out["span"] if loss is None else loss + self.cfg.span_weight * out["span"]
+        if loss is not None:
+            out["loss"] = loss
+        return out
+
+
+class LFVILAForClassification(_FusionQA):
+    """ActivityNet-QA (1654 answers) / VIOLIN (2) (official ``LFVILA_QA_Classification``).
+
+    ``forward(video, ids, mask, labels=None, real=None)`` with ``ids``/``mask`` (B, M, L) -> ``logits``
+    (B, num_classes) and, with ``labels`` (B,), ``loss`` (CE with ``label_smoothing``).
+    """
+
+    text_head = "classification"
+
+    def forward(self, video: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None,
+                real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        fused = self._fused(video, ids, mask, 1, real)
+        out = {"logits": self.text_encoder.class_logits(fused)}
+        if labels is not None:
+            out["loss"] = _ce(out["logits"], labels.reshape(-1), self.cfg.label_smoothing)
+        return out
+
+
+def _qa(base, **overrides):
+    def factory() -> LFVILAConfig:
+        return dataclasses.replace(base(), stage=2, **overrides)
+    return factory
+
+
+register_model("lfvila-base-retrieval", lfvila_base_config, LFVILARetrieval,
+               "retrieval fine-tuning model (ActivityNet, DiDeMo, QuerYD, Condensed Movies)")
+register_model("lfvila-base-how2qa", _qa(lfvila_base_config), LFVILAForMultipleChoice,
+               "How2QA multiple choice with the per-frame span loss")
+register_model("lfvila-base-actnet-qa", _qa(lfvila_base_config, num_classes=1654), LFVILAForClassification,
+               "ActivityNet-QA, 1654 answer classes")
+register_model("lfvila-base-violin", _qa(lfvila_base_config, num_classes=2), LFVILAForClassification,
+               "VIOLIN, 2 classes")
+register_model("lfvila-tiny-retrieval", lfvila_tiny_config, LFVILARetrieval, "tiny retrieval model (tests, demo)")
+register_model("lfvila-tiny-multichoice", _qa(lfvila_tiny_config), LFVILAForMultipleChoice,
+               "tiny multiple-choice QA model (tests)")
+register_model("lfvila-tiny-classification", _qa(lfvila_tiny_config, num_classes=5), LFVILAForClassification,
+               "tiny classification QA model, 5 classes (tests)")
