@@ -12,7 +12,7 @@ Official checkpoints (``pytorch_model.bin`` from DeepSpeed's ``save_fp16_model``
     ``text_encoder.bert.embeddings.position_ids``  dropped: non-persistent in transformers >= 4.31
     ``text_encoder.bert.embeddings.token_type_ids`` dropped: idem
     ``*.attn.relative_position_index``            checked equal to ours (else an error naming it), not loaded
-    ``text_encoder.cls.predictions.decoder.*``    optional: tied to the word embeddings / ``cls.predictions.bias``
+    ``text_encoder.cls.predictions.decoder.bias`` optional: tied to ``cls.predictions.bias``
     ============================================  ==========================================================
 
 Every other key must exist with the same shape: :func:`load_checkpoint` raises :class:`CheckpointError` listing every
@@ -70,8 +70,7 @@ __all__ = [
 
 _DROPPED = ("sent_embedding.position_ids", "text_encoder.bert.embeddings.position_ids",
             "text_encoder.bert.embeddings.token_type_ids")
-_TIED = {"text_encoder.cls.predictions.decoder.weight": "text_encoder.bert.embeddings.word_embeddings.weight",
-         "text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias"}
+_TIED = {"text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias"}
 _LIST = 12  # keys listed per category in an error message
 
 

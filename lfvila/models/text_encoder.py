@@ -18,8 +18,11 @@ Known defect reproduced behind ``compat_official=True``: the official paragraph 
 [CLS] tokens are taken *after* ``SentEmbedding`` (paragraph position, sentence index, LN), as the official models do.
 
 Heads (``TextEncoderConfig.head``), with the official module names of the three official text encoders:
-    ``"pretraining"`` (``TextEncoderForPretraining``; pre-training and retrieval models): ``cls`` (BERT MLM head,
-        decoder tied to the word embeddings) and ``seq_relationship`` Linear(D, 2) (VTM, on the pooler).
+    ``"pretraining"`` (``TextEncoderForPretraining``; pre-training and retrieval models): ``cls`` (BERT MLM head; its
+        decoder weight is its own parameter, NOT tied to the word embeddings: the official class defines no
+        ``get_output_embeddings``, so transformers never ties them and stage 2 trains the decoder while the
+        embeddings stay frozen; the decoder bias is ``cls.predictions.bias``) and ``seq_relationship`` Linear(D, 2)
+        (VTM, on the pooler).
     ``"multichoice"`` (``TextEncoderForMultichoice``; How2QA): ``classifier`` Linear(D, 1) on the dropped-out pooler,
         one logit per choice, and ``span_classifier`` Linear(D, 2) on each frame's mean fused video token.
     ``"classification"`` (``TextEncoderForClassification``; ActivityNet-QA, VIOLIN): ``classifier`` Linear(D, n) on
@@ -230,7 +233,7 @@ class SplitBertTextEncoder(nn.Module):
     """One BERT run in three layer ranges (sentence, paragraph, fusion) with the heads of ``config.head``.
 
     Parameters: ``bert`` (transformers ``BertModel`` with pooler, SDPA attention) and, per head (module docstring):
-    ``cls`` (``BertOnlyMLMHead``, decoder tied to the word embeddings as in ``BertForPreTraining``) +
+    ``cls`` (``BertOnlyMLMHead``, decoder weight untied as in the official model, bias = ``cls.predictions.bias``) +
     ``seq_relationship`` Linear(D, 2); or ``classifier`` Linear(D, 1) + ``span_classifier`` Linear(D, 2); or
     ``classifier`` Linear(D, n).
     """
@@ -265,10 +268,10 @@ class SplitBertTextEncoder(nn.Module):
         return self.bert.config.hidden_size
 
     def tie_weights(self) -> None:
-        """MLM decoder weight = word embeddings, decoder bias = ``cls.predictions.bias`` (BERT's tying)."""
+        """MLM decoder bias = ``cls.predictions.bias`` (BERT's head ties them in its constructor). The decoder weight
+        stays untied from the word embeddings, as in the official ``TextEncoderForPretraining``."""
         if self.config.head != "pretraining":
             return
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
         self.cls.predictions.decoder.bias = self.cls.predictions.bias
 
     def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
@@ -402,11 +405,12 @@ def load_bert_weights(module: SplitBertTextEncoder, src) -> LoadReport:
             mismatched.append(f"{key}: {tuple(value.shape)} vs {tuple(target[name].shape)}")
         else:
             to_load[name] = value.to(target[name].dtype)
+    words, decoder = "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"
+    if decoder in target and decoder not in to_load and words in to_load:
+        to_load[decoder] = to_load[words].clone()  # files saved with tied weights may omit the decoder copy
     module.load_state_dict(to_load, strict=False)
     module.tie_weights()
     loaded = set(to_load)
-    if "bert.embeddings.word_embeddings.weight" in loaded:
-        loaded.add("cls.predictions.decoder.weight")
     if "cls.predictions.bias" in loaded:
         loaded.add("cls.predictions.decoder.bias")
     missing = sorted(k for k in target if k not in loaded)

@@ -166,7 +166,7 @@ def test_official_file_loads_strictly_and_reproduces_outputs(tmp_path, stage):
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
     te = model.text_encoder
-    assert te.cls.predictions.decoder.weight is te.bert.embeddings.word_embeddings.weight
+    assert te.cls.predictions.decoder.bias is te.cls.predictions.bias
 
 
 def test_errors_list_offending_keys(tmp_path):

@@ -184,9 +184,10 @@ def test_split_equals_full_stack():
     assert torch.allclose(whole[real], ref[real], atol=1e-5)
 
 
-def test_mlm_decoder_is_tied():
+def test_mlm_decoder_weight_untied_bias_tied():
+    # official TextEncoderForPretraining: no get_output_embeddings, so the decoder weight is its own parameter
     model, _, _ = _model()
-    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert model.cls.predictions.decoder.weight is not model.bert.embeddings.word_embeddings.weight
     assert model.cls.predictions.decoder.bias is model.cls.predictions.bias
 
 
@@ -215,7 +216,13 @@ def test_load_bert_weights_from_gamma_beta_file(tmp_path):
     assert report.missing == ["seq_relationship.bias", "seq_relationship.weight"]
     assert report.unexpected == ["cls.seq_relationship.bias", "cls.seq_relationship.weight"]
     assert report.mismatched == []
-    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert model.cls.predictions.decoder.weight is not model.bert.embeddings.word_embeddings.weight
+    # a file saved with tied weights may omit the decoder copy: it is then filled from the word embeddings
+    model2, _, _ = _model()
+    sd.pop("cls.predictions.decoder.weight")
+    report = load_bert_weights(model2, sd)
+    assert "cls.predictions.decoder.weight" not in report.missing
+    assert torch.equal(model2.cls.predictions.decoder.weight, ref.bert.embeddings.word_embeddings.weight)
 
 
 def test_load_bert_weights_from_pretrained_dir(tmp_path):
