@@ -5,8 +5,9 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: install test bench lint clean
+.PHONY: install test demo bench lint clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,12 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The main job on the embedded synthetic dataset: generate it, pre-train lfvila-tiny (stage 1), fine-tune for
+# retrieval, evaluate, write runs/demo/report.md (offline; CPU or GPU).
+demo: install
+	$(PY) -m pip install -q -e ".[demo]"
+	$(PY) -m train.demo --out runs/demo --data data/synthetic $(DEMO_ARGS)
 
 bench: install
 	$(PY) -m benchmarks.bench_attention --shapes lfvila --label local --out benchmarks/results/_scratch/attention.csv

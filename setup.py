@@ -23,10 +23,13 @@ setup(
         "tokenizers>=0.15",
         "transformers>=4.40",
         "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.5", "nvidia-dali-cuda130>=2.0"],
+        "test": ["pytest>=8", "ruff>=0.5", "nvidia-dali-cuda130>=2.0", "matplotlib>=3.7", "tensorboard>=2.14"],
         "bench": ["matplotlib>=3.7"],
+        "demo": ["matplotlib>=3.7", "tensorboard>=2.14"],
         "dali": ["nvidia-dali-cuda130>=2.0"],
     },
 )

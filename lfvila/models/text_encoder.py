@@ -82,6 +82,7 @@ class TextEncoderConfig:
     attention_probs_dropout_prob: float = 0.1
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    initializer_range: float = 0.02
     bert_config: BertConfig | None = None
     num_layers: int = 24
     num_local_layers: int = 8
@@ -116,6 +117,7 @@ class TextEncoderConfig:
                 attention_probs_dropout_prob=self.attention_probs_dropout_prob,
                 layer_norm_eps=self.layer_norm_eps,
                 pad_token_id=self.pad_token_id,
+                initializer_range=self.initializer_range,
             )
         cfg.num_hidden_layers = self.num_layers
         cfg._attn_implementation = "sdpa"

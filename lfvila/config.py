@@ -1,0 +1,363 @@
+"""Run configuration: typed dataclasses, YAML files, dotted command-line overrides, the resolved config on disk.
+
+A run's config is one :class:`Config` with five sections, written in YAML::
+
+    model:  {name: lfvila-base-model, overrides: {stage: 1}, attn_impl: auto, init: [{kind: swin2d, path: ...}]}
+    data:   {format: activitynet_captions, video_root: ..., train: ..., val: ..., test: ..., vocab: ...}
+    train:  {task: stage1, epochs: 10, batch_size: 16, lr: 5.0e-5, schedule: linear, warmup_epochs: 1, ...}
+    eval:   {split: val, test_split: test, select: t2v_R@1}
+    run:    {dir: runs/NAME, resume: auto}
+
+``load_config(path, ["--train.lr", "1e-4", "--run.dir=runs/x"])`` reads the file (``defaults:`` may name another
+YAML file, relative to this one, whose values this file overrides), applies the overrides (values parsed as YAML
+scalars / lists), and validates everything: an unknown key or a value of the wrong type raises :class:`ConfigError`
+naming the dotted key. ``save_config(cfg, path)`` writes the resolved config (what actually ran) as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "InitStep",
+    "ModelConfig",
+    "RunConfig",
+    "TASKS",
+    "TrainConfig",
+    "config_to_dict",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+]
+
+TASKS = ("stage1", "stage2", "retrieval", "multichoice", "classification")
+INIT_KINDS = ("swin2d", "bert", "checkpoint", "pretraining", "stage1", "pretrained")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message starts with the dotted key (``train.lr: ...``)."""
+
+
+@dataclass
+class InitStep:
+    """One initialisation step, applied in order before training (``lfvila.models.convert``):
+    ``swin2d`` (2D Swin into the video encoder), ``bert`` (BERT weights into the text encoder), ``checkpoint`` (an
+    official or our state dict, strict), ``pretraining`` (a pre-training checkpoint into a task model),
+    ``stage1`` (a stage-1 checkpoint into a stage-2 model: the fusion parts may be missing), ``pretrained`` (a
+    ``save_pretrained`` directory or a run's checkpoint directory, strict)."""
+
+    kind: str
+    path: str
+
+    def __post_init__(self):
+        if self.kind not in INIT_KINDS:
+            raise ConfigError(f"kind: must be one of {INIT_KINDS}, got {self.kind!r}")
+
+
+@dataclass
+class ModelConfig:
+    """``name``: a registered variant (``lfvila.models.list_models()``); ``overrides``: its config fields
+    (``create_model(name, **overrides)``); ``attn_impl`` / ``loss_impl``: ``auto | triton | torch`` for the window
+    attention and the contrastive loss; ``grad_checkpointing`` per video block; ``compile``: ``torch.compile``."""
+
+    name: str = "lfvila-base-model"
+    overrides: dict = field(default_factory=dict)
+    attn_impl: str = "auto"
+    loss_impl: str = "auto"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    init: list[InitStep] = field(default_factory=list)
+
+    def __post_init__(self):
+        for name in ("attn_impl", "loss_impl"):
+            if getattr(self, name) not in ("auto", "triton", "torch"):
+                raise ConfigError(f"{name}: must be auto, triton or torch, got {getattr(self, name)!r}")
+
+
+@dataclass
+class DataConfig:
+    """Annotations (``format``: a ``lfvila.data.datasets`` registry name) and the loader (``lfvila.data.loader``)."""
+
+    format: str = "activitynet_captions"
+    video_root: str = ""
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+    vocab: str = ""
+    format_kwargs: dict = field(default_factory=dict)
+    size: tuple[int, int] = (192, 320)
+    clips: int = 4
+    frames_per_clip: int = 8
+    sentences: int = 4
+    max_len: int = 50
+    sampling: str = "uniform"
+    backend: str = "pyav"
+    num_workers: int = 4
+    on_error: str = "raise"
+    max_skip_fraction: float = 0.05
+
+    def __post_init__(self):
+        if self.backend not in ("pyav", "dali", "auto"):
+            raise ConfigError(f"backend: must be pyav, dali or auto, got {self.backend!r}")
+        if self.on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error: must be raise or skip, got {self.on_error!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (official defaults: AdamW lr 5e-5, betas 0.9/0.98, wd 0.05, batch 16 per GPU, linear schedule
+    with one warmup epoch). ``max_steps`` caps the run (None: ``epochs`` full epochs). ``precision``: ``auto`` is bf16
+    autocast on CUDA and fp32 on the CPU; ``fp16`` uses a GradScaler. ``frozen``: regexes of frozen parameters;
+    ``exclude``: regexes of parameters left out of the optimizer (stage 2: the BERT pooler)."""
+
+    task: str = "stage1"
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    schedule: str = "linear"
+    warmup_epochs: float = 1.0
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.01
+    min_lr: float = 1e-8
+    step_epochs: float = 5.0
+    step_gamma: float = 0.25
+    clip_grad_norm: float | None = None
+    precision: str = "auto"
+    distributed: str = "ddp"
+    seed: int = 42
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    eval_every: int | None = None
+    max_bad_steps: int = 10
+    frozen: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        checks = {
+            "task": self.task in TASKS,
+            "schedule": self.schedule in ("linear", "cosine", "step", "constant"),
+            "precision": self.precision in ("auto", "bf16", "fp16", "fp32"),
+            "distributed": self.distributed in ("ddp", "fsdp"),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{name}: invalid value {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_last", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be positive, got {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    """``split``: the data split used to select the best checkpoint (``val``); ``test_split``: the split reported
+    at the end with the best weights (None: none); ``select``: the metric maximised (``t2v_R@1`` or ``acc``)."""
+
+    split: str = "val"
+    test_split: str | None = "test"
+    select: str = "t2v_R@1"
+    batch_size: int | None = None
+
+
+@dataclass
+class RunConfig:
+    """``dir``: the run directory (checkpoints, metrics.jsonl, TensorBoard, config.yaml); ``resume``: ``auto``
+    (newest complete checkpoint in ``dir``, if any), ``none``, or a checkpoint path."""
+
+    dir: str = "runs/default"
+    resume: str = "auto"
+    tensorboard: bool = True
+    progress: bool = True
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _convert(value, hint, key: str):
+    """``value`` (from YAML) as type ``hint``, or ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return _from_dict(hint, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else typing.Any
+        out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r} ({type(value).__name__})")
+        return dict(value)
+    if hint is typing.Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _from_dict(cls, data, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
+
+
+def config_to_dict(cfg) -> dict:
+    """A config dataclass as plain dicts / lists (YAML- and JSON-ready)."""
+    def encode(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: encode(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [encode(x) for x in v]
+        if isinstance(v, dict):
+            return {k: encode(x) for k, x in v.items()}
+        return v
+    return encode(cfg)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if path.resolve() in seen:
+        raise ConfigError(f"defaults: circular reference through {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    parent = data.pop("defaults", None)
+    if parent:
+        data = _merge(_read_yaml(path.parent / parent, seen + (path.resolve(),)), data)
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--train.lr", "1e-4", "--run.dir=runs/x"]`` -> nested dict; values parsed as YAML (``1e-4`` a float,
+    ``[1, 2]`` a list, ``null`` None, ``true`` a bool)."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"{arg}: expected --section.key value")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg[2:]}: missing value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path=None, overrides: list[str] | dict | None = None) -> Config:
+    """The validated :class:`Config` from YAML ``path`` (None: the defaults) and ``overrides``."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    if overrides:
+        data = _merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return _from_dict(Config, data, "")
+
+
+def save_config(cfg: Config, path) -> None:
+    """Write the resolved config as YAML (what the run actually used)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,1 @@
+"""Training entry points and the training loop (run from the checkout: ``python -m train.pretrain ...``)."""

@@ -1,0 +1,141 @@
+"""Training and evaluation data for the loop: datasets from the config, a resumable sampler, device prefetching.
+
+Batches are the loader's (``lfvila.data.loader``): ``video`` uint8 (B, T, H, W, C), ``text_ids`` / ``text_mask``
+(B, M, L), ``sentence_real`` (B, M), ``index`` (B,). :func:`to_device` moves one to the device and normalises the
+video there (float (B, C, T, H, W)); :class:`Prefetcher` does that for batch k+1 while step k runs (a side CUDA
+stream on GPUs).
+
+Resuming mid-epoch: :class:`EpochSampler` draws one permutation per ``(seed, epoch)``, deals it to the ranks like
+``DistributedSampler(drop_last=True)``, and can start at any batch of the epoch (``set_position``), so a resumed run
+sees exactly the samples the uninterrupted run would have, without decoding the ones it skips.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from lfvila.config import Config
+from lfvila.data.datasets import build_dataset
+from lfvila.data.loader import LoaderConfig, VideoTextDataset, build_loader, collate, to_model_input
+from lfvila.data.text import load_tokenizer
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled, rank-sharded indices of one epoch, starting at batch ``start_batch`` (see the module docstring).
+
+    Every rank gets ``n // world_size`` indices (the tail is dropped so every rank runs the same number of steps)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        if n < world_size:
+            raise ValueError(f"{n} samples cannot be shared by {world_size} ranks")
+        self.n, self.batch_size, self.rank, self.world_size, self.seed = n, batch_size, rank, world_size, seed
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def per_rank(self) -> int:
+        return self.n // self.world_size
+
+    def batches_per_epoch(self, drop_last: bool = True) -> int:
+        return self.per_rank // self.batch_size if drop_last else math.ceil(self.per_rank / self.batch_size)
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def _indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.per_rank * self.world_size]
+        return order[self.rank::self.world_size].tolist()
+
+    def __iter__(self):
+        return iter(self._indices()[self.start_batch * self.batch_size:])
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.start_batch * self.batch_size)
+
+
+def loader_config(cfg: Config, train: bool) -> LoaderConfig:
+    d = cfg.data
+    return LoaderConfig(size=tuple(d.size), clips=d.clips, frames_per_clip=d.frames_per_clip, sentences=d.sentences,
+                        max_len=d.max_len, sampling=d.sampling, train=train, backend="pyav", on_error=d.on_error,
+                        max_skip_fraction=d.max_skip_fraction, seed=cfg.train.seed)
+
+
+def annotations(cfg: Config, split: str):
+    """The annotation dataset of ``split`` (``train`` / ``val`` / ``test``), or a ValueError naming the config key."""
+    path = getattr(cfg.data, split, None)
+    if not path:
+        raise ValueError(f"data.{split}: no annotation file configured")
+    return build_dataset(cfg.data.format, path, cfg.data.video_root, on_error=cfg.data.on_error,
+                         max_skip_fraction=cfg.data.max_skip_fraction, **cfg.data.format_kwargs)
+
+
+def tokenizer(cfg: Config):
+    if not cfg.data.vocab:
+        raise ValueError("data.vocab: a local vocab.txt (or HF tokenizer directory) is required")
+    return load_tokenizer(cfg.data.vocab)
+
+
+def train_loader(cfg: Config, tok, rank: int, world_size: int) -> tuple[DataLoader, EpochSampler]:
+    lcfg = loader_config(cfg, train=True)
+    dataset = VideoTextDataset(annotations(cfg, "train"), tok, lcfg)
+    sampler = EpochSampler(len(dataset), cfg.train.batch_size, rank, world_size, cfg.train.seed)
+    workers = cfg.data.num_workers
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    return loader, sampler
+
+
+def eval_loader(cfg: Config, tok, split: str, rank: int, world_size: int) -> DataLoader:
+    """Each rank a disjoint, ordered part of ``split`` (no duplicate padding; ``batch["index"]`` to reorder)."""
+    batch = cfg.eval.batch_size or cfg.train.batch_size
+    return build_loader(annotations(cfg, split), tok, loader_config(cfg, train=False), batch,
+                        num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A loader batch on ``device`` with the normalised float video (B, C, T, H, W)."""
+    return to_model_input(batch, device)
+
+
+_END = object()
+
+
+class Prefetcher:
+    """Iterate ``loader`` with the next batch already on ``device``; ``wait`` accumulates the seconds the consumer
+    spent blocked on data (the loader, or the copy). A batch whose samples were all skipped (``collate`` returned
+    None) is yielded as None: under DDP every rank must then skip that step together (the loop agrees on it)."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.wait = 0.0
+
+    def _load(self, it):
+        t0 = time.perf_counter()
+        batch = next(it, _END)
+        self.wait += time.perf_counter() - t0
+        if batch is _END or batch is None:
+            return batch
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                return to_device(batch, self.device)
+        return to_device(batch, self.device)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        nxt = self._load(it)
+        while nxt is not _END:
+            if self.stream is not None and nxt is not None:
+                current_stream = torch.cuda.current_stream(self.device)
+                current_stream.wait_stream(self.stream)
+                for v in nxt.values():
+                    if isinstance(v, torch.Tensor):
+                        v.record_stream(current_stream)
+            current = nxt
+            nxt = self._load(it)
+            yield current

@@ -1,0 +1,57 @@
+"""Evaluate a checkpoint: paragraph-to-video / video-to-paragraph retrieval on a data split.
+
+    python -m train.evaluate --config train/configs/actnet_ret.yaml --checkpoint runs/actnet_ret/best [--split test]
+    torchrun --nproc_per_node 8 -m train.evaluate --config ... --checkpoint pretrained/lfvila_stage1.bin
+
+``--checkpoint``: a ``save_pretrained`` directory (``runs/X/best``), a training checkpoint directory
+(``runs/X/checkpoints/step_N``), or an official / state-dict file (``.bin`` read with ``weights_only=True``,
+``.safetensors``). The model is built from the config (``model.name``, ``model.overrides``). Prints the metrics as
+JSON and writes them to ``--out`` when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from lfvila.models import convert
+
+from . import data as tdata
+from . import dist
+from .cli import parse
+from .loop import build_model, evaluate_retrieval
+
+
+def main(argv: list[str] | None = None) -> dict:
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--checkpoint", required=True)
+    extra.add_argument("--split", default="test")
+    extra.add_argument("--out", default=None)
+    known, rest = extra.parse_known_args(argv)
+    cfg, _ = parse(rest, "python -m train.evaluate", __doc__)
+    cfg.model.init = []
+    env = dist.init(cfg.run.device)
+    model = build_model(cfg)
+    path = Path(known.checkpoint)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    convert.load_checkpoint(model, path)
+    model.to(env.device)
+    autocast = None
+    if env.device.type == "cuda" and cfg.train.precision in ("auto", "bf16"):
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    metrics = evaluate_retrieval(model, cfg, tdata.tokenizer(cfg), known.split, env, autocast)
+    if env.is_main:
+        text = json.dumps({"checkpoint": str(known.checkpoint), "split": known.split, **metrics}, indent=2)
+        print(text)
+        if known.out:
+            Path(known.out).write_text(text)
+    dist.cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,562 @@
+"""The training loop shared by every LF-VILA task (stage 1, stage 2, retrieval fine-tuning).
+
+``Trainer(cfg).fit()`` runs one configured job end to end, in this order:
+
+1. process group (``train.dist``: torchrun's variables; NCCL / gloo) and seeding (``train.seed`` + rank);
+2. the model: ``create_model(model.name, **model.overrides)`` with ``model.attn_impl`` in its video config,
+   the ``model.init`` steps in order (``lfvila.models.convert``), ``train.frozen`` parameters frozen (their modules
+   kept in eval mode), gradient checkpointing, then DDP (default) or FSDP2 (``train.distributed: fsdp``:
+   ``fully_shard`` per video block and BERT layer, bf16 parameters, fp32 gradient reduction), then ``torch.compile``
+   when ``model.compile``;
+3. AdamW (fused on CUDA) with the official no-decay groups, a per-step schedule, a GradScaler for fp16;
+4. ``run.resume``: ``auto`` continues from the newest complete checkpoint in ``run.dir`` (weights, optimizer,
+   scheduler, scaler, RNG, the data position), so the losses after resuming equal the uninterrupted run's;
+5. the loop: bf16 autocast on CUDA (``train.precision``), gradient accumulation, clipping, a step whose loss (or
+   gradient norm) is NaN/inf on any rank is skipped on every rank and counted (``train.max_bad_steps`` in a row stop
+   the run), checkpoints every ``train.ckpt_every`` steps and at the end, evaluation every ``train.eval_every``
+   steps (default: each epoch) with the best checkpoint saved to ``run.dir/best`` (``save_pretrained``), and on
+   SIGTERM / SIGUSR1 a checkpoint then a clean exit (``fit`` returns ``{"preempted": True}``);
+6. logging: a progress bar (loss, lr, clips/s, data wait, ETA), ``metrics.jsonl`` (one JSON object per log
+   interval and per evaluation), TensorBoard scalars under ``run.dir/tb`` when ``tensorboard`` is installed.
+
+Throughput: clips/s (videos per second over all ranks), tokens/s (video patch tokens + real text tokens per second),
+data wait (% of step time blocked on the loader), and model FLOPs utilisation: the FLOPs of one training step are
+counted once with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions; the fused Triton attention
+is not counted, so MFU is slightly understated) and divided by the step time and the GPU's dense bf16 peak (a small
+table by device name; none on a CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lfvila import losses
+from lfvila.config import Config, config_to_dict, save_config
+from lfvila.eval import both_directions, flatten, gather_by_index
+from lfvila.models import convert
+from lfvila.models.registry import _REGISTRY, model_config
+
+from . import checkpoint as ckpt
+from . import data as tdata
+from . import dist
+from .dist import unwrap_model
+from .optim import apply_frozen_eval, build_optimizer, build_scheduler, freeze
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                    "L4": 121.0, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 tensor-core peak of ``device`` (TFLOP/s) from a small table, None when unknown or a CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The configured model with its init steps applied (not yet on the device, not wrapped)."""
+    name = cfg.model.name
+    if name not in _REGISTRY:
+        raise ValueError(f"model.name: unknown model {name!r}")
+    mcfg = _with_overrides(model_config(name), cfg.model.overrides, "model.overrides")
+    video_overrides = {"attn_impl": cfg.model.attn_impl, "grad_checkpointing": cfg.model.grad_checkpointing}
+    if hasattr(mcfg, "video"):
+        mcfg = dataclasses.replace(mcfg, video=dataclasses.replace(mcfg.video, **video_overrides))
+    else:
+        mcfg = dataclasses.replace(mcfg, **video_overrides)
+    model = _REGISTRY[name].build(mcfg)
+    for step in cfg.model.init:
+        if step.kind == "swin2d":
+            convert.load_swin2d(model.video_encoder, step.path)
+        elif step.kind == "bert":
+            convert.load_bert_weights(model.text_encoder, step.path)
+        elif step.kind == "checkpoint":
+            convert.load_checkpoint(model, step.path)
+        elif step.kind == "pretraining":
+            convert.init_from_pretraining(model, step.path)
+        elif step.kind == "stage1":
+            first = model.text_encoder.config.stage1_layers
+            convert.load_checkpoint(model, step.path, allow_missing=(
+                convert._layers_from(first), r"^video_token_pos\.", r"^text_encoder\.seq_relationship\.",
+                r"^text_encoder\.bert\.pooler\.", r"^text_encoder\.cls\."))
+        elif step.kind == "pretrained":
+            path = Path(step.path)
+            convert.load_checkpoint(model, path / "model.safetensors" if path.is_dir() else path)
+    return model
+
+
+def _with_overrides(obj, overrides: dict, where: str):
+    """``dataclasses.replace`` with nested dicts applied to nested config dataclasses (``{text: {vocab_size: 200}}``);
+    an unknown field raises ValueError naming it."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"{where}.{key}: {type(obj).__name__} has no such field")
+        current = getattr(obj, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            value = _with_overrides(current, value, f"{where}.{key}")
+        elif isinstance(value, list) and isinstance(current, tuple):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+
+def _check_task(cfg: Config, model: nn.Module) -> None:
+    from lfvila.models import LFVILA, LFVILARetrieval
+
+    task = cfg.train.task
+    ok = {"stage1": isinstance(model, LFVILA) and not isinstance(model, LFVILARetrieval) and model.cfg.stage == 1,
+          "stage2": isinstance(model, LFVILA) and getattr(model, "has_fusion", False)
+          and not isinstance(model, LFVILARetrieval),
+          "retrieval": isinstance(model, LFVILARetrieval) or (isinstance(model, LFVILA) and model.cfg.stage == 1)}
+    if task not in ok:
+        raise NotImplementedError(f"train.task {task!r}: the QA loop needs the QA data path (not built yet)")
+    if not ok[task]:
+        raise ValueError(f"train.task {task!r} does not fit model.name {cfg.model.name!r} ({type(model).__name__})")
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: nn.Module, cfg: Config, tok, split: str, env: dist.DistEnv, autocast=None) -> dict:
+    """Retrieval metrics of ``model`` (``encode_video(...)["global"]``, ``encode_text(...)["paragraph"]``) on data
+    split ``split``: each rank embeds its disjoint part, the rows are gathered by annotation index (every sample once),
+    and the paragraph x video similarities give ``t2v_*`` / ``v2t_*`` R@1/5/10/50, MdR, MnR (``lfvila.eval``)."""
+    was_training = model.training
+    model.eval()
+    loader = tdata.eval_loader(cfg, tok, split, env.rank, env.world_size)
+    feats = {"video": [], "text": []}
+    index = []
+    for batch in tdata.Prefetcher(loader, env.device):
+        if batch is None:
+            continue
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            v = model.encode_video(batch["video"])["global"]
+            t = model.encode_text(batch["text_ids"], batch["text_mask"], batch["sentence_real"])["paragraph"]
+        feats["video"].append(v.float())
+        feats["text"].append(t.float())
+        index.append(batch["index"])
+    d = model.cfg.embed_dim
+    local = {k: torch.cat(v) if v else torch.zeros(0, d, device=env.device) for k, v in feats.items()}
+    idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=env.device)
+    gathered, _ = gather_by_index(local, idx)
+    model.train(was_training)
+    sim = gathered["text"] @ gathered["video"].T
+    return flatten(both_directions(sim.cpu()))
+
+
+class _Stop(Exception):
+    pass
+
+
+class Trainer:
+    """One configured training job; see the module docstring. ``fit()`` returns the final metrics."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.env = dist.init(cfg.run.device)
+        self.device = self.env.device
+        seed_everything(cfg.train.seed + self.env.rank)
+        self.run_dir = Path(cfg.run.dir)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        dist.barrier()
+        self.precision = cfg.train.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if self.precision in ("bf16", "fp16") and self.device.type != "cuda":
+            raise ValueError(f"train.precision={self.precision} needs CUDA (use fp32 or auto on the CPU)")
+        if cfg.model.loss_impl != "auto":
+            os.environ["LFVILA_KERNELS"] = cfg.model.loss_impl  # the contrastive loss reads it per call
+
+        model = build_model(cfg)
+        _check_task(cfg, model)
+        self.frozen = list(cfg.train.frozen)
+        freeze(model, self.frozen)
+        model.to(self.device)
+        self.raw_model = model
+        self.model = self._wrap(model)
+
+        self.tok = tdata.tokenizer(cfg)
+        model_vocab = model.text_encoder.config.vocab_size
+        if self.tok.vocab_size > model_vocab:
+            raise ValueError(f"model.overrides.text.vocab_size: the model has {model_vocab} token ids but data.vocab "
+                             f"({cfg.data.vocab}) has {self.tok.vocab_size}")
+        self.loader, self.sampler = tdata.train_loader(cfg, self.tok, self.env.rank, self.env.world_size)
+        self.batches_per_epoch = self.sampler.batches_per_epoch()
+        if self.batches_per_epoch < cfg.train.grad_accum:
+            raise ValueError(f"train.batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum} exceeds "
+                             f"the {self.sampler.per_rank} training samples per rank")
+        self.steps_per_epoch = self.batches_per_epoch // cfg.train.grad_accum
+        total = self.steps_per_epoch * cfg.train.epochs
+        self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+        t = cfg.train
+        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, t.betas, t.eps, exclude=tuple(t.exclude))
+        warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = build_scheduler(
+            self.optimizer, schedule=t.schedule, total_steps=self.total_steps, warmup_steps=min(warmup,
+                                                                                                 self.total_steps),
+            min_lr_ratio=t.min_lr_ratio, min_lr=t.min_lr,
+            step_size=max(1, round(t.step_epochs * self.steps_per_epoch)), gamma=t.step_gamma)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "bad_steps": 0, "bad_in_row": 0, "skipped_batches": 0,
+                      "best": None, "best_step": None}
+        resume = ckpt.resolve_resume(self.run_dir, cfg.run.resume)
+        if resume is not None:
+            self.state.update(ckpt.load_checkpoint(resume, model=self.model, optimizer=self.optimizer,
+                                                   scheduler=self.scheduler, scaler=self.scaler))
+            self._log(f"resumed from {resume} at step {self.state['step']}")
+        self._stop_signal = None
+        self._flops_per_step = None
+        self._tb = None
+
+    # ----------------------------------------------------------------------------------------------- setup
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.env.distributed:
+            if self.cfg.train.distributed == "fsdp":
+                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.precision == "bf16" else None,
+                                              reduce_dtype=torch.float32)
+                for layer in model.video_encoder.layers:
+                    for block in layer.blocks:
+                        fully_shard(block, mp_policy=policy)
+                for layer in model.text_encoder.bert.encoder.layer:
+                    fully_shard(layer, mp_policy=policy)
+                fully_shard(model, mp_policy=policy)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                # Some parameters get no gradient by construction (e.g. the MLM head in stage 1, the local branch in
+                # retrieval), so DDP must look for unused ones.
+                model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                                else None, find_unused_parameters=True)
+        if self.cfg.model.compile:
+            model = torch.compile(model)
+        return model
+
+    def _autocast(self):
+        if self.precision in ("bf16", "fp16") and self.cfg.train.distributed != "fsdp":
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def _log(self, message: str) -> None:
+        if self.env.is_main:
+            print(f"[lfvila] {message}", flush=True)
+
+    def _write_metrics(self, row: dict) -> None:
+        if not self.env.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.cfg.run.tensorboard:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.run_dir / "tb"))
+                except ImportError:
+                    self._log("tensorboard is not installed: TensorBoard scalars are off (metrics.jsonl has them)")
+                    self._tb = False
+            if self._tb:
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                        self._tb.add_scalar(k, v, row["step"])
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    # ----------------------------------------------------------------------------------------------- steps
+
+    def _loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        task = self.cfg.train.task
+        video, ids, mask, real = batch["video"], batch["text_ids"], batch["text_mask"], batch["sentence_real"]
+        if task == "stage1":
+            return self.model(video, ids, mask, real)
+        if task == "retrieval":
+            out = self.model(video, ids, mask, real)
+            return out if "vpc" in out and out["loss"] is out["vpc"] else {"loss": out["vpc"], "vpc": out["vpc"]}
+        # stage 2: MLM masking on the device (special tokens and padding never masked)
+        tok = self.tok
+        special = (tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id, tok.unk_id)
+        masked, labels = losses.mlm_mask(ids, mask, mask_token_id=tok.mask_id,
+                                         vocab_size=unwrap_model(self.model).text_encoder.config.vocab_size,
+                                         special_ids=special)
+        return self.model(video, masked, mask, labels, real)
+
+    def _count_flops(self, batch: dict) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter, self._autocast():
+            out = self._loss(batch)
+        with counter:
+            out["loss"].backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._flops_per_step = counter.get_total_flops() * self.cfg.train.grad_accum
+
+    def _tokens(self, batch: dict) -> int:
+        b, _, t, h, w = batch["video"].shape
+        ph, pw = unwrap_model(self.model).video_encoder.cfg.patch_size[1:]
+        return int(b * t * math.ceil(h / ph) * math.ceil(w / pw) + int(batch["text_mask"].sum()))
+
+    # ----------------------------------------------------------------------------------------------- fit
+
+    def fit(self) -> dict:
+        handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        try:
+            return self._fit()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if self._tb:
+                self._tb.close()
+
+    def _fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        eval_every = t.eval_every or self.steps_per_epoch
+        has_eval = bool(getattr(cfg.data, cfg.eval.split, None))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not (self.env.is_main
+                                                                                   and cfg.run.progress),
+                   dynamic_ncols=True, desc=t.task)
+        window = {"time": 0.0, "wait": 0.0, "clips": 0, "tokens": 0, "steps": 0, "terms": {}}
+        preempted = False
+        try:
+            while self.state["step"] < self.total_steps:
+                epoch = self.state["epoch"]
+                self.sampler.set_position(epoch, self.state["batch"])
+                if hasattr(self.loader.dataset, "set_epoch"):
+                    self.loader.dataset.set_epoch(epoch)
+                self.model.train()
+                apply_frozen_eval(self.model, self.frozen)
+                prefetch = tdata.Prefetcher(self.loader, self.device)
+                micro, step_start, wait_start = [], time.perf_counter(), 0.0
+                for batch in prefetch:
+                    self.state["batch"] += 1
+                    if dist.any_true(batch is None, self.device):
+                        self.state["skipped_batches"] += 1
+                        continue
+                    micro.append(batch)
+                    if len(micro) < t.grad_accum:
+                        continue
+                    if self._flops_per_step is None and self.state["step"] == 0 and not self.env.distributed:
+                        self._count_flops(micro[0])
+                    terms, bad = self._step(micro)
+                    elapsed = time.perf_counter() - step_start
+                    waited, wait_start = prefetch.wait - wait_start, prefetch.wait
+                    clips = sum(b["video"].shape[0] for b in micro) * self.env.world_size
+                    tokens = sum(self._tokens(b) for b in micro) * self.env.world_size
+                    micro, step_start = [], time.perf_counter()
+                    if not bad:
+                        window["time"] += elapsed
+                        window["wait"] += waited
+                        window["clips"] += clips
+                        window["tokens"] += tokens
+                        window["steps"] += 1
+                        for k, v in terms.items():
+                            window["terms"][k] = window["terms"].get(k, 0.0) + v
+                    self.state["step"] += 1
+                    bar.update(1)
+                    if window["steps"]:
+                        bar.set_postfix(loss=f"{window['terms'].get('loss', 0) / window['steps']:.4f}",
+                                        lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                        clips_s=f"{window['clips'] / window['time']:.1f}",
+                                        wait=f"{100 * window['wait'] / max(window['time'], 1e-9):.0f}%")
+                    step = self.state["step"]
+                    if step % t.log_every == 0 or step == self.total_steps:
+                        self._flush(window)
+                    if self.state["batch"] >= self.batches_per_epoch - (self.batches_per_epoch % t.grad_accum):
+                        self.state["epoch"] += 1
+                        self.state["batch"] = 0
+                    if has_eval and (step % eval_every == 0 or step == self.total_steps):
+                        self._evaluate_and_select(cfg.eval.split)
+                        self.model.train()
+                        apply_frozen_eval(self.model, self.frozen)
+                    stop = dist.any_true(self._stop_signal is not None, self.device)
+                    if step % t.ckpt_every == 0 or step == self.total_steps or stop:
+                        self._save()
+                    if stop:
+                        raise _Stop
+                    if step >= self.total_steps or self.state["batch"] == 0:
+                        break
+                if self.state["batch"] != 0 and self.state["step"] < self.total_steps:  # loader ran dry early
+                    self.state["epoch"] += 1
+                    self.state["batch"] = 0
+        except _Stop:
+            preempted = True
+            self._log(f"signal {self._stop_signal}: checkpoint written at step {self.state['step']}, exiting")
+        finally:
+            bar.close()
+        result = {"step": self.state["step"], "preempted": preempted, "bad_steps": self.state["bad_steps"],
+                  "best": self.state["best"], "best_step": self.state["best_step"]}
+        if not preempted and cfg.eval.test_split and getattr(cfg.data, cfg.eval.test_split, None):
+            best = self.run_dir / "best" / "model.safetensors"
+            if best.exists():
+                self._load_weights(best)
+            metrics = self.evaluate(cfg.eval.test_split)
+            result["test"] = metrics
+            self._write_metrics({"step": self.state["step"], **{f"test/{k}": v for k, v in metrics.items()}})
+        if self.env.is_main:
+            with open(self.run_dir / "result.json", "w") as f:
+                json.dump(result, f, indent=2)
+        return result
+
+    def _step(self, micro: list[dict]) -> tuple[dict[str, float], bool]:
+        """One optimizer step over the micro-batches; returns (mean loss terms, skipped?)."""
+        t = self.cfg.train
+        terms: dict[str, float] = {}
+        bad = False
+        for i, batch in enumerate(micro):
+            sync = contextlib.nullcontext()
+            if i < len(micro) - 1 and hasattr(self.model, "no_sync"):
+                sync = self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self._loss(batch)
+                loss = out["loss"]
+                finite = bool(torch.isfinite(loss.detach()))
+                bad |= not finite
+                if finite:
+                    self.scaler.scale(loss / len(micro)).backward()
+            for k, v in out.items():
+                if isinstance(v, torch.Tensor) and v.ndim == 0 and k in ("loss", "vpc", "mtc", "mlm", "vtm"):
+                    terms[k] = terms.get(k, 0.0) + float(v.detach()) / len(micro)
+        grad_norm = None
+        if not bad and t.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], t.clip_grad_norm)
+            bad |= not bool(torch.isfinite(grad_norm)) and self.precision != "fp16"
+        bad = dist.any_true(bad, self.device)
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["bad_steps"] += 1
+            self.state["bad_in_row"] += 1
+            self._log(f"step {self.state['step']}: non-finite loss or gradient, step skipped "
+                      f"({self.state['bad_in_row']} in a row, {self.state['bad_steps']} in total)")
+            if self.state["bad_in_row"] >= t.max_bad_steps:
+                self._save()
+                raise RuntimeError(f"{t.max_bad_steps} non-finite steps in a row (train.max_bad_steps): stopping")
+            with warnings.catch_warnings():  # a skipped step still advances the schedule (it counts as a step)
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
+            return terms, True
+        self.state["bad_in_row"] = 0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if grad_norm is not None:
+            terms["grad_norm"] = float(grad_norm)
+        return terms, False
+
+    def _flush(self, window: dict) -> None:
+        if not window["steps"]:
+            return
+        n, secs = window["steps"], max(window["time"], 1e-9)
+        row = {"step": self.state["step"], "epoch": self.state["epoch"],
+               **{k: v / n for k, v in window["terms"].items()},
+               "lr": self.scheduler.get_last_lr()[0], "clips_per_s": window["clips"] / secs,
+               "tokens_per_s": window["tokens"] / secs, "data_wait_pct": 100.0 * window["wait"] / secs,
+               "step_time_s": secs / n, "bad_steps": self.state["bad_steps"],
+               "skipped_batches": self.state["skipped_batches"], "time": time.time()}
+        peak = peak_tflops(self.device)
+        if self._flops_per_step is not None:
+            row["tflops_per_s"] = self._flops_per_step * n / secs / 1e12 * self.env.world_size
+            row["mfu"] = row["tflops_per_s"] / (peak * self.env.world_size) if peak else None
+        if self.device.type == "cuda":
+            row["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self._write_metrics(row)
+        window.update({"time": 0.0, "wait": 0.0, "clips": 0, "tokens": 0, "steps": 0, "terms": {}})
+
+    def _save(self) -> None:
+        ckpt.save_checkpoint(self.run_dir, self.state["step"], model=self.model, optimizer=self.optimizer,
+                             scheduler=self.scheduler, scaler=self.scaler,
+                             state={**self.state, "config": config_to_dict(self.cfg)},
+                             keep_last=self.cfg.train.keep_last)
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, split: str) -> dict:
+        """Paragraph-to-video and video-to-paragraph retrieval metrics on ``split`` (see :func:`evaluate_retrieval`).
+        Under FSDP2 the root's parameters are unsharded for the duration (the blocks unshard in their own hooks)."""
+        model = unwrap_model(self.model)
+        fsdp = hasattr(model, "unshard") and hasattr(model, "reshard")
+        if fsdp:
+            model.unshard()
+        try:
+            return evaluate_retrieval(model, self.cfg, self.tok, split, self.env, self._autocast)
+        finally:
+            if fsdp:
+                model.reshard()
+
+    def _load_weights(self, path: Path) -> None:
+        """Strictly load a weights file into the (possibly FSDP2-sharded) model."""
+        model = unwrap_model(self.model)
+        if hasattr(model, "reshard"):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            plain = _REGISTRY[self.cfg.model.name].build(model.cfg)
+            convert.load_checkpoint(plain, path)  # strict key / shape checks on an unsharded copy
+            set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+        else:
+            convert.load_checkpoint(model, path)
+
+    def _save_best(self) -> None:
+        """``run.dir/best`` (``save_pretrained``) from the full, unsharded weights (gathered under FSDP2)."""
+        model = unwrap_model(self.model)
+        if hasattr(model, "reshard"):  # FSDP2: gather a full CPU state dict (collective), rank 0 writes
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.env.is_main:
+                plain = _REGISTRY[self.cfg.model.name].build(model.cfg)
+                plain.load_state_dict(full)
+                convert.save_pretrained(plain, self.run_dir / "best")
+        elif self.env.is_main:
+            convert.save_pretrained(model, self.run_dir / "best")
+        dist.barrier()
+
+    def _evaluate_and_select(self, split: str) -> None:
+        metrics = self.evaluate(split)
+        key = self.cfg.eval.select
+        if key not in metrics:
+            raise ValueError(f"eval.select: {key!r} is not among the metrics {sorted(metrics)}")
+        self._write_metrics({"step": self.state["step"], **{f"{split}/{k}": v for k, v in metrics.items()}})
+        self._log(f"step {self.state['step']} {split}: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith(("R@1", "R@5", "MdR"))))
+        if self.state["best"] is None or metrics[key] > self.state["best"]:
+            self.state["best"], self.state["best_step"] = metrics[key], self.state["step"]
+            self._save_best()
