@@ -320,10 +320,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._flops_per_step = counter.get_total_flops() * self.cfg.train.grad_accum
 
-    def _tokens(self, batch: dict) -> int:
+    def _tokens(self, batch: dict) -> torch.Tensor:
+        """Video patch tokens + real text tokens of ``batch``, as a device scalar (no host sync on the hot path)."""
         b, _, t, h, w = batch["video"].shape
         ph, pw = unwrap_model(self.model).video_encoder.cfg.patch_size[1:]
-        return int(b * t * math.ceil(h / ph) * math.ceil(w / pw) + int(batch["text_mask"].sum()))
+        return batch["text_mask"].sum() + b * t * math.ceil(h / ph) * math.ceil(w / pw)
 
     # ----------------------------------------------------------------------------------------------- fit
 
@@ -389,14 +390,9 @@ class Trainer:
                             window["terms"][k] = window["terms"].get(k, 0.0) + v
                     self.state["step"] += 1
                     bar.update(1)
-                    if window["steps"]:
-                        bar.set_postfix(loss=f"{window['terms'].get('loss', 0) / window['steps']:.4f}",
-                                        lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                                        clips_s=f"{window['clips'] / window['time']:.1f}",
-                                        wait=f"{100 * window['wait'] / max(window['time'], 1e-9):.0f}%")
                     step = self.state["step"]
                     if step % t.log_every == 0 or step == self.total_steps:
-                        self._flush(window)
+                        self._flush(window, bar)
                     if self.state["batch"] >= self.batches_per_epoch - (self.batches_per_epoch % t.grad_accum):
                         self.state["epoch"] += 1
                         self.state["batch"] = 0
@@ -433,10 +429,10 @@ class Trainer:
                 json.dump(result, f, indent=2)
         return result
 
-    def _step(self, micro: list[dict]) -> tuple[dict[str, float], bool]:
+    def _step(self, micro: list[dict]) -> tuple[dict[str, torch.Tensor], bool]:
         """One optimizer step over the micro-batches; returns (mean loss terms, skipped?)."""
         t = self.cfg.train
-        terms: dict[str, float] = {}
+        terms: dict[str, torch.Tensor] = {}  # device scalars: read on the host only when logged
         bad = False
         for i, batch in enumerate(micro):
             sync = contextlib.nullcontext()
@@ -452,7 +448,7 @@ class Trainer:
                     self.scaler.scale(loss / len(micro)).backward()
             for k, v in out.items():
                 if isinstance(v, torch.Tensor) and v.ndim == 0 and k in ("loss", "vpc", "mtc", "mlm", "vtm"):
-                    terms[k] = terms.get(k, 0.0) + float(v.detach()) / len(micro)
+                    terms[k] = terms.get(k, 0.0) + v.detach().float() / len(micro)
         grad_norm = None
         if not bad and t.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
@@ -479,17 +475,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if grad_norm is not None:
-            terms["grad_norm"] = float(grad_norm)
+            terms["grad_norm"] = grad_norm.detach()
         return terms, False
 
-    def _flush(self, window: dict) -> None:
+    def _flush(self, window: dict, bar=None) -> None:
+        """Write the log interval's means (one host sync for all of them) and refresh the progress bar."""
         if not window["steps"]:
             return
         n, secs = window["steps"], max(window["time"], 1e-9)
         row = {"step": self.state["step"], "epoch": self.state["epoch"],
-               **{k: v / n for k, v in window["terms"].items()},
+               **{k: float(v) / n for k, v in window["terms"].items()},
                "lr": self.scheduler.get_last_lr()[0], "clips_per_s": window["clips"] / secs,
-               "tokens_per_s": window["tokens"] / secs, "data_wait_pct": 100.0 * window["wait"] / secs,
+               "tokens_per_s": float(window["tokens"]) / secs, "data_wait_pct": 100.0 * window["wait"] / secs,
                "step_time_s": secs / n, "bad_steps": self.state["bad_steps"],
                "skipped_batches": self.state["skipped_batches"], "time": time.time()}
         peak = peak_tflops(self.device)
@@ -499,6 +496,9 @@ class Trainer:
         if self.device.type == "cuda":
             row["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self._write_metrics(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", lr=f"{row['lr']:.2e}",
+                            clips_s=f"{row['clips_per_s']:.1f}", wait=f"{row['data_wait_pct']:.0f}%")
         window.update({"time": 0.0, "wait": 0.0, "clips": 0, "tokens": 0, "steps": 0, "terms": {}})
 
     def _save(self) -> None:
