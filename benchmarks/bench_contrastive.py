@@ -270,7 +270,8 @@ def measure_rss(name: str, n: int, dim: int, dtype_name: str, max_mb: float | No
 
 def _rss_child(args) -> None:
     """The child of :func:`measure_rss`: report one measurement (or the error) to the parent on stdout."""
-    try:
+
+    def prepare():
         provider = PROVIDERS[args.rss_child]
         dtype, cpu = DTYPES[args.dtype or "fp32"], torch.device("cpu")
         refusal = provider.refusal(cpu, dtype) if provider.refusal else None
@@ -280,16 +281,9 @@ def _rss_child(args) -> None:
         warm = [t.requires_grad_(True) for t in make_inputs(64, dim, dtype, cpu, seed=1)]
         _make_step(provider, *warm, "fwd+bwd")()  # lazy initialisation lands in the baseline, not in the peak
         a, b = (t.requires_grad_(True) for t in make_inputs(n, dim, dtype, cpu))
-        step = _make_step(provider, a, b, "fwd+bwd")
-        del warm
-        limit = args.rss_max_mb if args.rss_max_mb is not None else max(256.0, harness.mem_available_mb() - 1024)
-        start = time.perf_counter()
-        result = harness.peak_rss_increase(step, limit_mb=limit)
-        result["seconds"] = time.perf_counter() - start
-    except Exception as exc:  # everything the parent must record as a failed row
-        harness.report_to_parent({"error": harness.describe_exception(exc)})
-        raise SystemExit(1) from None
-    harness.report_to_parent(result)
+        return _make_step(provider, a, b, "fwd+bwd")
+
+    harness.rss_child(prepare, args.rss_max_mb)
 
 
 # --------------------------------------------------------------------------------------------------- running

@@ -338,7 +338,8 @@ def measure_rss(
 def _rss_child(args, problem: Problem) -> None:
     """The child of :func:`measure_rss`: a warm-up step on a minimal problem, then the peak RSS increase of one step
     of ``problem``, reported to the parent."""
-    try:
+
+    def prepare():
         if args.rss_child not in PROVIDERS:
             raise ValueError(f"unknown provider {args.rss_child!r}")
         provider = PROVIDERS[args.rss_child]
@@ -358,14 +359,14 @@ def _rss_child(args, problem: Problem) -> None:
             make_step(model, *small, problem.dtype, optimizer)()
             del small
             step = make_step(model, *inputs, problem.dtype, optimizer)
-            limit = args.rss_max_mb if args.rss_max_mb is not None else max(256.0, harness.mem_available_mb() - 1024)
-            start = time.perf_counter()
-            result = harness.peak_rss_increase(step, limit_mb=limit)
-            result["seconds"] = time.perf_counter() - start
-    except Exception as exc:  # everything the parent must record as a failed row
-        harness.report_to_parent({"error": harness.describe_exception(exc)})
-        raise SystemExit(1) from None
-    harness.report_to_parent(result)
+
+        def run():
+            with kernels_env(provider.impl):
+                return step()
+
+        return run
+
+    harness.rss_child(prepare, args.rss_max_mb)
 
 
 def _rss_cell(name, problem, rss_opts, log) -> tuple:

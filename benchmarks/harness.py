@@ -257,6 +257,32 @@ def peak_rss_increase(fn: Callable[[], object], limit_mb: float | None = None) -
     }
 
 
+def can_reset_hwm() -> bool:
+    """Whether this process may reset its resident high-water mark (``/proc/self/clear_refs``, Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def rss_child(prepare: Callable[[], Callable[[], object]], limit_mb: float | None = None) -> None:
+    """The body of a fresh-process peak-RSS child: ``prepare()`` builds the inputs, warms up and returns the step to
+    measure; its :func:`peak_rss_increase` (under ``limit_mb``, default MemAvailable - 1 GiB, at least 256 MB) plus
+    ``seconds`` go to the parent, or the exception as ``{"error": ...}`` with exit status 1."""
+    try:
+        step = prepare()
+        limit = limit_mb if limit_mb is not None else max(256.0, mem_available_mb() - 1024)
+        start = time.perf_counter()
+        result = peak_rss_increase(step, limit_mb=limit)
+        result["seconds"] = time.perf_counter() - start
+    except Exception as exc:  # everything the parent must record as a failed row
+        report_to_parent({"error": describe_exception(exc)})
+        raise SystemExit(1) from None
+    report_to_parent(result)
+
+
 def report_to_parent(result: dict) -> None:
     """In a process started by :func:`run_fresh_process`: print ``result`` (JSON-serialisable) for the parent."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

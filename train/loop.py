@@ -98,10 +98,7 @@ def build_model(cfg: Config) -> nn.Module:
         elif step.kind == "pretraining":
             convert.init_from_pretraining(model, step.path)
         elif step.kind == "stage1":
-            first = model.text_encoder.config.stage1_layers
-            convert.load_checkpoint(model, step.path, allow_missing=(
-                convert._layers_from(first), r"^video_token_pos\.", r"^text_encoder\.seq_relationship\.",
-                r"^text_encoder\.bert\.pooler\.", r"^text_encoder\.cls\."))
+            convert.load_stage1(model, step.path)
         elif step.kind == "pretrained":
             path = Path(step.path)
             convert.load_checkpoint(model, path / "model.safetensors" if path.is_dir() else path)

@@ -62,6 +62,7 @@ __all__ = [
     "init_stage2",
     "load_bert_weights",
     "load_checkpoint",
+    "load_stage1",
     "load_swin2d",
     "official_key",
     "read_state_dict",
@@ -203,10 +204,17 @@ def init_stage2(model: LFVILA, stage1, bert) -> tuple[LoadReport, LoadReport]:
     if not getattr(model, "has_fusion", False):
         raise ValueError("init_stage2 needs a stage-2 model (LFVILA with stage=2)")
     bert_report = load_bert_weights(model.text_encoder, bert)
+    return bert_report, load_stage1(model, stage1)
+
+
+def load_stage1(model: LFVILA, src) -> LoadReport:
+    """A stage-1 checkpoint into a stage-2 model: strict, except that the parts stage 1 does not have (the fusion
+    layers, ``video_token_pos``, the pooler and the MLM / VTM heads) may be missing; load BERT weights first for
+    those (:func:`init_stage2`)."""
     first = model.text_encoder.config.stage1_layers
     allow = (_layers_from(first), r"^video_token_pos\.", r"^text_encoder\.seq_relationship\.",
              r"^text_encoder\.bert\.pooler\.", r"^text_encoder\.cls\.")
-    return bert_report, load_checkpoint(model, stage1, allow_missing=allow)
+    return load_checkpoint(model, src, allow_missing=allow)
 
 
 # ------------------------------------------------------------------------------------------ our own format

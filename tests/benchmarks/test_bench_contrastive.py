@@ -19,16 +19,7 @@ CPU = torch.device("cpu")
 TINY = {"reps": 1, "warmup": 0}
 
 
-def _can_reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-needs_hwm_reset = pytest.mark.skipif(not _can_reset_hwm(), reason="needs Linux /proc/self/clear_refs")
+needs_hwm_reset = pytest.mark.skipif(not harness.can_reset_hwm(), reason="needs Linux /proc/self/clear_refs")
 
 
 def _writer(tmp_path, name="out.csv"):

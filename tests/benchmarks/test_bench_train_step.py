@@ -193,16 +193,7 @@ def test_markdown_summary_reports_speedup_memory_ratio_and_target():
 
 
 # --------------------------------------------------------------------------------------------------- peak RSS
-def _can_reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _can_reset_hwm(), reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.skipif(not harness.can_reset_hwm(), reason="needs Linux /proc/self/clear_refs")
 def test_peak_rss_in_a_fresh_process():
     problem = bts.Problem(TINY, 1, 4, 64, 96, torch.float32, optimizer=True)
     result = bts.measure_rss("torch", problem, timeout=600)
