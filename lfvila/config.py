@@ -101,6 +101,7 @@ class DataConfig:
     sentences: int = 4
     max_len: int = 50
     sampling: str = "uniform"
+    flip: bool = True
     backend: str = "pyav"
     num_workers: int = 4
     on_error: str = "raise"

@@ -60,7 +60,7 @@ class EpochSampler(Sampler[int]):
 def loader_config(cfg: Config, train: bool) -> LoaderConfig:
     d = cfg.data
     return LoaderConfig(size=tuple(d.size), clips=d.clips, frames_per_clip=d.frames_per_clip, sentences=d.sentences,
-                        max_len=d.max_len, sampling=d.sampling, train=train, backend="pyav", on_error=d.on_error,
+                        max_len=d.max_len, sampling=d.sampling, flip=d.flip, train=train, backend="pyav", on_error=d.on_error,
                         max_skip_fraction=d.max_skip_fraction, seed=cfg.train.seed)
 
 

@@ -44,7 +44,7 @@ def _pipeline(cfg: LoaderConfig, batch_size: int, device: str, num_threads: int,
         if cfg.train:
             video = fn.random_resized_crop(video, size=list(cfg.size), random_area=[0.8, 1.0],
                                            random_aspect_ratio=[3 / 4, 4 / 3])
-            mirror = fn.random.coin_flip(probability=0.5)
+            mirror = fn.random.coin_flip(probability=0.5 if cfg.flip else 0.0)
         else:
             video = fn.resize(video, size=[240, 428])
             video = fn.crop(video, crop=[216, 385])

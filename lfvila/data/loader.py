@@ -50,6 +50,7 @@ class LoaderConfig:
     sampling: str = "uniform"
     train: bool = False
     augment: bool = True  # False: frames only resized to ``size`` (no crop / flip), for checks and visualisation
+    flip: bool = True  # train augmentation's horizontal flip (official: on); off where captions name left / right
     backend: str = "pyav"
     on_error: str = "raise"
     max_skip_fraction: float = 0.05
@@ -97,17 +98,19 @@ def _random_resized_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def augment(video: torch.Tensor, size: tuple[int, int], train: bool, rng: np.random.Generator) -> torch.Tensor:
+def augment(video: torch.Tensor, size: tuple[int, int], train: bool, rng: np.random.Generator,
+            flip: bool = True) -> torch.Tensor:
     """The official transforms on uint8 ``(T, H, W, C)`` frames, one draw per video (all frames alike).
 
-    train: RandomResizedCrop to ``size`` (scale 0.8-1), horizontal flip with p = 0.5. eval: resize to 240x428, centre
+    train: RandomResizedCrop to ``size`` (scale 0.8-1), horizontal flip with p = 0.5 (when ``flip``; the draw is
+    made either way, so switching it off leaves the crops unchanged). eval: resize to 240x428, centre
     crop 216x385, resize to ``size`` (the official ``Resize(240, 428)``, ``CenterCrop(216, 385)``,
     ``Resize(192, 320)``). Normalisation happens on the device (:func:`to_model_input`).
     """
     if train:
         top, left, ch, cw = _random_resized_crop_box(video.shape[1], video.shape[2], rng)
         video = _resize(video[:, top : top + ch, left : left + cw], size)
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and flip:
             video = video.flip(2)
         return video.contiguous()
     video = _center_crop(_resize(video, (240, 428)), (216, 385))
@@ -174,7 +177,7 @@ class VideoTextDataset(Dataset):
         self.skips.ok()
         text = tokenize_paragraph(self.tokenizer, segments, cfg.sentences, cfg.max_len)
         if cfg.augment:
-            video = augment(video, cfg.size, cfg.train, rng)
+            video = augment(video, cfg.size, cfg.train, rng, cfg.flip)
         elif tuple(video.shape[1:3]) != tuple(cfg.size):
             video = _resize(video, cfg.size)
         return {
