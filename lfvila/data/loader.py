@@ -1,11 +1,14 @@
-"""Batches of (video, paragraph) for LF-VILA: a ``torch.utils.data.DataLoader`` with PyAV decoding in its workers.
+"""Batches of (video, text) for LF-VILA: a ``torch.utils.data.DataLoader`` with PyAV decoding in its workers.
 
 One sample: the annotation (``datasets.AnnotationDataset``), frame indices from ``sampling`` (eval: uniform; train:
 jittered; ``sampling="clips"``: clip i inside sentence i's span, the sentences first merged to ``M`` so that clip i and
 sentence i stay paired), the frames decoded exactly (``decode``), the official augmentation on uint8 frames, and the
-paragraph tokenised to ``M`` sentences of ``L`` tokens (``text``).
+text tokenised to ``M`` segments of ``L`` tokens (``text``).
 
-Batch on the CPU (pinned when ``pin_memory``)::
+``LoaderConfig.mode`` picks what the text is (``"auto"``: from the annotation samples, see :func:`sample_mode`):
+
+* ``"paragraph"`` (pre-training, retrieval): the paragraph, merged to ``M`` sentences. Batch on the CPU (pinned
+  when ``pin_memory``)::
 
     video          uint8 (B, T, H, W, C)    T = clips * frames_per_clip, (H, W) = size (default 32, 192, 320)
     text_ids       int64 (B, M, L)          [CLS] ... [SEP] [PAD]...; padding sentences all zero
@@ -13,6 +16,26 @@ Batch on the CPU (pinned when ``pin_memory``)::
     sentence_real  bool  (B, M)
     index          int64 (B,)               the annotation index (to gather eval results across ranks)
     meta           list of dicts            video_id, video path, frame indices, source row
+
+* ``"multichoice"`` (How2QA): per candidate answer c the segments ``[question, answer_c, subtitles...]``, the
+  subtitles merged to ``M - 2`` by the same shortest-pair rule (official: M = 8, 6 subtitles, L = 50)::
+
+    text_ids / text_mask  int64 (B, C, M, L)   C candidate answers
+    sentence_real         bool  (B, C, M)
+    answer                int64 (B,)           index of the correct candidate
+    span_labels           int64 (B, T)         1 on the sampled frames inside the question's span
+    span_weights          float32 (B, T)       class-balanced weights (``losses.span_frame_labels``)
+
+* ``"classification"`` (ActivityNet-QA, VIOLIN): segments ``[question or statement, subtitles...]``, the subtitles
+  merged to ``M - 1`` (official: ActivityNet-QA M = 1, L = 50; VIOLIN M = 5, L = 30)::
+
+    text_ids / text_mask  int64 (B, M, L)
+    sentence_real         bool  (B, M)
+    label                 int64 (B,)           the class
+
+QA samples always take ``T`` frames over the whole video, as the official QA loaders (eval uniform, train
+jittered), whatever ``sampling`` says: the clip-aligned rule pairs clips with paragraph sentences, which QA text is
+not. The span labels use the sampled frames' true display times (the official code assumed 3 fps).
 
 ``to_model_input(batch, device)`` moves it to the device and returns the normalised float video ``(B, C, T, H, W)``
 (ImageNet mean/std) there. A bad video is skipped and counted under ``on_error="skip"`` (its sample is dropped from
@@ -31,16 +54,20 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from . import decode as decoding
 from .datasets import AnnotationDataset, shard
 from .sampling import clip_indices, jittered_indices, merge_segments, uniform_indices
-from .text import tokenize_paragraph
+from .text import encode_sentences, tokenize_paragraph
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MODES = ("auto", "paragraph", "multichoice", "classification")
+_QA_KEYS = {"answer": torch.int64, "label": torch.int64, "span_labels": torch.int64, "span_weights": torch.float32}
 
 
 @dataclass
 class LoaderConfig:
     """What a loader produces. ``sampling``: ``"uniform"`` (the retrieval rule: eval uniform, train jittered over the
-    whole video) or ``"clips"`` (``clips`` x ``frames_per_clip``, clip i inside sentence i's span)."""
+    whole video) or ``"clips"`` (``clips`` x ``frames_per_clip``, clip i inside sentence i's span; paragraph mode
+    only). ``mode``: ``"auto"``, ``"paragraph"``, ``"multichoice"`` or ``"classification"`` (module docstring);
+    ``sentences`` is M, the number of text segments, in every mode."""
 
     size: tuple[int, int] = (192, 320)
     clips: int = 4
@@ -55,10 +82,13 @@ class LoaderConfig:
     on_error: str = "raise"
     max_skip_fraction: float = 0.05
     seed: int = 0
+    mode: str = "auto"
 
     def __post_init__(self):
         if self.sampling not in ("uniform", "clips"):
             raise ValueError(f"sampling must be 'uniform' or 'clips', got {self.sampling!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
     @property
     def frames(self) -> int:
@@ -117,15 +147,58 @@ def augment(video: torch.Tensor, size: tuple[int, int], train: bool, rng: np.ran
     return _resize(video, size).contiguous()
 
 
+def _whole_video(num_frames: int, cfg: LoaderConfig, rng: np.random.Generator) -> list[int]:
+    """``cfg.frames`` indices over the whole video: jittered for training, uniform for evaluation."""
+    if cfg.train:
+        return jittered_indices(num_frames, cfg.frames, rng)
+    return uniform_indices(num_frames, cfg.frames)
+
+
 def plan_frames(path, segments, cfg: LoaderConfig, rng: np.random.Generator) -> list[int]:
     """The frame indices of one single-file video under ``cfg``'s sampling rule (probes the file for its length and
     frame rate; ``segments`` already merged to ``cfg.sentences``). Shared by the DataLoader and DALI paths."""
     info = decoding.probe(path)
     if cfg.sampling == "clips":
         return clip_indices(info.num_frames, info.fps, segments, cfg.clips, cfg.frames_per_clip, cfg.train, rng)
-    if cfg.train:
-        return jittered_indices(info.num_frames, cfg.frames, rng)
-    return uniform_indices(info.num_frames, cfg.frames)
+    return _whole_video(info.num_frames, cfg, rng)
+
+
+def sample_mode(sample: dict) -> str:
+    """What an annotation sample is for: ``"multichoice"`` (it has candidate ``answers``), ``"classification"`` (a
+    ``label``) or ``"paragraph"``."""
+    if sample.get("answers") is not None:
+        return "multichoice"
+    if sample.get("label") is not None:
+        return "classification"
+    return "paragraph"
+
+
+def span_targets(span: tuple[float, float] | None, starts, ends) -> tuple[torch.Tensor, torch.Tensor]:
+    """How2QA span-loss targets for T sampled frames: ``labels`` int64 (T,) (1 where the frame is in the span) and
+    class-balanced ``weights`` float32 (T,), the rule of :func:`lfvila.losses.span_frame_labels`.
+
+    ``starts`` / ``ends`` (T,): each sampled frame's display interval in seconds, in sampling order (non-decreasing).
+    A frame is in ``span = (start, end)`` seconds when its interval overlaps it (the rule of
+    :func:`~lfvila.data.sampling.segment_frame_range`); the in-span frames are the run from the first to the last
+    such frame. A span between two sampled frames marks the frame whose centre is nearest to the span's centre.
+    ``span`` None: the whole video (the official rule for a missing span).
+    """
+    from lfvila.losses import span_frame_labels  # lazy: lfvila.losses imports the kernels (and Triton)
+
+    starts, ends = np.asarray(starts, dtype=np.float64), np.asarray(ends, dtype=np.float64)
+    t = len(starts)
+    if span is None:
+        labels, weights = span_frame_labels(None, 1.0, t)
+        return labels, weights.float()
+    lo, hi = float(span[0]), float(span[1])
+    inside = np.flatnonzero((starts < hi) & (ends > lo))
+    if inside.size:
+        first, last = int(inside[0]), int(inside[-1])
+    else:
+        first = last = int(np.argmin(np.abs((starts + ends) / 2 - (lo + hi) / 2)))
+    # in units of sampled-frame positions (duration T), span_frame_labels marks exactly [first, last]
+    labels, weights = span_frame_labels((float(first), float(last + 1)), float(t), t)
+    return labels, weights.float()
 
 
 class VideoTextDataset(Dataset):
@@ -133,12 +206,20 @@ class VideoTextDataset(Dataset):
 
     ``__getitem__`` returns the sample dict, or ``None`` for a video skipped under ``on_error="skip"``. Randomness
     (jitter, crop, flip) is drawn from ``(seed, epoch, index)``, so a sample is reproducible whatever the worker.
+    ``mode`` is the resolved ``cfg.mode`` (``"auto"``: the mode of the first annotation sample).
     """
 
     def __init__(self, annotations: AnnotationDataset, tokenizer, cfg: LoaderConfig):
         self.annotations, self.tokenizer, self.cfg = annotations, tokenizer, cfg
         self.epoch = 0
         self.skips = decoding.SkipCounter(cfg.on_error, cfg.max_skip_fraction)
+        mode = cfg.mode
+        if mode == "auto":
+            mode = sample_mode(annotations[0]) if len(annotations) else "paragraph"
+        if mode == "multichoice" and cfg.sentences < 2:
+            raise ValueError(f"sentences must be >= 2 for multiple choice (question, answer, subtitles...), "
+                             f"got {cfg.sentences}")
+        self.mode = mode
 
     def __len__(self) -> int:
         return len(self.annotations)
@@ -163,19 +244,68 @@ class VideoTextDataset(Dataset):
         idx = plan_frames(sample["video"], segments, cfg, rng)
         return torch.as_tensor(decoding.decode(sample["video"], idx, backend=cfg.backend)), idx
 
+    def _qa_frames(self, sample: dict, rng) -> tuple[torch.Tensor, list, dict]:
+        """QA: ``cfg.frames`` frames over the whole video, and the span targets (multiple choice)."""
+        path = sample["video"]
+        info = decoding.probe(path)
+        idx = _whole_video(info.num_frames, self.cfg, rng)
+        video = torch.as_tensor(decoding.decode(path, idx, backend=self.cfg.backend))
+        extra = {}
+        if self.mode == "multichoice":
+            times = decoding.frame_times(path)  # (N,) seconds from frame 0
+            ends = np.append(times[1:], max(info.duration, times[-1]))
+            extra["span_labels"], extra["span_weights"] = span_targets(sample.get("span"), times[idx], ends[idx])
+        return video, idx, extra
+
+    def _qa_text(self, sample: dict) -> dict:
+        """Token ids / mask / real flags of a QA sample and its target (see the module docstring)."""
+        cfg = self.cfg
+        question = sample.get("question") or ""
+        subtitles = sample.get("subtitles") or []
+        if self.mode == "multichoice":
+            subs = [s.text for s in merge_segments(subtitles, cfg.sentences - 2)] if cfg.sentences > 2 else []
+            answers = sample["answers"]
+            texts = [t for a in answers for t in (question, a, *subs)]  # (C * M,) choice-major
+            ids, mask = encode_sentences(self.tokenizer, texts, cfg.max_len)
+            shape = (len(answers), cfg.sentences)
+            target = {"answer": int(sample["answer"])}
+        else:
+            subs = [s.text for s in merge_segments(subtitles, cfg.sentences - 1)] if cfg.sentences > 1 else []
+            texts = [question, *subs]
+            ids, mask = encode_sentences(self.tokenizer, texts, cfg.max_len)
+            shape = (cfg.sentences,)
+            target = {"label": int(sample["label"])}
+        real = torch.tensor([t != "" for t in texts], dtype=torch.bool)
+        return {"ids": ids.reshape(*shape, cfg.max_len), "mask": mask.reshape(*shape, cfg.max_len),
+                "real": real.reshape(shape), **target}
+
     def __getitem__(self, index: int) -> dict | None:
         sample = self.annotations[index]
         cfg = self.cfg
         rng = np.random.default_rng((cfg.seed, self.epoch, index))
-        segments = merge_segments(sample["segments"], cfg.sentences)  # clip i <-> sentence i
+        qa = self.mode != "paragraph"
+        if qa and sample_mode(sample) != self.mode:
+            raise ValueError(f"{sample['source']}: a {sample_mode(sample)} sample in a {self.mode} loader "
+                             f"(LoaderConfig.mode)")
+        if qa and sample.get("clips"):
+            raise ValueError(f"{sample['source']}: QA samples need a single video file, not clip files")
+        segments = None if qa else merge_segments(sample["segments"], cfg.sentences)  # clip i <-> sentence i
         path = sample["video"]
+        extra: dict = {}
         try:
-            video, picks = self._frames(sample, segments, rng)
+            if qa:
+                video, picks, extra = self._qa_frames(sample, rng)
+            else:
+                video, picks = self._frames(sample, segments, rng)
         except (decoding.DecodeError, OSError, ValueError) as e:
             self.skips.skip(path, e)  # raises under on_error="raise" (or when too many were skipped)
             return None
         self.skips.ok()
-        text = tokenize_paragraph(self.tokenizer, segments, cfg.sentences, cfg.max_len)
+        if qa:
+            text = self._qa_text(sample)
+            extra.update({k: text[k] for k in ("answer", "label") if k in text})
+        else:
+            text = tokenize_paragraph(self.tokenizer, segments, cfg.sentences, cfg.max_len)
         if cfg.augment:
             video = augment(video, cfg.size, cfg.train, rng, cfg.flip)
         elif tuple(video.shape[1:3]) != tuple(cfg.size):
@@ -186,23 +316,33 @@ class VideoTextDataset(Dataset):
             "text_mask": text["mask"],
             "sentence_real": text["real"],
             "index": index,
+            **extra,
             "meta": {"video_id": sample["video_id"], "video": path, "frames": picks, "source": sample["source"]},
         }
 
 
 def collate(samples: list[dict | None]) -> dict | None:
-    """Stack samples into a batch; skipped (``None``) samples are left out; ``None`` if nothing is left."""
+    """Stack samples into a batch; skipped (``None``) samples are left out; ``None`` if nothing is left. QA targets
+    (``answer``, ``label``, ``span_labels``, ``span_weights``) are stacked when the samples carry them."""
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
-    return {
+    ids = [s["text_ids"] for s in samples]
+    if any(x.shape != ids[0].shape for x in ids):  # multiple choice: every sample needs as many candidates
+        raise ValueError(f"samples' text shapes differ: {sorted({tuple(x.shape) for x in ids})} (rows "
+                         f"{[s['meta']['source'] for s in samples]})")
+    batch = {
         "video": torch.stack([s["video"] for s in samples]),  # (B, T, H, W, C) uint8
-        "text_ids": torch.stack([s["text_ids"] for s in samples]),  # (B, M, L)
+        "text_ids": torch.stack(ids),  # (B, M, L); multiple choice (B, C, M, L)
         "text_mask": torch.stack([s["text_mask"] for s in samples]),
-        "sentence_real": torch.stack([s["sentence_real"] for s in samples]),  # (B, M)
+        "sentence_real": torch.stack([s["sentence_real"] for s in samples]),  # (B, M) / (B, C, M)
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
-        "meta": [s["meta"] for s in samples],
     }
+    for key, dtype in _QA_KEYS.items():
+        if key in samples[0]:
+            batch[key] = torch.stack([torch.as_tensor(s[key], dtype=dtype) for s in samples])  # (B,) / (B, T)
+    batch["meta"] = [s["meta"] for s in samples]
+    return batch
 
 
 class _ShardSampler(Sampler[int]):
@@ -244,8 +384,8 @@ def build_loader(annotations: AnnotationDataset, tokenizer, cfg: LoaderConfig, b
 def to_model_input(batch: dict, device, dtype: torch.dtype = torch.float32) -> dict:
     """Move a batch to ``device`` (non-blocking) and normalise the video there.
 
-    Returns the batch with ``video`` float ``(B, C, T, H, W)`` (ImageNet mean/std, ``dtype``) and the text tensors on
-    the device.
+    Returns the batch with ``video`` float ``(B, C, T, H, W)`` (ImageNet mean/std, ``dtype``) and the text tensors
+    (and QA targets, where present) on the device.
     """
     out = dict(batch)
     video = batch["video"].to(device, non_blocking=True)  # (B, T, H, W, C) uint8
@@ -253,6 +393,7 @@ def to_model_input(batch: dict, device, dtype: torch.dtype = torch.float32) -> d
     mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1, 1)
     out["video"] = video.sub_(mean).div_(std)
-    for key in ("text_ids", "text_mask", "sentence_real", "index"):
-        out[key] = batch[key].to(device, non_blocking=True)
+    for key in ("text_ids", "text_mask", "sentence_real", "index", *_QA_KEYS):
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True)
     return out
