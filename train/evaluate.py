@@ -1,12 +1,14 @@
-"""Evaluate a checkpoint: paragraph-to-video / video-to-paragraph retrieval on a data split.
+"""Evaluate a checkpoint on a data split: retrieval (R@K, MdR, MnR both ways) or QA accuracy, by ``train.task``.
 
     python -m train.evaluate --config train/configs/actnet_ret.yaml --checkpoint runs/actnet_ret/best [--split test]
+    python -m train.evaluate --config train/configs/how2qa.yaml --checkpoint runs/how2qa/best --split val
     torchrun --nproc_per_node 8 -m train.evaluate --config ... --checkpoint pretrained/lfvila_stage1.bin
 
 ``--checkpoint``: a ``save_pretrained`` directory (``runs/X/best``), a training checkpoint directory
 (``runs/X/checkpoints/step_N``), or an official / state-dict file (``.bin`` read with ``weights_only=True``,
-``.safetensors``). The model is built from the config (``model.name``, ``model.overrides``). Prints the metrics as
-JSON and writes them to ``--out`` when given.
+``.safetensors``). The model is built from the config (``model.name``, ``model.overrides``). Tasks ``multichoice``
+and ``classification`` report ``acc`` (percent) and ``n`` (examples, each counted once across ranks); the others
+report retrieval metrics. Prints the metrics as JSON and writes them to ``--out`` when given.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from lfvila.models import convert
 from . import data as tdata
 from . import dist
 from .cli import parse
-from .loop import build_model, evaluate_retrieval
+from .loop import QA_TASKS, _check_task, build_model, evaluate_qa, evaluate_retrieval
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.model.init = []
     env = dist.init(cfg.run.device)
     model = build_model(cfg)
+    if cfg.train.task in QA_TASKS:  # the model must have the task's head and eval.select must be acc
+        _check_task(cfg, model)
     path = Path(known.checkpoint)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -43,9 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
     autocast = None
     if env.device.type == "cuda" and cfg.train.precision in ("auto", "bf16"):
         autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    metrics = evaluate_retrieval(model, cfg, tdata.tokenizer(cfg), known.split, env, autocast)
+    run = evaluate_qa if cfg.train.task in QA_TASKS else evaluate_retrieval
+    metrics = run(model, cfg, tdata.tokenizer(cfg), known.split, env, autocast)
     if env.is_main:
-        text = json.dumps({"checkpoint": str(known.checkpoint), "split": known.split, **metrics}, indent=2)
+        text = json.dumps({"checkpoint": str(known.checkpoint), "split": known.split, "task": cfg.train.task,
+                           **metrics}, indent=2)
         print(text)
         if known.out:
             Path(known.out).write_text(text)

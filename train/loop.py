@@ -1,4 +1,4 @@
-"""The training loop shared by every LF-VILA task (stage 1, stage 2, retrieval fine-tuning).
+"""The training loop shared by every LF-VILA task (stage 1, stage 2, retrieval and QA fine-tuning).
 
 ``Trainer(cfg).fit()`` runs one configured job end to end, in this order:
 
@@ -18,6 +18,14 @@
    SIGTERM / SIGUSR1 a checkpoint then a clean exit (``fit`` returns ``{"preempted": True}``);
 6. logging: a progress bar (loss, lr, clips/s, data wait, ETA), ``metrics.jsonl`` (one JSON object per log
    interval and per evaluation), TensorBoard scalars under ``run.dir/tb`` when ``tensorboard`` is installed.
+
+Tasks (``train.task``) and what they train and evaluate:
+    ``stage1`` (VPC + MTC), ``stage2`` (MLM + VTM), ``retrieval`` (VPC): evaluated by paragraph <-> video retrieval
+        (:func:`evaluate_retrieval`, ``eval.select`` e.g. ``t2v_R@1``);
+    ``multichoice`` (How2QA, ``LFVILAForMultipleChoice``: CE over the candidates + ``span_weight`` x span loss) and
+    ``classification`` (ActivityNet-QA, VIOLIN, ``LFVILAForClassification``: CE): evaluated by accuracy
+        (:func:`evaluate_qa`, ``eval.select: acc``). The loader's QA mode (``lfvila.data.loader``) follows the
+        annotation format and must match the task.
 
 Throughput: clips/s (videos per second over all ranks), tokens/s (video patch tokens + real text tokens per second),
 data wait (% of step time blocked on the loader), and model FLOPs utilisation: the FLOPs of one training step are
@@ -46,6 +54,7 @@ import torch.nn as nn
 from lfvila import losses
 from lfvila.config import Config, config_to_dict, save_config
 from lfvila.eval import both_directions, flatten, gather_by_index
+from lfvila.eval.qa import qa_metrics, qa_predictions
 from lfvila.models import convert
 from lfvila.models.registry import _REGISTRY, model_config
 
@@ -54,6 +63,9 @@ from . import data as tdata
 from . import dist
 from .dist import unwrap_model
 from .optim import apply_frozen_eval, build_optimizer, build_scheduler, freeze
+
+QA_TASKS = ("multichoice", "classification")
+LOSS_TERMS = ("loss", "vpc", "mtc", "mlm", "vtm", "ce", "span")  # scalar model outputs logged per step
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                     "L4": 121.0, "A10": 125.0}
@@ -124,16 +136,58 @@ def _with_overrides(obj, overrides: dict, where: str):
 
 def _check_task(cfg: Config, model: nn.Module) -> None:
     from lfvila.models import LFVILA, LFVILARetrieval
+    from lfvila.models.tasks import LFVILAForClassification, LFVILAForMultipleChoice
 
     task = cfg.train.task
+    qa = (LFVILAForMultipleChoice, LFVILAForClassification)
     ok = {"stage1": isinstance(model, LFVILA) and not isinstance(model, LFVILARetrieval) and model.cfg.stage == 1,
           "stage2": isinstance(model, LFVILA) and getattr(model, "has_fusion", False)
-          and not isinstance(model, LFVILARetrieval),
-          "retrieval": isinstance(model, LFVILARetrieval) or (isinstance(model, LFVILA) and model.cfg.stage == 1)}
+          and not isinstance(model, (LFVILARetrieval, *qa)),
+          "retrieval": isinstance(model, LFVILARetrieval) or (isinstance(model, LFVILA) and model.cfg.stage == 1),
+          "multichoice": isinstance(model, LFVILAForMultipleChoice),
+          "classification": isinstance(model, LFVILAForClassification)}
     if task not in ok:
-        raise NotImplementedError(f"train.task {task!r}: the QA loop needs the QA data path (not built yet)")
+        raise ValueError(f"train.task {task!r}: unknown task (known: {', '.join(ok)})")
     if not ok[task]:
         raise ValueError(f"train.task {task!r} does not fit model.name {cfg.model.name!r} ({type(model).__name__})")
+    if task in QA_TASKS and cfg.eval.select != "acc":
+        raise ValueError(f"eval.select: QA tasks report 'acc' (accuracy, %), got {cfg.eval.select!r}")
+
+
+def check_qa_data(task: str, dataset, model: nn.Module, where: str) -> None:
+    """The loader ``dataset`` (a ``VideoTextDataset``) fits ``task``: its mode is the task's, and every class label
+    is one the classifier has (``model.cfg.num_classes``). ``where`` names the split in the error."""
+    mode = getattr(dataset, "mode", "paragraph")
+    want = task if task in QA_TASKS else "paragraph"
+    if mode != want:
+        fmt = getattr(dataset.annotations, "format_name", "") or type(dataset.annotations).__name__
+        raise ValueError(f"data.{where}: train.task {task!r} needs {want} samples, but data.format {fmt!r} gives "
+                         f"{mode} samples")
+    if task == "classification":
+        n = model.cfg.num_classes
+        bad = [(i, dataset.annotations[i]["label"]) for i in range(len(dataset))
+               if not 0 <= dataset.annotations[i]["label"] < n]
+        if bad:
+            raise ValueError(f"data.{where}: {len(bad)} labels outside the model's {n} classes (first: row {bad[0][0]}"
+                             f" label {bad[0][1]}); set model.overrides.num_classes")
+
+
+@torch.no_grad()
+def evaluate_qa(model: nn.Module, cfg: Config, tok, split: str, env: dist.DistEnv, autocast=None) -> dict:
+    """QA accuracy of ``model`` on data split ``split``: ``{"acc": percent, "n": examples}``. Each rank predicts its
+    disjoint part; the per-example results are gathered by annotation index, each example counted once
+    (:func:`lfvila.eval.qa_metrics`, not the official mean of per-batch accuracies). Multiple choice: argmax over the
+    candidates; classification: argmax over the classes."""
+    task = cfg.train.task
+    was_training = model.training
+    model.eval()
+    loader = tdata.eval_loader(cfg, tok, split, env.rank, env.world_size)
+    check_qa_data(task, loader.dataset, model, split)
+    preds, labels, index = qa_predictions(model, tdata.Prefetcher(loader, env.device),
+                                          "answer" if task == "multichoice" else "label", autocast, env.device)
+    metrics = qa_metrics(preds, labels, index=index)
+    model.train(was_training)
+    return metrics
 
 
 @torch.no_grad()
@@ -203,6 +257,7 @@ class Trainer:
             raise ValueError(f"model.overrides.text.vocab_size: the model has {model_vocab} token ids but data.vocab "
                              f"({cfg.data.vocab}) has {self.tok.vocab_size}")
         self.loader, self.sampler = tdata.train_loader(cfg, self.tok, self.env.rank, self.env.world_size)
+        check_qa_data(cfg.train.task, self.loader.dataset, model, "train")
         self.batches_per_epoch = self.sampler.batches_per_epoch()
         if self.batches_per_epoch < cfg.train.grad_accum:
             raise ValueError(f"train.batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum} exceeds "
@@ -298,6 +353,11 @@ class Trainer:
         if task == "retrieval":
             out = self.model(video, ids, mask, real)
             return out if "vpc" in out and out["loss"] is out["vpc"] else {"loss": out["vpc"], "vpc": out["vpc"]}
+        if task == "multichoice":
+            return self.model(video, ids, mask, labels=batch["answer"], span_labels=batch["span_labels"],
+                              span_weights=batch["span_weights"], real=real)
+        if task == "classification":
+            return self.model(video, ids, mask, labels=batch["label"], real=real)
         # stage 2: MLM masking on the device (special tokens and padding never masked)
         tok = self.tok
         special = (tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id, tok.unk_id)
@@ -444,7 +504,7 @@ class Trainer:
                 if finite:
                     self.scaler.scale(loss / len(micro)).backward()
             for k, v in out.items():
-                if isinstance(v, torch.Tensor) and v.ndim == 0 and k in ("loss", "vpc", "mtc", "mlm", "vtm"):
+                if isinstance(v, torch.Tensor) and v.ndim == 0 and k in LOSS_TERMS:
                     terms[k] = terms.get(k, 0.0) + v.detach().float() / len(micro)
         grad_norm = None
         if not bad and t.clip_grad_norm:
@@ -507,14 +567,16 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, split: str) -> dict:
-        """Paragraph-to-video and video-to-paragraph retrieval metrics on ``split`` (see :func:`evaluate_retrieval`).
-        Under FSDP2 the root's parameters are unsharded for the duration (the blocks unshard in their own hooks)."""
+        """The task's metrics on ``split``: QA accuracy (:func:`evaluate_qa`) for the QA tasks, else
+        paragraph-to-video and video-to-paragraph retrieval (:func:`evaluate_retrieval`). Under FSDP2 the root's
+        parameters are unsharded for the duration (the blocks unshard in their own hooks)."""
         model = unwrap_model(self.model)
         fsdp = hasattr(model, "unshard") and hasattr(model, "reshard")
         if fsdp:
             model.unshard()
+        run = evaluate_qa if self.cfg.train.task in QA_TASKS else evaluate_retrieval
         try:
-            return evaluate_retrieval(model, self.cfg, self.tok, split, self.env, self._autocast)
+            return run(model, self.cfg, self.tok, split, self.env, self._autocast)
         finally:
             if fsdp:
                 model.reshard()
@@ -553,7 +615,7 @@ class Trainer:
             raise ValueError(f"eval.select: {key!r} is not among the metrics {sorted(metrics)}")
         self._write_metrics({"step": self.state["step"], **{f"{split}/{k}": v for k, v in metrics.items()}})
         self._log(f"step {self.state['step']} {split}: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith(("R@1", "R@5", "MdR"))))
+            f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith(("R@1", "R@5", "MdR", "acc"))))
         if self.state["best"] is None or metrics[key] > self.state["best"]:
             self.state["best"], self.state["best_step"] = metrics[key], self.state["step"]
             self._save_best()

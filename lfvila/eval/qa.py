@@ -19,12 +19,14 @@ correct examples by the number of distinct examples.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from .distributed import gather_by_index
 
-__all__ = ["accuracy", "correct", "predictions_of", "qa_metrics"]
+__all__ = ["accuracy", "correct", "predictions_of", "qa_metrics", "qa_predictions"]
 
 
 def _tensor(x) -> torch.Tensor:
@@ -76,3 +78,28 @@ def qa_metrics(outputs, labels, index=None, ignore_index: int | None = None, gro
         ok, counted = gathered["correct"], gathered["counted"]
     n = int(counted.sum())
     return {"acc": 100.0 * float(ok.sum()) / n if n else float("nan"), "n": n}
+
+
+@torch.no_grad()
+def qa_predictions(model, batches, target: str, autocast=None, device=None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run a QA model (``LFVILAForMultipleChoice`` / ``LFVILAForClassification``: ``model(video, ids, mask,
+    real=...)["logits"]``, (B, C) either way) over ``batches`` (device batches of ``lfvila.data.loader`` in a QA mode;
+    ``None`` entries, all-skipped batches, are passed over) -> ``(predictions int64 (N,), labels int64 (N,), index
+    int64 (N,))`` with the labels read from ``batch[target]`` (``"answer"`` or ``"label"``). ``autocast``: a
+    context-manager factory (None: none). A rank without batches returns empty tensors on ``device``, ready for
+    :func:`qa_metrics` (a collective every rank must join)."""
+    preds, labels, index = [], [], []
+    for batch in batches:
+        if batch is None:
+            continue
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            out = model(batch["video"], batch["text_ids"], batch["text_mask"], real=batch["sentence_real"])
+        preds.append(predictions_of(out["logits"].float()))
+        labels.append(batch[target].reshape(-1).to(torch.int64))
+        index.append(batch["index"])
+
+    def cat(parts):
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+
+    return cat(preds), cat(labels), cat(index)
