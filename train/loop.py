@@ -156,8 +156,14 @@ def _check_task(cfg: Config, model: nn.Module) -> None:
 
 def check_qa_data(task: str, dataset, model: nn.Module, where: str) -> None:
     """The loader ``dataset`` (a ``VideoTextDataset``) fits ``task``: its mode is the task's, and every class label
-    is one the classifier has (``model.cfg.num_classes``). ``where`` names the split in the error."""
-    mode = getattr(dataset, "mode", "paragraph")
+    is one the classifier has (``model.cfg.num_classes``). ``where`` names the split in the error. A loader without
+    QA modes (no ``mode``: the DALI loader) passes for the paragraph tasks and is refused for QA."""
+    mode = getattr(dataset, "mode", None)
+    if mode is None:
+        if task in QA_TASKS:
+            raise ValueError(f"data.backend: {type(dataset).__name__} makes paragraph batches only; QA tasks need "
+                             f"the PyAV DataLoader path (data.backend pyav)")
+        return
     want = task if task in QA_TASKS else "paragraph"
     if mode != want:
         fmt = getattr(dataset.annotations, "format_name", "") or type(dataset.annotations).__name__
@@ -257,7 +263,7 @@ class Trainer:
             raise ValueError(f"model.overrides.text.vocab_size: the model has {model_vocab} token ids but data.vocab "
                              f"({cfg.data.vocab}) has {self.tok.vocab_size}")
         self.loader, self.sampler = tdata.train_loader(cfg, self.tok, self.env.rank, self.env.world_size)
-        check_qa_data(cfg.train.task, self.loader.dataset, model, "train")
+        check_qa_data(cfg.train.task, getattr(self.loader, "dataset", self.loader), model, "train")
         self.batches_per_epoch = self.sampler.batches_per_epoch()
         if self.batches_per_epoch < cfg.train.grad_accum:
             raise ValueError(f"train.batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum} exceeds "

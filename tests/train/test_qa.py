@@ -21,7 +21,7 @@ from lfvila.eval.qa import qa_metrics, qa_predictions
 from train import data as tdata
 from train import evaluate as evaluate_cli
 from train import finetune_qa
-from train.loop import Trainer, evaluate_qa
+from train.loop import Trainer, check_qa_data, evaluate_qa
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "train", "configs")
 # task -> (config, tiny model, M segments, L tokens, model overrides); M * L stays within the tiny BERT's 64 positions
@@ -171,3 +171,10 @@ def test_mismatches_are_refused_naming_the_key(data, tmp_path):
     with pytest.raises(ValueError, match=r"^data\.train: \d+ labels outside the model's 5 classes.*num_classes"):
         Trainer(_cfg(data, tmp_path / "d", "actnet_qa", "qa1", "--model.overrides",
                      json.dumps({"num_classes": 5, "text": {"vocab_size": data[1]["vocab_size"]}})))
+
+    class ParagraphOnlyLoader:  # a loader without QA modes, such as the DALI one
+        annotations = None
+
+    with pytest.raises(ValueError, match=r"^data\.backend: ParagraphOnlyLoader makes paragraph batches only"):
+        check_qa_data("classification", ParagraphOnlyLoader(), None, "train")
+    check_qa_data("retrieval", ParagraphOnlyLoader(), None, "train")  # paragraph tasks are not its concern
