@@ -6,7 +6,7 @@ Videos come in families that share the same events in different orders (families
 paragraph's sentences alone do not identify its video: retrieval has to get the temporal order right.
 
     python -m lfvila.data.synthetic OUT --videos 200 --seed 0 [--size 96x160] [--fps 3] \\
-        [--min-seconds 30 --max-seconds 90] [--workers N]
+        [--min-seconds 30 --max-seconds 90] [--radius 0.26,0.34] [--workers N]
 
 What lands under ``OUT``:
 
@@ -47,7 +47,7 @@ from lfvila.data.encode import CODECS, write_video
 from lfvila.data.framecode import code_size, draw_index
 from lfvila.data.sampling import Segment, segment_frame_range
 
-FORMAT = "lfvila-synthetic/1"
+FORMAT = "lfvila-synthetic/2"  # /2: shapes drawn larger by default (radius range 0.26-0.34, was 0.16-0.22)
 
 COLOURS = {
     "red": (220, 35, 35), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (240, 220, 40),
@@ -65,6 +65,12 @@ TEMPLATES = (
 )
 _MIN_EVENTS, _MAX_EVENTS = 3, 6
 _SCALE_RANGE = {"grow": (0.45, 1.35), "shrink": (1.35, 0.45)}  # radius multipliers over the event
+# Shape radius as a fraction of the play area's height. Models see a video through the mean of its patch tokens (the
+# LF-VILA global feature), so a shape's share of the frame sets how strong its signal is: at 0.16-0.22 a shape covers
+# ~7 % of a frame and a from-scratch lfvila-tiny did not learn which colours a video shows within 200 steps; at
+# 0.30-0.38 it learned them within 100-200 (train/demo.py). The upper bound keeps a grown shape inside the play area.
+RADIUS = (0.26, 0.34)
+_MAX_RADIUS = 0.36
 
 
 @dataclass(frozen=True)
@@ -137,9 +143,13 @@ def _timeline(rng: np.random.Generator, k: int, duration: float) -> list[tuple[f
 
 
 def plan_dataset(videos: int, seed: int, fps: float = 3.0, min_seconds: float = 30.0, max_seconds: float = 90.0,
-                 vp9_every: int = 4) -> list[VideoScript]:
+                 vp9_every: int = 4, radius: tuple[float, float] = RADIUS) -> list[VideoScript]:
     """Scripts of all videos (no pixels): ids ``syn_00000 ...`` in split order train, val, test; video ``i`` is VP9
-    when ``i % vp9_every == vp9_every - 1`` (``vp9_every=0``: all H.264). Independent of the frame size."""
+    when ``i % vp9_every == vp9_every - 1`` (``vp9_every=0``: all H.264); shape radii drawn uniformly from ``radius``
+    (fractions of the play area's height, see ``RADIUS``). Independent of the frame size."""
+    lo, hi = (float(v) for v in radius)
+    if not 0 < lo <= hi <= _MAX_RADIUS:
+        raise ValueError(f"radius must be (low, high) with 0 < low <= high <= {_MAX_RADIUS}, got {radius}")
     rng = np.random.default_rng(seed)
     atoms = [(s, c) for s in SHAPES for c in COLOURS]
     scripts: list[VideoScript] = []
@@ -174,8 +184,8 @@ def plan_dataset(videos: int, seed: int, fps: float = 3.0, min_seconds: float = 
                 for j, (start, end) in zip(order, spans):
                     shape, colour, motion = base[j]
                     x, y = (float(v) for v in rng.uniform(0, 1, size=2))
-                    radius = float(rng.uniform(0.16, 0.22))
-                    events.append(Event(shape, colour, motion, start, end, round(x, 4), round(y, 4), round(radius, 4),
+                    r = float(rng.uniform(*radius))
+                    events.append(Event(shape, colour, motion, start, end, round(x, 4), round(y, 4), round(r, 4),
                                         _sentence(rng, shape, colour, motion)))
                 grey = int(rng.integers(25, 70))
                 tint = rng.integers(-8, 9, size=3)
@@ -350,12 +360,13 @@ def _dump(obj: dict) -> str:
 
 def make_dataset(out, videos: int = 200, seed: int = 0, size: tuple[int, int] = (96, 160), fps: float = 3.0,
                  min_seconds: float = 30.0, max_seconds: float = 90.0, workers: int = 1, gop: int = 8,
-                 vp9_every: int = 4) -> dict:
+                 vp9_every: int = 4, radius: tuple[float, float] = RADIUS) -> dict:
     """Write the synthetic dataset under ``out`` (layout in the module docstring) and return a summary dict:
     ``out, videos, written, skipped, frames, splits {name: count}, codecs {name: count}, vocab_size, seconds``.
 
     ``size``: ``(height, width)`` pixels, both even, at least ``(48, 96)``. ``fps``: frames per second (constant).
-    Durations are drawn uniformly from ``[min_seconds, max_seconds]`` (``min_seconds >= 6``: 3 events of 2 s).
+    Durations are drawn uniformly from ``[min_seconds, max_seconds]`` (``min_seconds >= 6``: 3 events of 2 s); shape
+    radii from ``radius`` (fractions of the play area's height).
     ``workers > 1`` encodes videos in that many processes; the output does not depend on it."""
     height, width = (int(v) for v in size)
     if videos < 1:
@@ -373,7 +384,7 @@ def make_dataset(out, videos: int = 200, seed: int = 0, size: tuple[int, int] = 
     (out / "videos").mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "videos": int(videos), "seed": int(seed), "size": [height, width], "fps": float(fps),
             "min_seconds": float(min_seconds), "max_seconds": float(max_seconds), "gop": int(gop),
-            "vp9_every": int(vp9_every)}
+            "vp9_every": int(vp9_every), "radius": [float(v) for v in radius]}
     meta_path = out / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -383,7 +394,7 @@ def make_dataset(out, videos: int = 200, seed: int = 0, size: tuple[int, int] = 
     else:
         _write_text(meta_path, _dump(meta))
 
-    scripts = plan_dataset(videos, seed, fps, min_seconds, max_seconds, vp9_every)
+    scripts = plan_dataset(videos, seed, fps, min_seconds, max_seconds, vp9_every, radius)
     if workers == 1:
         results = [_write_one(s, str(out), (height, width), gop) for s in scripts]
     else:
@@ -412,6 +423,14 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _parse_radius(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"radius must look like 0.26,0.34 (low,high), got {text!r}") from err
+    return lo, hi
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m lfvila.data.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="output folder")
@@ -421,10 +440,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--fps", type=float, default=3.0)
     parser.add_argument("--min-seconds", type=float, default=30.0)
     parser.add_argument("--max-seconds", type=float, default=90.0)
+    parser.add_argument("--radius", type=_parse_radius, default=RADIUS,
+                        help=f"LOW,HIGH shape radius, fractions of the play area's height ({RADIUS[0]},{RADIUS[1]})")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     summary = make_dataset(args.out, videos=args.videos, seed=args.seed, size=args.size, fps=args.fps,
-                           min_seconds=args.min_seconds, max_seconds=args.max_seconds, workers=args.workers)
+                           min_seconds=args.min_seconds, max_seconds=args.max_seconds, workers=args.workers,
+                           radius=args.radius)
     print(json.dumps(summary))
     return summary
 

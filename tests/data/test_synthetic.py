@@ -165,3 +165,22 @@ def test_bad_arguments(tmp_path):
         synthetic.make_dataset(tmp_path / "x", videos=1, min_seconds=2, max_seconds=3)
     with pytest.raises(ValueError, match="videos"):
         synthetic.make_dataset(tmp_path / "x", videos=0)
+    with pytest.raises(ValueError, match="radius"):
+        synthetic.make_dataset(tmp_path / "x", videos=1, radius=(0.3, 0.5))  # a grown shape would leave the frame
+    with pytest.raises(ValueError, match="radius"):
+        synthetic.make_dataset(tmp_path / "x", videos=1, radius=(0.3, 0.2))
+
+
+@pytest.mark.parametrize("radius", [(0.12, 0.14), (0.34, 0.36)])
+def test_radius_sets_the_shape_size_and_every_pose_stays_in_the_play_area(radius):
+    """The drawn radii are in range, and at the largest allowed radii (grow / shrink peak at 1.35x) every shape of
+    every motion stays inside the play area (below the index code, inside the frame) at start, middle and end."""
+    scripts = synthetic.plan_dataset(12, seed=1, min_seconds=10, max_seconds=12, radius=radius)
+    events = [e for s in scripts for e in s.events]
+    assert all(radius[0] <= e.radius <= radius[1] for e in events)
+    size = (96, 160)
+    top = synthetic.code_size()[0] + 4
+    for e in events:
+        for p in (0.0, 0.5, 1.0):
+            cx, cy, r, _ = synthetic._pose(e, p, top, *size)
+            assert top - 1 <= cy - r and cy + r <= size[0] + 1 and -1 <= cx - r and cx + r <= size[1] + 1, (e, p)
