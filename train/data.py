@@ -5,6 +5,11 @@ Batches are the loader's (``lfvila.data.loader``): ``video`` uint8 (B, T, H, W, 
 video there (float (B, C, T, H, W)); :class:`Prefetcher` does that for batch k+1 while step k runs (a side CUDA
 stream on GPUs).
 
+``data.backend``: ``pyav`` (the DataLoader path: PyAV decodes in worker processes), ``dali`` (``DaliLoader``: NVDEC
+decodes and augments on the GPU; its batches arrive on the device already normalised, and the Prefetcher passes them
+through), ``auto`` (DALI for training on a CUDA device when it is installed, PyAV otherwise). Evaluation always uses
+the DataLoader path: its frames are the exact ones (DALI's resize differs from the torch one by a few grey levels).
+
 Resuming mid-epoch: :class:`EpochSampler` draws one permutation per ``(seed, epoch)``, deals it to the ranks like
 ``DistributedSampler(drop_last=True)``, and can start at any batch of the epoch (``set_position``), so a resumed run
 sees exactly the samples the uninterrupted run would have, without decoding the ones it skips.
@@ -19,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from lfvila.config import Config
+from lfvila.data import decode as decoding
 from lfvila.data.datasets import build_dataset
 from lfvila.data.loader import LoaderConfig, VideoTextDataset, build_loader, collate, to_model_input
 from lfvila.data.text import load_tokenizer
@@ -60,8 +66,8 @@ class EpochSampler(Sampler[int]):
 def loader_config(cfg: Config, train: bool) -> LoaderConfig:
     d = cfg.data
     return LoaderConfig(size=tuple(d.size), clips=d.clips, frames_per_clip=d.frames_per_clip, sentences=d.sentences,
-                        max_len=d.max_len, sampling=d.sampling, flip=d.flip, train=train, backend="pyav", on_error=d.on_error,
-                        max_skip_fraction=d.max_skip_fraction, seed=cfg.train.seed)
+                        max_len=d.max_len, sampling=d.sampling, flip=d.flip, train=train, backend="pyav",
+                        on_error=d.on_error, max_skip_fraction=d.max_skip_fraction, seed=cfg.train.seed)
 
 
 def annotations(cfg: Config, split: str):
@@ -79,10 +85,42 @@ def tokenizer(cfg: Config):
     return load_tokenizer(cfg.data.vocab)
 
 
-def train_loader(cfg: Config, tok, rank: int, world_size: int) -> tuple[DataLoader, EpochSampler]:
+def use_dali(cfg: Config, device: torch.device) -> bool:
+    """Whether training batches come from DALI (see the module docstring); ``data.backend: dali`` on a machine where
+    it cannot run is a ValueError naming the key and the reason."""
+    backend = cfg.data.backend
+    if backend == "pyav":
+        return False
+    refusal = decoding.DaliDecoder.available(str(device))
+    if backend == "dali":
+        if refusal:
+            raise ValueError(f"data.backend: dali cannot run on {device}: {refusal}")
+        return True
+    return device.type == "cuda" and refusal is None
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Tell a training loader (DataLoader over ``VideoTextDataset``, or ``DaliLoader``) which epoch it serves (its
+    random draws depend on it)."""
+    target = getattr(loader, "dataset", loader)
+    if hasattr(target, "set_epoch"):
+        target.set_epoch(epoch)
+
+
+def train_loader(cfg: Config, tok, rank: int, world_size: int, device: torch.device | None = None):
+    """``(loader, sampler)`` of the training split: the sampler (:class:`EpochSampler`) sets the position to resume
+    from; the loader is a DataLoader or, when :func:`use_dali`, a ``DaliLoader`` over the same sampler."""
     lcfg = loader_config(cfg, train=True)
-    dataset = VideoTextDataset(annotations(cfg, "train"), tok, lcfg)
-    sampler = EpochSampler(len(dataset), cfg.train.batch_size, rank, world_size, cfg.train.seed)
+    ann = annotations(cfg, "train")
+    sampler = EpochSampler(len(ann), cfg.train.batch_size, rank, world_size, cfg.train.seed)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if use_dali(cfg, device):
+        from lfvila.data.dali_loader import DaliLoader
+
+        loader = DaliLoader(ann, tok, lcfg, cfg.train.batch_size, device=str(device), rank=rank,
+                            world_size=world_size, num_threads=max(1, cfg.data.num_workers), sampler=sampler)
+        return loader, sampler
+    dataset = VideoTextDataset(ann, tok, lcfg)
     workers = cfg.data.num_workers
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
                         collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
@@ -98,7 +136,10 @@ def eval_loader(cfg: Config, tok, split: str, rank: int, world_size: int) -> Dat
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """A loader batch on ``device`` with the normalised float video (B, C, T, H, W)."""
+    """A loader batch on ``device`` with the normalised float video (B, C, T, H, W). DALI batches (float video,
+    already normalised on the device) pass through."""
+    if batch["video"].is_floating_point():
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return to_model_input(batch, device)
 
 

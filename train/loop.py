@@ -262,7 +262,8 @@ class Trainer:
         if self.tok.vocab_size > model_vocab:
             raise ValueError(f"model.overrides.text.vocab_size: the model has {model_vocab} token ids but data.vocab "
                              f"({cfg.data.vocab}) has {self.tok.vocab_size}")
-        self.loader, self.sampler = tdata.train_loader(cfg, self.tok, self.env.rank, self.env.world_size)
+        self.loader, self.sampler = tdata.train_loader(cfg, self.tok, self.env.rank, self.env.world_size,
+                                                       self.env.device)
         check_qa_data(cfg.train.task, getattr(self.loader, "dataset", self.loader), model, "train")
         self.batches_per_epoch = self.sampler.batches_per_epoch()
         if self.batches_per_epoch < cfg.train.grad_accum:
@@ -421,8 +422,7 @@ class Trainer:
             while self.state["step"] < self.total_steps:
                 epoch = self.state["epoch"]
                 self.sampler.set_position(epoch, self.state["batch"])
-                if hasattr(self.loader.dataset, "set_epoch"):
-                    self.loader.dataset.set_epoch(epoch)
+                tdata.set_epoch(self.loader, epoch)
                 self.model.train()
                 apply_frozen_eval(self.model, self.frozen)
                 prefetch = tdata.Prefetcher(self.loader, self.device)

@@ -66,17 +66,24 @@ class DaliLoader:
     evaluation gives each rank a disjoint ordered part. Frame indices are planned with ``loader.plan_frames`` and
     ``(seed, epoch, index)`` as in the DataLoader path. A video that cannot be read is skipped and counted under
     ``cfg.on_error="skip"`` (the batch is smaller) or raises a ``DecodeError`` naming it.
+
+    ``sampler``: any iterable of annotation indices for this rank (the training loop passes its resumable
+    ``EpochSampler``) instead of the default ones. ``set_epoch`` reseeds DALI's generators from ``(seed, rank, epoch)``:
+    the augmentation of an epoch does not depend on where the previous one stopped, but DALI's generator state cannot
+    be saved, so a run resumed mid-epoch draws other crops and flips for the rest of that epoch (same samples).
     """
 
     def __init__(self, annotations: AnnotationDataset, tokenizer, cfg: LoaderConfig, batch_size: int,
-                 device: str = "cuda", rank: int = 0, world_size: int = 1, num_threads: int = 4):
+                 device: str = "cuda", rank: int = 0, world_size: int = 1, num_threads: int = 4, sampler=None):
         if decoding.DaliDecoder.available(device) is not None:
             raise RuntimeError(f"the DALI loader cannot run on {device}: {decoding.DaliDecoder.available(device)}")
         self.annotations, self.tokenizer, self.cfg = annotations, tokenizer, cfg
         self.batch_size, self.device, self.rank, self.num_threads = batch_size, device, rank, num_threads
         self.epoch = 0
         self.skips = decoding.SkipCounter(cfg.on_error, cfg.max_skip_fraction)
-        if cfg.train:
+        if sampler is not None:
+            self.sampler = sampler
+        elif cfg.train:
             self.sampler = DistributedSampler(range(len(annotations)), num_replicas=world_size, rank=rank,
                                               shuffle=True, seed=cfg.seed, drop_last=True)
         else:
@@ -85,9 +92,12 @@ class DaliLoader:
         self._rebuild()
 
     def set_epoch(self, epoch: int) -> None:
+        changed = epoch != self.epoch
         self.epoch = epoch
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
+        if changed and self.cfg.train:
+            self._rebuild()
 
     def __len__(self) -> int:
         n = len(self.sampler)
