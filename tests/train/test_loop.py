@@ -86,12 +86,37 @@ def test_loss_decreases(four, tmp_path):
     # the same 4 videos every step (augmented differently): the contrastive loss must fall well below chance
     # (2 ln 4 = 2.77); the demo configs' from-scratch settings (no dropout, BERT init std 0.1) apply
     assert four[1]["splits"]["train"] == 4
-    cfg = _cfg(four, tmp_path, "demo_retrieval.yaml", "--train.max_steps", "24", "--train.lr", "1e-4",
+    cfg = _cfg(four, tmp_path, "demo_retrieval.yaml", "--train.max_steps", "24", "--train.epochs", "30",
+               "--train.lr", "1e-4",
                "--train.schedule", "constant", "--train.warmup_steps", "0")
     Trainer(cfg).fit()
     losses = _losses(tmp_path)
     first, last = sum(losses[s] for s in (1, 2, 3, 4)) / 4, sum(losses[s] for s in (21, 22, 23, 24)) / 4
     assert last < 0.5 * first, losses
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(data, tmp_path):
+    # the demo configs have no dropout / drop path, so recomputing the video blocks in the backward must reproduce the
+    # plain run's losses (and hence its gradients: step 2 and 3 losses depend on the updates)
+    plain, ckpt_run = tmp_path / "plain", tmp_path / "ckpt"
+    Trainer(_cfg(data, plain, "demo_stage1.yaml", "--train.max_steps", "3")).fit()
+    trainer = Trainer(_cfg(data, ckpt_run, "demo_stage1.yaml", "--train.max_steps", "3",
+                           "--model.grad_checkpointing", "true"))
+    assert trainer.raw_model.video_encoder.cfg.grad_checkpointing
+    trainer.fit()
+    want, got = _losses(plain), _losses(ckpt_run)
+    assert sorted(got) == [1, 2, 3]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got, want)
+
+
+@pytest.mark.slow
+def test_compile_switch_trains(data, tmp_path):
+    trainer = Trainer(_cfg(data, tmp_path, "demo_stage1.yaml", "--train.max_steps", "2", "--model.compile", "true"))
+    assert hasattr(trainer.model, "_orig_mod")  # torch.compile's wrapper
+    result = trainer.fit()
+    losses = _losses(tmp_path)
+    assert result["step"] == 2 and sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
 
 
 def _stop_after(trainer, n):
