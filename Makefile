@@ -26,9 +26,13 @@ demo: install
 	$(PY) -m pip install -q -e ".[demo]"
 	$(PY) -m train.demo --out runs/demo --data data/synthetic $(DEMO_ARGS)
 
+# Every benchmark suite (attention shape sets, contrastive, decode, train step) at this machine's sizes: CSVs, markdown
+# and plots in benchmarks/results/_scratch/; BENCH_ARGS="--suite attention --shapes long-form --compare LABEL" etc.
+BENCH_LABEL ?= local
+BENCH_ARGS ?= --suite all
 bench: install
-	$(PY) -m benchmarks.bench_attention --shapes lfvila --label local --out benchmarks/results/_scratch/attention.csv
-	$(PY) -m benchmarks.bench_contrastive --label local --out benchmarks/results/_scratch/contrastive.csv
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks.run --label $(BENCH_LABEL) --out-dir benchmarks/results/_scratch $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

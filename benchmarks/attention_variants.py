@@ -17,6 +17,18 @@ Providers:
                      (gathered bias + shift mask), F.scaled_dot_product_attention, reverse
     flex             torch.compile(flex_attention) on window-partitioned tokens (B, heads, nW*N, head_dim) with a
                      cached BlockMask (same window, same shift region, valid key) and a score_mod adding the bias
+    xformers         xformers.ops.memory_efficient_attention on (B*nW, N, heads, hd) windows (every window the same
+                     size, so the window batch is the block-diagonal layout) with the bias + shift mask as a dense
+                     (B*nW, heads, N, N) tensor, its rows padded to a multiple of 8 as xformers requires (CUDA only)
+
+Speed references (another function: no bias, no shift mask; their output is checked against their own function):
+    sdpa-no-bias     F.scaled_dot_product_attention on windows partitioned once in set-up (no copies, no mask, no
+                     bias in the timed call): the speed of light of plain attention at the shape
+    flash-attn       flash_attn.flash_attn_func on the same pre-partitioned windows (when importable; CUDA, fp16/bf16)
+    natten           natten.functional.na3d, neighbourhood attention (a sliding window of the window's size) on the
+                     token grid, no bias (when importable)
+    full-sdpa        F.scaled_dot_product_attention over all T*H*W tokens of a sample (no windows): the quadratic
+                     reference of the long-form shape set
 """
 
 from __future__ import annotations
@@ -213,9 +225,9 @@ def _flex_block_mask(grid, window, shift, device: str):
         return (q_idx // N == kv_idx // N) & (region[q_idx] == rk) & (rk >= 0)
 
     L = region.numel()
-    # On CUDA the mask is evaluated by a compiled kernel, block by block; the eager path would materialise L x L.
-    kwargs = {"_compile": True} if device.startswith("cuda") else {}
-    return create_block_mask(mask_mod, None, None, L, L, device=device, **kwargs)
+    # Compiled, the mask is evaluated block by block; eager create_block_mask materialises L x L booleans and more
+    # (17 GB at Video Swin-T's first stage, L = 50176, on the CPU; 0.5 GB compiled).
+    return torch.compile(create_block_mask)(mask_mod, None, None, L, L, device=device)
 
 
 def make_flex(q, k, v, window, shift, table, scale) -> Forward:
@@ -254,6 +266,148 @@ def make_flex(q, k, v, window, shift, table, scale) -> Forward:
     return forward
 
 
+# --------------------------------------------------------------------------------------------------- speed references
+class PrePartitioned:
+    """A provider whose timed call works on tensors laid out in set-up (not on q, k, v themselves).
+
+    ``forward()`` returns its own layout; ``leaves``: the tensors that receive gradients in its backward;
+    ``to_tokens(out)`` maps an output to ``(B, T, H, W, heads, hd)`` and ``from_tokens(grad)`` a token-layout output
+    gradient to its layout. The set-up copies are made once, outside the timed region, with the leaves requiring grad
+    as q does.
+    """
+
+    def __init__(self, forward, leaves, to_tokens, from_tokens):
+        self.forward, self.leaves, self.to_tokens, self.from_tokens = forward, leaves, to_tokens, from_tokens
+
+    def __call__(self) -> torch.Tensor:
+        return self.forward()
+
+
+def _plain_windows(q, k, v, window, layout_shift=(0, 0, 0)):
+    """q, k, v cut into un-shifted zero-padded windows ``(B*nW, N, heads, hd)`` (leaves), and the layout."""
+    B, T, H, W, nh, hd = q.shape
+    layout = window_layout((T, H, W), tuple(window), tuple(layout_shift), str(q.device))
+    N, nW = layout.tokens, layout.n_windows
+
+    def cut(x):  # (B, T, H, W, heads, hd) -> (B*nW, N, heads, hd), a fresh leaf
+        w = to_windows(x.detach(), layout).transpose(2, 3).reshape(B * nW, N, nh, hd).contiguous()
+        return w.requires_grad_(x.requires_grad)
+
+    def to_tokens(out):  # (B*nW, N, heads, hd) -> (B, T, H, W, heads, hd)
+        return from_windows(out.reshape(B, nW, N, nh, hd).transpose(2, 3), layout)
+
+    def from_tokens(grad):
+        return to_windows(grad, layout).transpose(2, 3).reshape(B * nW, N, nh, hd).contiguous()
+
+    return (cut(q), cut(k), cut(v)), to_tokens, from_tokens
+
+
+def make_sdpa_no_bias(q, k, v, window, shift, table, scale) -> PrePartitioned:
+    """Plain SDPA on windows partitioned in set-up: no bias, no shift mask, no copies in the timed call."""
+    (qw, kw, vw), to_tokens, from_tokens = _plain_windows(q, k, v, window)
+
+    def forward():  # SDPA wants (batch, heads, N, hd): transposed views, no copies
+        out = F.scaled_dot_product_attention(qw.transpose(1, 2), kw.transpose(1, 2), vw.transpose(1, 2), scale=scale)
+        return out.transpose(1, 2)
+
+    return PrePartitioned(forward, [qw, kw, vw], to_tokens, from_tokens)
+
+
+def make_flash_attn(q, k, v, window, shift, table, scale) -> PrePartitioned:
+    """flash-attn 2/3's ``flash_attn_func`` on windows partitioned in set-up (it has no bias and no arbitrary mask)."""
+    from flash_attn import flash_attn_func  # optional: only where a user installed it
+
+    (qw, kw, vw), to_tokens, from_tokens = _plain_windows(q, k, v, window)
+    return PrePartitioned(
+        lambda: flash_attn_func(qw, kw, vw, softmax_scale=scale), [qw, kw, vw], to_tokens, from_tokens
+    )
+
+
+def make_natten(q, k, v, window, shift, table, scale) -> Forward:
+    """NATTEN's fused neighbourhood attention on the token grid, kernel = the window (no bias, no shift)."""
+    import natten.functional as natten_functional  # optional: only where a user installed it
+
+    kernel = tuple(int(w) for w in window)
+    return lambda: natten_functional.na3d(q, k, v, kernel_size=kernel, scale=scale)
+
+
+def make_full_sdpa(q, k, v, window, shift, table, scale) -> Forward:
+    """Full self-attention over all ``T*H*W`` tokens of each sample (no windows, no bias): quadratic in T."""
+    B, T, H, W, nh, hd = q.shape
+
+    def seq(x):  # (B, T, H, W, heads, hd) -> (B, heads, L, hd), a view
+        return x.reshape(B, T * H * W, nh, hd).transpose(1, 2)
+
+    def forward():
+        out = F.scaled_dot_product_attention(seq(q), seq(k), seq(v), scale=scale)  # (B, heads, L, hd)
+        return out.transpose(1, 2).reshape(B, T, H, W, nh, hd)
+
+    return forward
+
+
+def make_xformers(q, k, v, window, shift, table, scale) -> Forward:
+    """xformers' memory-efficient attention on windows with a dense bias tensor (bias gathered + shift mask).
+
+    Same per-call work as ``sdpa-dense-bias`` (roll, pad, partition, a ``(B*nW, heads, N, N)`` additive mask,
+    reverse), in xformers' ``(batch, N, heads, hd)`` layout; the mask is allocated with rows of ``ceil(N/8)*8``
+    columns and sliced to N, the memory alignment xformers' kernels require of a tensor bias.
+    """
+    import xformers.ops as xops  # optional: GPU-only baseline
+
+    B, T, H, W, nh, hd = q.shape
+    layout = window_layout((T, H, W), tuple(window), tuple(shift), str(q.device))
+    N, nW = layout.tokens, layout.n_windows
+    padded_n = -(-N // 8) * 8
+    index = relative_position_index(window).reshape(-1).to(q.device)  # (N*N,)
+    shift_mask = torch.zeros(nW, 1, N, N, dtype=q.dtype, device=q.device)
+    if layout.needs_mask:
+        shift_mask = shift_mask.masked_fill(~allowed_pairs_mask(layout).unsqueeze(1), float("-inf"))
+
+    def windows(x):  # (B, T, H, W, heads, hd) -> (B*nW, N, heads, hd)
+        return to_windows(x, layout).transpose(2, 3).reshape(B * nW, N, nh, hd)
+
+    def forward():
+        bias = torch.empty(B, nW, nh, N, padded_n, dtype=q.dtype, device=q.device)[..., :N]
+        mask = shift_mask
+        if table is not None:
+            mask = mask + table[index].reshape(N, N, nh).permute(2, 0, 1).to(q.dtype)  # (nW, heads, N, N)
+        bias = bias.copy_(mask.expand(B, nW, nh, N, N)).reshape(B * nW, nh, N, N)  # graph-connected to the table
+        out = xops.memory_efficient_attention(windows(q), windows(k), windows(v), attn_bias=bias, scale=scale)
+        return from_windows(out.reshape(B, nW, N, nh, hd).transpose(2, 3), layout)
+
+    return forward
+
+
+def _importable(module: str, what: str):
+    """A refusal that names the missing optional package (checked without importing it)."""
+    import importlib.util
+
+    def refusal(device: torch.device, dtype: torch.dtype) -> str | None:
+        if importlib.util.find_spec(module) is None:
+            return f"{what} is not installed (optional baseline: pip install {what})"
+        return None
+
+    return refusal
+
+
+def _all(*refusals):
+    def refusal(device, dtype):
+        return next((r for r in (f(device, dtype) for f in refusals) if r), None)
+
+    return refusal
+
+
+def _cuda_only(name: str, dtypes: tuple[torch.dtype, ...] | None = None):
+    def refusal(device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cuda":
+            return f"{name} has no CPU implementation"
+        if dtypes and dtype not in dtypes:
+            return f"{name} supports {', '.join(str(d).replace('torch.', '') for d in dtypes)} only"
+        return None
+
+    return refusal
+
+
 # --------------------------------------------------------------------------------------------------- registry
 def _triton_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
     interpreting = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -262,19 +416,41 @@ def _triton_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+COMPUTES = ("htwa", "windows-no-bias", "neighborhood", "full")
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A provider: its builder and, optionally, ``refusal(device, dtype) -> reason or None`` for known no-gos
-    (the benchmark records a ``skipped`` row with the reason instead of running it)."""
+    """A provider: its builder; optionally ``refusal(device, dtype) -> reason or None`` for known no-gos (the
+    benchmark records a ``skipped`` row with the reason instead of running it); ``computes``: the function it computes,
+    one of :data:`COMPUTES` (``htwa``: the benchmarked problem itself; the others are speed references, checked against
+    their own function); ``bias``: whether it adds the relative-position bias (and so has a bias gradient)."""
 
     make: Builder
     refusal: Callable[[torch.device, torch.dtype], str | None] | None = None
+    computes: str = "htwa"
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.computes not in COMPUTES:
+            raise ValueError(f"computes must be one of {COMPUTES}, got {self.computes!r}")
 
 
+_HALF = (torch.float16, torch.bfloat16)
 VARIANTS: dict[str, Variant] = {
     "htwa-triton": Variant(make_htwa_triton, _triton_refusal),
     "htwa-torch": Variant(make_htwa_torch),
     "videoswin-eager": Variant(make_videoswin_eager),
     "sdpa-dense-bias": Variant(make_sdpa_dense_bias),
     "flex": Variant(make_flex),
-}
+    "xformers": Variant(make_xformers, _all(_importable("xformers", "xformers"), _cuda_only("xformers"))),
+    "sdpa-no-bias": Variant(make_sdpa_no_bias, computes="windows-no-bias", bias=False),
+    "flash-attn": Variant(
+        make_flash_attn, _all(_importable("flash_attn", "flash-attn"), _cuda_only("flash-attn", _HALF)),
+        computes="windows-no-bias", bias=False,
+    ),
+    "natten": Variant(make_natten, _importable("natten", "natten"), computes="neighborhood", bias=False),
+    "full-sdpa": Variant(make_full_sdpa, computes="full", bias=False),
+}  # fmt: skip
+# Providers run by default on every shape set; the others (full attention) only where a shape set asks for them.
+DEFAULT_PROVIDERS = tuple(name for name in VARIANTS if name != "full-sdpa")

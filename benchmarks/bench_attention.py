@@ -1,40 +1,50 @@
-"""Benchmark 3D shifted-window attention providers on the LF-VILA layer shapes; append rows to a CSV.
+"""Benchmark 3D shifted-window attention providers on named shape sets; append rows to a CSV.
 
-Commands (from the repository root)::
+Commands (from the repository root; ``python -m benchmarks.run --suite attention`` runs every shape set)::
 
-    python -m benchmarks.bench_attention --shapes lfvila --label h200-main             # CUDA: B=16, 32 frames, bf16
-    python -m benchmarks.bench_attention --shapes lfvila --label cpu-reduced           # CPU: B=1, 8 frames, fp32
+    python -m benchmarks.bench_attention --shapes lfvila --label h200-main             # CUDA: full sizes, bf16
+    python -m benchmarks.bench_attention --shapes long-form --label cpu-reduced        # CPU: reduced sizes, fp32
     python -m benchmarks.bench_attention --providers htwa-triton,videoswin-eager --modes fwd --dtype fp16 \
         --out benchmarks/results/_scratch/attention.csv --label try
 
 Providers are in ``benchmarks/attention_variants.py``. Modes: ``fwd`` is an inference forward (inputs without grad, no
-autograd graph); ``fwd+bwd`` is a training step: forward, then backward from a fixed random output gradient, producing
-the gradients of q, k, v and the bias table. Per (layer, provider, mode) the CSV gets these rows:
+autograd graph); ``bwd`` is the backward alone (the graph of one forward kept with ``retain_graph``, a fixed random
+output gradient), ``fwd+bwd`` a training step: forward then backward, producing the gradients of q, k, v and the bias
+table. Per (shape, provider, mode) the CSV gets these rows:
 
     time         ms        median and 20th/80th percentiles (CUDA: triton.testing.do_bench, L2 flushed per call)
-    tflops       TFLOP/s   useful FLOPs per second, see :func:`attention_flops`
-    memory       MB        peak of one call above what was allocated before it (inputs, the fp32 reference output and
-                           the output gradient excluded; the output and, in fwd+bwd, saved activations and the four
-                           gradients included); CUDA only, empty (status skipped) on the CPU
-    max_abs_err  abs       fwd only: max |output - fp32 reference| on the same inputs (a wrong kernel is not "fast")
+    tflops       TFLOP/s   effective: useful FLOPs per second, see :func:`attention_flops`
+    memory       MB        peak of one call above what was allocated before it, in a fresh allocator state (inputs,
+                           the reference and the output gradient excluded; the output and, with a backward, saved
+                           activations and the gradients included); CUDA only, empty (status skipped) on the CPU
+    max_abs_err  abs       fwd only: max |output - fp32 reference of the function the provider computes|
+    bias_grad_deterministic  bool  fwd+bwd only: 1 if three backward passes gave a bitwise-identical bias-table
+                           gradient, else 0 (skipped for providers without a bias)
 
 A provider that raises (OOM, an unsupported shape, a kernel that does not build) gives ``failed`` rows with the
 exception text and the run goes on; one that cannot run on this machine at all (the Triton kernel on a CPU without
-TRITON_INTERPRET) gives ``skipped`` rows.
+TRITON_INTERPRET, a baseline that is not installed) gives ``skipped`` rows with the reason.
 
-Shape set ``lfvila`` (head_dim 32; the shifted block of each layer, shift ``(0, wh//2, ww//2)``)::
+Shape sets (``--shapes``; head_dim 32 everywhere; the shifted block, shift = half the window on the axes named):
 
-    layer  grid (T,H,W)  heads  window (T,H,W)
-    0      32x24x40      4      2x3x5
-    1      32x12x20      8      4x3x5
-    2      32x6x10       16     8x3x5
-    3      32x6x10       16     16x3x5
-    4      32x6x10       16     16x3x5
-    5      32x3x5        32     32x3x5     (window = grid: no shift)
+    lfvila           the six LF-VILA video-encoder layers at 32 frames of 192x320, B=16 (x: layer)
+                     layer  grid (T,H,W)  heads  window (T,H,W)
+                     0      32x24x40      4      2x3x5      shift 0x1x2 (layers 0-4)
+                     1      32x12x20      8      4x3x5
+                     2      32x6x10       16     8x3x5
+                     3, 4   32x6x10       16     16x3x5
+                     5      32x3x5        32     32x3x5     (window = grid: no shift)
+    video-swin-k400  Video Swin-T on Kinetics-400 clips (32 frames, 224x224): 16x56x56 / 28 / 14 / 7 grids with
+                     3 / 6 / 12 / 24 heads, window 8x7x7, shift 4x3x3, B=8 (x: stage)
+    long-form        LF-VILA's layer-0 windows (grid Tx24x40, 4 heads, window 2x3x5, shift 0x1x2) at T = 32, 64, 128,
+                     256 frames, B=1, plus full attention over all tokens while it fits (x: frames)
+    window-sweep     grid 32x24x40, 4 heads, B=4, windows of 30, 60, 120, 240, 480 and 1024 tokens (x: window_tokens)
 
-On the CPU the defaults shrink this to B=1, T=8 frames (temporal windows clipped to 8) and fp32, so that the whole run
-takes minutes; ``--full`` keeps the real sizes. Video-Swin's rule applies everywhere: a window axis at least as large
-as the grid axis is clipped to it and takes shift 0.
+On the CPU the defaults shrink the sets (``--full`` keeps the real sizes): B=1 everywhere; lfvila at T=8 (temporal
+windows clipped to 8), video-swin-k400 at T=8 (16-frame clips: the window's 8 frames cover the grid, no temporal
+shift), long-form at T = 8, 16, 32, 64, window-sweep on a 16x24x40 grid; fp32; and slow calls are timed fewer times
+(``--cpu-budget-ms``, at least 3). Video-Swin's rule applies
+everywhere: a window axis at least as large as the grid axis is clipped to it and takes shift 0.
 """
 
 from __future__ import annotations
@@ -45,74 +55,25 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from benchmarks import harness
+from benchmarks.attention_shapes import SHAPE_SETS, Case
 
 KERNEL = "window_attention"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-METRICS = (("time", "ms"), ("tflops", "TFLOP/s"), ("memory", "MB"), ("max_abs_err", "abs"))
-BASELINE = "videoswin-eager"
-
-
-@dataclass(frozen=True)
-class Case:
-    """One benchmarked problem: q, k, v ``(batch, *grid, heads, head_dim)`` with ``(T, H, W)``-ordered triples."""
-
-    name: str
-    batch: int
-    grid: tuple[int, int, int]
-    heads: int
-    head_dim: int
-    window: tuple[int, int, int]
-    shift: tuple[int, int, int]
-
-    def describe(self) -> str:
-        def x(t):
-            return "x".join(map(str, t))
-
-        T, H, W = self.grid
-        return (
-            f"B={self.batch} T={T} H={H} W={W} heads={self.heads} head_dim={self.head_dim} "
-            f"window={x(self.window)} shift={x(self.shift)}"
-        )
-
-
-# (name, grid, heads, window) of the six LF-VILA video-encoder layers at 32 frames of 192x320.
-LFVILA_LAYERS = (
-    ("layer0", (32, 24, 40), 4, (2, 3, 5)),
-    ("layer1", (32, 12, 20), 8, (4, 3, 5)),
-    ("layer2", (32, 6, 10), 16, (8, 3, 5)),
-    ("layer3", (32, 6, 10), 16, (16, 3, 5)),
-    ("layer4", (32, 6, 10), 16, (16, 3, 5)),
-    ("layer5", (32, 3, 5), 32, (32, 3, 5)),
+METRICS = (
+    ("time", "ms"),
+    ("tflops", "TFLOP/s"),
+    ("memory", "MB"),
+    ("max_abs_err", "abs"),
+    ("bias_grad_deterministic", "bool"),
 )
-
-
-def lfvila_cases(batch: int = 16, frames: int = 32, head_dim: int = 32) -> list[Case]:
-    """The shifted block of each LF-VILA layer, at ``frames`` frames (windows clipped to the grid)."""
-    from lfvila_kernels.modules import clip_window  # lazily: importing triton waits for --interpret-ok
-
-    cases = []
-    for name, (_, H, W), heads, window in LFVILA_LAYERS:
-        grid = (frames, H, W)
-        win, shift = clip_window(grid, window, (0, window[1] // 2, window[2] // 2))
-        cases.append(Case(name, batch, grid, heads, head_dim, win, shift))
-    return cases
-
-
-def tiny_cases(batch: int = 1, frames: int = 4, head_dim: int = 16) -> list[Case]:
-    """Two small problems for smoke tests: a divisible shifted one and a non-divisible shifted one."""
-    return [
-        Case("tiny-div", batch, (frames, 6, 10), 2, head_dim, (2, 3, 5), (0, 1, 2)),
-        Case("tiny-pad", batch, (frames + 1, 5, 7), 2, head_dim, (2, 3, 5), (1, 1, 2)),
-    ]
-
-
-SHAPE_SETS = {"lfvila": lfvila_cases, "tiny": tiny_cases}
+MODES = ("fwd", "bwd", "fwd+bwd")
+MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # multiples of the forward (flash-attention's convention)
+BASELINE = "videoswin-eager"
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs
@@ -140,20 +101,33 @@ def count_allowed_pairs(grid, window, shift) -> int:
     return count
 
 
-def attention_flops(case: Case, mode: str) -> float:
-    """FLOPs of one call, flash-attention's convention, counting only allowed (query, key) pairs.
+def pairs_per_sample_head(case: Case, computes: str = "htwa") -> int:
+    """(query, key) pairs that the function ``computes`` attends, per sample and head.
 
-    Forward: ``4 * head_dim`` per allowed pair per (sample, head): ``QK^T`` and ``PV``, 2 FLOPs per multiply-add each.
-    ``fwd+bwd``: 3.5x the forward (the backward is 2.5x: recomputed ``QK^T`` plus ``dV``, ``dP``, ``dQ``, ``dK``).
+    ``htwa`` and ``windows-no-bias``: the allowed pairs of the benchmarked windowed problem (the no-bias speed
+    references do the same useful work, so their TFLOP/s compares time on an equal footing); ``neighborhood``: every
+    query attends ``wt*wh*ww`` keys; ``full``: every query attends every token of its sample.
+    """
+    if computes in ("htwa", "windows-no-bias"):
+        return count_allowed_pairs(case.grid, case.window, case.shift)
+    if computes == "neighborhood":
+        return case.tokens * case.window[0] * case.window[1] * case.window[2]
+    if computes == "full":
+        return case.tokens**2
+    raise ValueError(f"unknown function {computes!r}")
+
+
+def attention_flops(case: Case, mode: str, computes: str = "htwa") -> float:
+    """FLOPs of one call, flash-attention's convention, counting only attended (unmasked) pairs.
+
+    Forward: ``4 * head_dim`` per pair per (sample, head): ``QK^T`` and ``PV``, 2 FLOPs per multiply-add each.
+    ``bwd``: 2.5x the forward (recomputed ``QK^T`` plus ``dV``, ``dP``, ``dQ``, ``dK``); ``fwd+bwd``: 3.5x.
     Softmax, bias, masking and the bias-table gradient are not counted. Providers that compute masked or padded
     pairs do that work for free in this count, so TFLOP/s compares useful work per second.
     """
-    fwd = 4.0 * case.head_dim * count_allowed_pairs(case.grid, case.window, case.shift) * case.batch * case.heads
-    if mode == "fwd":
-        return fwd
-    if mode == "fwd+bwd":
-        return 3.5 * fwd
-    raise ValueError(f"unknown mode {mode!r}")
+    if mode not in MODE_FLOPS:
+        raise ValueError(f"unknown mode {mode!r}")
+    return MODE_FLOPS[mode] * 4.0 * case.head_dim * pairs_per_sample_head(case, computes) * case.batch * case.heads
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -171,20 +145,58 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, seed: int 
     return randn(*shape), randn(*shape), randn(*shape), randn(rows, case.heads), randn(*shape)
 
 
+def _full_attention_float64(q, k, v, scale: float, max_scores: int = 2**25) -> torch.Tensor:
+    """Explicit softmax attention over all tokens of each sample in float64, in query chunks of at most
+    ``max_scores`` scores: an oracle independent of SDPA. ``(B, T, H, W, heads, hd)`` in and out."""
+    B, nh, hd = q.shape[0], q.shape[-2], q.shape[-1]
+
+    def seq(x):  # (B, T, H, W, heads, hd) -> (B, heads, L, hd), float64
+        return x.reshape(B, -1, nh, hd).transpose(1, 2).double()
+
+    qs, ks, vs = seq(q), seq(k), seq(v)
+    L = qs.shape[2]
+    step = max(1, max_scores // (B * nh * L))
+    out = torch.cat(
+        [torch.softmax(qs[:, :, i : i + step] @ ks.transpose(-1, -2) * scale, dim=-1) @ vs for i in range(0, L, step)],
+        dim=2,
+    )  # (B, heads, L, hd)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def reference_output(case: Case, computes: str, inputs) -> torch.Tensor | str:
+    """The fp32 output of the function ``computes`` on these inputs, ``(B, T, H, W, heads, hd)``, or the reason there
+    is none (a string): what ``max_abs_err`` is measured against."""
+
+    from lfvila_kernels import window_attention_reference
+
+    q, k, v, table, _ = (t.float() for t in inputs)
+    scale = case.head_dim**-0.5
+    with torch.no_grad():
+        if computes == "htwa":
+            return window_attention_reference(q, k, v, case.window, case.shift, table, scale)
+        if computes == "windows-no-bias":
+            if any(n % w for n, w in zip(case.grid, case.window, strict=True)):
+                return "the no-bias reference is defined on grids divisible by the window only"
+            return window_attention_reference(q, k, v, case.window, (0, 0, 0), None, scale)
+        if computes == "full":
+            return _full_attention_float64(q, k, v, scale).float()
+    return f"no reference for {computes} attention here (a speed reference computing another function)"
+
+
 def _rows(case, provider, mode, dtype_name, values: dict, status="ok", note=""):
-    """The four metric rows of one (case, provider, mode); ``values`` maps metric -> {p50,p20,p80} or None."""
+    """The metric rows of one (case, provider, mode); ``values`` maps metric -> {p50,p20,p80}, or a string (the
+    reason that metric is skipped), or nothing (not measured)."""
     out = []
     for metric, unit in METRICS:
-        if metric == "max_abs_err" and mode != "fwd":
+        if (metric == "max_abs_err" and mode != "fwd") or (metric == "bias_grad_deterministic" and mode != "fwd+bwd"):
             continue
         vals = values.get(metric)
         row_status, row_note = status, note
-        if status == "ok" and vals is None:
-            row_status = "skipped"
-            row_note = "peak memory is measured on CUDA only" if metric == "memory" else "not measured"
+        if status == "ok" and not isinstance(vals, dict):
+            row_status, row_note, vals = "skipped", vals or "not measured", None
         out.append(
             harness.make_row(
-                kernel=KERNEL, provider=provider, mode=mode, x_name="layer", x_value=case.name,
+                kernel=KERNEL, provider=provider, mode=mode, x_name=case.x_name, x_value=case.name,
                 shape=case.describe(), metric=metric, unit=unit, dtype=dtype_name, values=vals,
                 status=row_status, note=row_note,
             )
@@ -192,46 +204,85 @@ def _rows(case, provider, mode, dtype_name, values: dict, status="ok", note=""):
     return out
 
 
+def _once(value: float) -> dict:
+    return {"p50": value, "p20": value, "p80": value}
+
+
 def _measure_one(variant, case, mode, inputs, reference, device, timing) -> dict:
-    """Build, check and time one (provider, mode); raises whatever the provider raises."""
+    """Build, check and time one (provider, mode); raises whatever the provider raises.
+
+    ``reference``: the fp32 output of the provider's function, or the reason there is none.
+    """
+    from benchmarks.attention_variants import PrePartitioned
+
     q0, k0, v0, table0, grad_out = inputs
-    train = mode == "fwd+bwd"
-    q, k, v, table = (t.detach().clone().requires_grad_(train) for t in (q0, k0, v0, table0))
-    scale = case.head_dim**-0.5
-    forward = variant.make(q, k, v, case.window, case.shift, table, scale)
-    leaves = [q, k, v, table] if train else []
+    grad = mode != "fwd"
+    q, k, v = (t.detach().clone().requires_grad_(grad) for t in (q0, k0, v0))
+    table = table0.detach().clone().requires_grad_(grad) if variant.bias else None
+    forward = variant.make(q, k, v, case.window, case.shift, table, case.head_dim**-0.5)
+    prepared = isinstance(forward, PrePartitioned)  # works on copies laid out in set-up: those get the gradients
+    leaves = (list(forward.leaves) if prepared else [q, k, v]) + ([table] if table is not None else [])
+    leaves = leaves if grad else []
+    g = forward.from_tokens(grad_out) if prepared else grad_out
 
-    if train:
-
-        def step():
-            out = forward()
-            out.backward(grad_out)
-            return out
-
-    else:
+    if mode == "fwd":
 
         def step():
             with torch.no_grad():
                 return forward()
 
+    elif mode == "fwd+bwd":
+
+        def step():
+            out = forward()
+            out.backward(g)
+            return out
+
+    else:  # bwd: the backward of one forward's graph, kept for every call
+        graph_out = forward()
+
+        def step():
+            graph_out.backward(g, retain_graph=True)
+
     values = {}
     first = step()  # compiles / autotunes where the provider does; its output is checked in fwd mode
-    if not train:
-        err = (first.float() - reference).abs().max().item()
-        values["max_abs_err"] = {"p50": err, "p20": err, "p80": err}
+    if mode == "fwd":
+        if isinstance(reference, torch.Tensor):
+            got = forward.to_tokens(first) if prepared else first
+            values["max_abs_err"] = _once((got.float() - reference).abs().max().item())
+        else:
+            values["max_abs_err"] = reference
     del first
     t = harness.measure(step, device=device, grad_to_none=leaves, **timing)
     values["time"] = t
-    flops = attention_flops(case, mode)
+    flops = attention_flops(case, mode, variant.computes)
     # The 20th percentile of throughput comes from the 80th percentile of time, and vice versa.
     pairs = (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))
     values["tflops"] = {key: flops / (t[src] * 1e-3) / 1e12 for key, src in pairs}
 
-    for leaf in leaves:  # the last timed call's gradients would otherwise count in the baseline, not the peak
+    if mode == "fwd+bwd":
+        if table is None:
+            values["bias_grad_deterministic"] = "no relative-position bias in this provider"
+        else:
+            grads = []
+            for _ in range(3):
+                for leaf in leaves:
+                    leaf.grad = None
+                step()
+                grads.append(table.grad.clone())
+            values["bias_grad_deterministic"] = _once(float(all(torch.equal(grads[0], x) for x in grads[1:])))
+
+    for leaf in leaves:  # the last call's gradients would otherwise count in the baseline, not the peak
         leaf.grad = None
     mem = harness.peak_memory(step, device)
-    values["memory"] = None if mem is None else {"p50": mem, "p20": mem, "p80": mem}
+    values["memory"] = "peak memory is measured on CUDA only" if mem is None else _once(mem)
     return values
+
+
+def default_full_max_flops(device: torch.device) -> float:
+    """FLOPs of one call above which full attention is skipped: 2e11 on the CPU (a few seconds per call on 2 cores),
+    1e15 on CUDA (about a second at the H200's dense bf16 peak)."""
+    return 1e15 if device.type == "cuda" else 2e11
 
 
 def run(
@@ -243,33 +294,39 @@ def run(
     writer: harness.ResultWriter,
     timing: dict | None = None,
     log=print,
+    full_max_flops: float | None = None,
 ) -> list[dict]:
     """Benchmark every (case, provider, mode); append its rows to ``writer`` as soon as they exist; return all rows.
 
     ``variants``: provider name -> :class:`benchmarks.attention_variants.Variant`. ``timing``: keyword arguments of
-    :func:`benchmarks.harness.measure` (``warmup``, ``reps``, ``warmup_ms``, ``rep_ms``).
+    :func:`benchmarks.harness.measure` (``warmup``, ``reps``, ``warmup_ms``, ``rep_ms``). ``full_max_flops``: full
+    attention is skipped (with the reason) where one call would exceed this many FLOPs (default
+    :func:`default_full_max_flops`); it grows quadratically with T, so the long shapes would otherwise take hours.
     """
-    from lfvila_kernels import window_attention_reference
-
     device = torch.device(device)
     dtype_name = str(dtype).replace("torch.", "")
     timing = dict(timing or {})
+    full_max_flops = default_full_max_flops(device) if full_max_flops is None else full_max_flops
     written: list[dict] = []
     for case in cases:
         inputs = make_inputs(case, dtype, device)
-        q, k, v, table, _ = inputs
-        with torch.no_grad():
-            reference = window_attention_reference(
-                q.float(), k.float(), v.float(), case.window, case.shift, table.float(), case.head_dim**-0.5
-            )
+        references: dict[str, torch.Tensor | str] = {}
         for provider, variant in variants.items():
             refusal = variant.refusal(device, dtype) if variant.refusal else None
             for mode in modes:
-                if refusal:
-                    rows = _rows(case, provider, mode, dtype_name, {}, "skipped", refusal)
-                    log(f"{case.name:8s} {provider:16s} {mode:8s} skipped: {refusal}")
+                reason = refusal
+                flops = attention_flops(case, mode, variant.computes)
+                if not reason and variant.computes == "full" and flops > full_max_flops:
+                    reason = f"full attention: {flops:.3g} FLOPs per call exceeds the budget of {full_max_flops:.3g}"
+                if reason:
+                    rows = _rows(case, provider, mode, dtype_name, {}, "skipped", reason)
+                    log(f"{case.name:8s} {provider:16s} {mode:8s} skipped: {reason}")
                 else:
-                    job = functools.partial(_measure_one, variant, case, mode, inputs, reference, device, timing)
+                    if mode == "fwd" and variant.computes not in references:
+                        references[variant.computes] = reference_output(case, variant.computes, inputs)
+                    job = functools.partial(
+                        _measure_one, variant, case, mode, inputs, references.get(variant.computes), device, timing
+                    )
                     values, note = harness.guarded(job, device)
                     if note is None:
                         rows = _rows(case, provider, mode, dtype_name, values)
@@ -278,59 +335,97 @@ def run(
                         rows = _rows(case, provider, mode, dtype_name, {}, "failed", note)
                         log(f"{case.name:8s} {provider:16s} {mode:8s} failed: {note}")
                 written.extend(writer.write(rows))
-        inputs = q = k = v = table = reference = None  # drop this case's tensors before the next one
+        inputs = references = None  # drop this case's tensors before the next one
         harness.free_memory(device)
     return written
 
 
 def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
-    """Per mode, a provider x layer table of median ms and the speedup over ``baseline`` (its ms / this ms)."""
-    times = [r for r in rows if r["metric"] == "time"]
-    layers = list(dict.fromkeys(r["x_value"] for r in times))
-    providers = list(dict.fromkeys(r["provider"] for r in times))
-    tables = []
-    for mode in dict.fromkeys(r["mode"] for r in times):
-        cell = {(r["provider"], r["x_value"]): r for r in times if r["mode"] == mode}
-        lines = [
-            f"**{mode}** (median ms; speedup vs {baseline})",
-            "",
-            "| provider | " + " | ".join(layers) + " |",
-            "|---|" + "---|" * len(layers),
-        ]
-        for provider in providers:
-            cells = []
-            for layer in layers:
-                r = cell.get((provider, layer))
-                if r is None:
-                    cells.append("")
-                elif r["status"] != "ok":
-                    cells.append(r["status"])
-                else:
-                    ms = float(r["p50"])
-                    base = cell.get((baseline, layer))
-                    speed = f" ({float(base['p50']) / ms:.2f}x)" if base and base["status"] == "ok" else ""
-                    cells.append(f"{ms:.3g}{speed}")
-            lines.append(f"| {provider} | " + " | ".join(cells) + " |")
-        tables.append("\n".join(lines))
-    return "\n\n".join(tables)
+    """Per mode, a provider x shape table of median ms with the speed-up over ``baseline`` (its ms / this ms), peak
+    memory where measured, and the issue's targets that these rows can answer (reported, not asserted)."""
+    from benchmarks.plot import markdown_table
+
+    parts = []
+    for metric in ("time", "memory"):
+        if any(r["metric"] == metric and r["status"] == "ok" for r in rows):
+            parts += [
+                markdown_table(rows, metric, mode, baseline, False) for mode in dict.fromkeys(r["mode"] for r in rows)
+            ]
+    targets = targets_report(rows)
+    if targets:
+        parts.append("**Targets** (measured, not asserted)\n\n" + "\n".join(targets))
+    return "\n\n".join(p for p in parts if p)
+
+
+# The window-attention issue's targets for htwa-triton, fwd+bwd on the lfvila set: at least this speed-up over each.
+SPEEDUP_TARGETS = (("videoswin-eager", 3.0), ("sdpa-dense-bias", 2.0), ("flex", 1.5))
+OURS = "htwa-triton"
+
+
+def _growth_exponent(points: Sequence[tuple[float, float]]) -> float | None:
+    """Least-squares slope of log(time) against log(T): 1 for linear growth, 2 for quadratic."""
+    import math
+
+    if len(points) < 2:
+        return None
+    xs = [math.log(t) for t, _ in points]
+    ys = [math.log(ms) for _, ms in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else None
+
+
+def targets_report(rows: Sequence[dict]) -> list[str]:
+    """The speed-up targets on ``layer`` rows (lfvila) and the growth exponent in T on ``frames`` rows (long-form)."""
+    ok = {(r["provider"], r["mode"], r["x_name"], r["x_value"]): float(r["p50"]) for r in rows
+          if r["metric"] == "time" and r["status"] == "ok"}  # fmt: skip
+    lines = []
+    layers = list(dict.fromkeys(r["x_value"] for r in rows if r["x_name"] == "layer"))
+    for other, target in SPEEDUP_TARGETS:
+        ratios = [ok[(other, "fwd+bwd", "layer", x)] / ok[(OURS, "fwd+bwd", "layer", x)] for x in layers
+                  if (other, "fwd+bwd", "layer", x) in ok and (OURS, "fwd+bwd", "layer", x) in ok]  # fmt: skip
+        if layers and not ratios:
+            lines.append(
+                f"- {OURS} fwd+bwd >= {target:g}x {other} on lfvila: not measured here (needs ok rows of both)"
+            )
+        elif ratios:
+            low = min(ratios)
+            verdict = "met" if low >= target else "not met"
+            lines.append(f"- {OURS} fwd+bwd >= {target:g}x {other} on lfvila: {low:.2f}x to {max(ratios):.2f}x over "
+                         f"{len(ratios)} layers ({verdict})")  # fmt: skip
+    if any(r["x_name"] == "frames" for r in rows):
+        for provider in dict.fromkeys(r["provider"] for r in rows if r["x_name"] == "frames"):
+            for mode in ("fwd", "fwd+bwd"):
+                pts = sorted((float(x), ms) for (p, m, xn, x), ms in ok.items()
+                             if p == provider and m == mode and xn == "frames")  # fmt: skip
+                k = _growth_exponent(pts)
+                if k is not None:
+                    lines.append(f"- long-form {provider} {mode}: time ~ T^{k:.2f} over T = "
+                                 f"{', '.join(f'{t:g}' for t, _ in pts)} (1 = linear, 2 = quadratic)")  # fmt: skip
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------- CLI
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_attention", description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", default="lfvila", choices=sorted(SHAPE_SETS))
+    p.add_argument("--shapes", default="lfvila", choices=list(SHAPE_SETS))
     p.add_argument("--label", default="local", help="free text stored in every row (which run this is)")
-    p.add_argument("--providers", default=None, help="comma-separated subset of the providers (default: all)")
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
+    p.add_argument("--providers", default=None, help="comma-separated subset of the providers (default: all but "
+                   "full-sdpa, which the long-form set adds)")  # fmt: skip
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--batch", type=int, default=None, help="default: 16 on CUDA, 1 on the CPU")
-    p.add_argument("--frames", type=int, default=None, help="T of every layer; default: 32 on CUDA, 8 on the CPU")
-    p.add_argument("--full", action="store_true", help="on the CPU too, use B=16 and 32 frames")
+    p.add_argument("--batch", type=int, default=None, help="batch of every shape (default: the set's)")
+    p.add_argument("--frames", type=int, default=None, help="T of every shape (default: the set's)")
+    p.add_argument("--full", action="store_true", help="on the CPU too, use the real sizes")
+    p.add_argument("--full-max-flops", type=float, default=None, help="skip full attention above this many FLOPs "
+                   "per call (default: 2e11 on the CPU, 1e15 on CUDA)")  # fmt: skip
     p.add_argument("--out", default=None, help="CSV to append to; default benchmarks/results/attention-<cpu|cuda>.csv")
     p.add_argument("--markdown", default=None, help="also write the summary table to this file")
     p.add_argument("--reps", type=int, default=10, help="CPU: timed calls per measurement")
     p.add_argument("--warmup", type=int, default=2, help="CPU: untimed calls before timing")
+    p.add_argument("--cpu-budget-ms", type=float, default=3000.0, help="CPU: time fewer calls (at least 3) where "
+                   "--reps calls would take longer than this (0: always --reps)")  # fmt: skip
     p.add_argument("--rep-ms", type=float, default=100.0, help="CUDA: do_bench's timed budget in ms")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="CUDA: do_bench's warm-up budget in ms")
     p.add_argument(
@@ -350,32 +445,36 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             print("warning: triton is already imported, TRITON_INTERPRET=1 may not take effect", file=sys.stderr)
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' module (and so triton.jit) is imported
 
-    from benchmarks.attention_variants import VARIANTS
+    from benchmarks.attention_variants import DEFAULT_PROVIDERS, VARIANTS
 
-    names = args.providers.split(",") if args.providers else list(VARIANTS)
+    shape_set = SHAPE_SETS[args.shapes]
+    if args.providers:
+        names = args.providers.split(",")
+    else:
+        names = list(DEFAULT_PROVIDERS) + [n for n in shape_set.extra_providers if n not in DEFAULT_PROVIDERS]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown providers {unknown}; choose from {list(VARIANTS)}")
     modes = args.modes.split(",")
-    if any(m not in ("fwd", "fwd+bwd") for m in modes):
-        raise SystemExit(f"--modes must be a comma-separated subset of fwd,fwd+bwd; got {args.modes!r}")
+    if not modes or any(m not in MODES for m in modes):
+        raise SystemExit(f"--modes must be a comma-separated subset of {','.join(MODES)}; got {args.modes!r}")
+    for name in ("batch", "frames"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     reduced = cpu and not args.full
     dtype = DTYPES[args.dtype or ("fp32" if cpu else "bf16")]
-    batch = args.batch or (1 if reduced else 16)
-    make_cases = SHAPE_SETS[args.shapes]
-    if args.shapes == "lfvila":
-        cases = make_cases(batch=batch, frames=args.frames or (8 if reduced else 32))
-    else:
-        cases = make_cases(batch=batch, frames=args.frames or 4)
+    cases = (shape_set.reduced if reduced else shape_set.full)(args.batch, args.frames)
     out = Path(args.out or f"benchmarks/results/attention-{device.type}.csv")
     env = harness.environment(device)
     writer = harness.ResultWriter(out, env, args.label)
-    timing = {"warmup": args.warmup, "reps": args.reps, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms}
+    timing = {"warmup": args.warmup, "reps": args.reps, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
+              "cpu_budget_ms": args.cpu_budget_ms or None}  # fmt: skip
 
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}", flush=True)
     print(f"# {args.shapes}: {len(cases)} shapes, dtype {dtype}, providers {names}, modes {modes} -> {out}", flush=True)
     start = time.perf_counter()
-    rows = run(cases, {n: VARIANTS[n] for n in names}, modes, dtype, device, writer, timing, log=harness.log)
+    rows = run(cases, {n: VARIANTS[n] for n in names}, modes, dtype, device, writer, timing, log=harness.log,
+               full_max_flops=args.full_max_flops)  # fmt: skip
     return harness.finish(rows, out, start, markdown_summary(rows), args.markdown)
 
 

@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests        # gpu-marked tests (correctness in bf16/fp16/fp32, determinism)
 #   bash benchmarks/gpu_session.sh resources    # what the compiled kernels use on this GPU (registers, spills)
-#   bash benchmarks/gpu_session.sh attention  h200-2026-11-22
+#   bash benchmarks/gpu_session.sh attention  h200-2026-11-22 long-form   # a shape set (default lfvila) or all
 #   bash benchmarks/gpu_session.sh contrastive h200-2026-11-22
 #   bash benchmarks/gpu_session.sh decode      h200-2026-11-22   # needs PyAV and DALI carried as wheels in .whl
 #                                                                # (the device README says how; DALI in 3 parts)
@@ -27,8 +27,9 @@ case "$stage" in
     python3 -m benchmarks.kernel_resources --out "$out/kernel-resources.md" &&
       python3 -m benchmarks.kernel_resources --op contrastive --out "$out/contrastive-resources.md" ;;
   attention)
-    python3 -m benchmarks.bench_attention --shapes lfvila --label "$label" \
-      --out "$out/attention-$label.csv" --markdown "$out/attention-$label.md" ;;
+    # One shape set per call (FlexAttention compiles per shape and mode): lfvila, video-swin-k400, long-form,
+    # window-sweep, or "all" when there is time. CSV, markdown and plots (if matplotlib is there) land in $out.
+    python3 -m benchmarks.run --suite attention --shapes "${3:-lfvila}" --label "$label" --out-dir "$out" "${@:4}" ;;
   contrastive)
     python3 -m benchmarks.bench_contrastive --label "$label" \
       --out "$out/contrastive-$label.csv" --markdown "$out/contrastive-$label.md" ;;

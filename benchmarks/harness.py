@@ -19,6 +19,7 @@ import csv
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import signal
@@ -73,6 +74,7 @@ def measure(
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     grad_to_none: Sequence[torch.Tensor] | None = None,
+    cpu_budget_ms: float | None = None,
 ) -> dict[str, float]:
     """Time ``fn()``; return ``{"p50", "p20", "p80"}`` in milliseconds.
 
@@ -80,7 +82,9 @@ def measure(
     call with CUDA events, flushes the L2 cache before every timed call and picks the number of calls so that the
     warm-up and the timed runs last about ``warmup_ms`` and ``rep_ms`` milliseconds (``warmup``/``reps`` unused).
     CPU: ``warmup`` untimed calls, then ``reps`` calls timed one by one with ``time.perf_counter``
-    (``warmup_ms``/``rep_ms`` unused). Percentiles are linearly interpolated.
+    (``warmup_ms``/``rep_ms`` unused). Percentiles are linearly interpolated. ``cpu_budget_ms``: on the CPU, time
+    fewer calls where they are slow: ``reps`` is cut to ``ceil(cpu_budget_ms / t)`` (at least 3) for a call that took
+    ``t`` ms in the last warm-up, so that a reduced-size run of many shapes stays within minutes.
     ``grad_to_none``: tensors whose ``.grad`` is reset to None before every call (outside the timed region on the CPU),
     so that a backward pass allocates fresh gradients each time instead of accumulating.
     """
@@ -99,9 +103,16 @@ def measure(
         for t in grad_to_none or ():
             t.grad = None
 
+    last = None
     for _ in range(warmup):
         reset_grads()
+        _sync(device)
+        start = time.perf_counter()
         fn()
+        _sync(device)
+        last = (time.perf_counter() - start) * 1e3
+    if cpu_budget_ms is not None and last is not None and last > 0:
+        reps = max(min(3, reps), min(reps, math.ceil(cpu_budget_ms / last)))
     times = []
     for _ in range(reps):
         reset_grads()
