@@ -13,6 +13,10 @@ $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -e ".[test]"
+	# timm and open_clip for the drop-in tests, without their dependencies: both require torchvision, whose only
+	# release for torch 2.13 is a CUDA build that does not load next to the CPU torch (and an unpinned one replaces
+	# torch). timm's Swin and open_clip's loss.py need only torch (see tests/kernels/test_patch.py).
+	$(PY) -m pip install --no-deps "timm==1.0.31" "open_clip_torch==3.3.0"
 	touch $@
 
 install: $(VENV)/.installed

@@ -31,5 +31,11 @@ setup(
         "bench": ["matplotlib>=3.7"],
         "demo": ["matplotlib>=3.7", "tensorboard>=2.14"],
         "dali": ["nvidia-dali-cuda130>=2.0"],
+        # The models and losses that lfvila_kernels.patch / lfvila_kernels.clip_loss drop into (bench_dropin, the
+        # drop-in tests). Both require torchvision, and every torchvision release pins one torch version: install the
+        # torchvision matching your torch first (torch 2.13.0: torchvision 0.28.0), or pip replaces torch. PyPI's
+        # torchvision wheels are built against CUDA torch and do not load on a CPU build of torch; there the tests
+        # use timm and open_clip_torch installed with --no-deps (see the Makefile).
+        "dropin": ["timm>=1.0", "open_clip_torch>=2.24"],
     },
 )

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 SUITES = {"window_attention": "attention", "contrastive_loss": "contrastive", "decode": "decode",
-          "train_step": "train"}  # fmt: skip
+          "train_step": "train", "swin-timm": "dropin", "swin-hf": "dropin", "clip-loss": "dropin"}  # fmt: skip
 SHAPE_SET_OF_X = {"layer": "lfvila", "stage": "video-swin-k400", "frames": "long-form", "window_tokens": "window-sweep"}
 BASELINES = {"window_attention": "videoswin-eager", "contrastive_loss": "naive", "decode": "pyav-1proc",
-             "train_step": "torch"}  # fmt: skip
+             "train_step": "torch", "swin-timm": "unpatched", "swin-hf": "unpatched",
+             "clip-loss": "open_clip"}  # fmt: skip
 # (metric, axis title, higher is better) in the order plotted; the first present is the table's headline metric.
 PLOTTED = (
     ("time", "median time (ms)", False),
@@ -43,9 +44,11 @@ def group_rows(rows: Sequence[dict]) -> dict[tuple[str, str, str], list[dict]]:
 
 
 def group_name(kernel: str, x_name: str) -> str:
-    """``<suite>-<shape set>``, e.g. ``attention-long-form``, ``contrastive-N``."""
+    """``<suite>-<shape set>``, e.g. ``attention-long-form``, ``contrastive-N``, ``dropin-swin-timm``."""
     suite = SUITES.get(kernel, kernel)
-    return f"{suite}-{SHAPE_SET_OF_X.get(x_name, x_name) if suite == 'attention' else x_name}"
+    if suite == "attention":
+        return f"{suite}-{SHAPE_SET_OF_X.get(x_name, x_name)}"
+    return f"{suite}-{kernel if suite == 'dropin' else x_name}"
 
 
 def _slug(text: str) -> str:

@@ -8,8 +8,9 @@ Commands (from the repository root; ``make bench`` runs the first with ``--label
     python -m benchmarks.run --suite contrastive --label try -- --sizes 1024,2048  # arguments after -- go to the suite
 
 Suites: ``attention`` (``bench_attention``, one call per shape set of ``--shapes``: a name, a comma-separated list or
-``all``), ``contrastive`` (``bench_contrastive``), ``decode`` (``bench_decode``), ``train`` (``bench_train_step``);
-``all`` runs them in that order. Each suite appends to ``<out-dir>/<suite>-<label>.csv`` (long format,
+``all``), ``contrastive`` (``bench_contrastive``), ``decode`` (``bench_decode``), ``train`` (``bench_train_step``),
+``dropin`` (``bench_dropin``: timm / transformers Swin and CLIP's loss, patched vs unpatched); ``all`` runs them in
+that order. Each suite appends to ``<out-dir>/<suite>-<label>.csv`` (long format,
 ``harness.SCHEMA``: machine, versions and commit in every row) and writes ``<suite>-<label>.md`` (the suite's own
 summary and targets); then ``benchmarks.plot`` draws ``<out-dir>/plots/<suite>-<set>-<label>.png`` and appends the
 tables to the markdown. On a CPU every suite runs at its reduced sizes.
@@ -28,10 +29,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-SUITES = ("attention", "contrastive", "decode", "train")
+SUITES = ("attention", "contrastive", "decode", "train", "dropin")
 MODULES = {"attention": "benchmarks.bench_attention", "contrastive": "benchmarks.bench_contrastive",
-           "decode": "benchmarks.bench_decode", "train": "benchmarks.bench_train_step"}  # fmt: skip
-TAKES_DEVICE = {"attention", "contrastive", "train"}  # bench_decode picks its own devices per provider
+           "decode": "benchmarks.bench_decode", "train": "benchmarks.bench_train_step",
+           "dropin": "benchmarks.bench_dropin"}  # fmt: skip
+TAKES_DEVICE = {"attention", "contrastive", "train", "dropin"}  # bench_decode picks its own devices per provider
 
 
 def _shape_sets(spec: str) -> list[str]:

@@ -10,7 +10,16 @@ Public API:
         a ``(N, d)``, b ``(M, d)`` -> scalar symmetric InfoNCE, O(N + M) memory
     distributed_contrastive_loss(a_local, b_local, group=None, ...): the same over the global batch of all ranks
     ContrastiveLoss(temperature=0.05, learnable=False, ...): the module, optional learnable temperature
+
+Drop-ins for other models (submodules, loaded on first use; they never import timm, transformers or open_clip):
+    patch.apply_window_attention(model, impl="auto", strict=True) -> PatchHandle (``.patched``, ``.skipped``,
+        ``.revert()``, context manager): the fused window attention swapped, per instance, into timm Swin v1,
+        transformers Swin and Video-Swin blocks; state dict unchanged
+    clip_loss.ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1):
+        open_clip's ``ClipLoss``, fused; ``forward(image (n, d), text (n, d), logit_scale) -> loss``
 """
+
+import importlib
 
 from .contrastive import contrastive_loss, distributed_contrastive_loss
 from .modules import ContrastiveLoss, WindowAttention3D
@@ -27,3 +36,14 @@ __all__ = [
     "window_attention_reference",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {"patch": "patch", "clip_loss": "clip_loss", "apply_window_attention": "patch", "PatchHandle": "patch",
+         "ClipLoss": "clip_loss"}  # fmt: skip
+
+
+def __getattr__(name: str):
+    """``lfvila_kernels.patch``, ``lfvila_kernels.clip_loss`` and their main names, imported on first access."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f".{_LAZY[name]}", __name__)
+    return module if name == _LAZY[name] else getattr(module, name)

@@ -1,0 +1,354 @@
+"""Drop-in benchmark: the training step of existing models with and without our kernels; append rows to a CSV.
+
+Commands (from the repository root)::
+
+    python -m benchmarks.bench_dropin --label h200-main          # CUDA: the full sizes below, bf16 autocast
+    python -m benchmarks.bench_dropin --label cpu-reduced        # CPU: the reduced sizes below, fp32
+    python -m benchmarks.bench_dropin --reduced --label gpu-smoke --out /tmp/dropin.csv   # reduced sizes on CUDA
+
+Workloads (the ``kernel`` column) and their providers (the first is the baseline):
+
+    swin-timm   timm Swin training step: AdamW, cross-entropy on the logits of random images (no weights loaded).
+                ``unpatched`` vs ``patched`` (``lfvila_kernels.patch.apply_window_attention``).
+                Full: ``swin_base_patch4_window12_384``, batch 32, bf16. Reduced: ``swin_tiny_patch4_window7_224``,
+                batch 2, fp32.
+    swin-hf     the same with transformers' ``SwinForImageClassification`` built from a config: Swin-B 384 (embed 128,
+                depths 2-2-18-2, window 12) at full size, the default Swin-T config at reduced size.
+    clip-loss   forward + backward of CLIP's loss on L2-normalised random features with a learnable logit scale:
+                ``open_clip`` (``open_clip.loss.ClipLoss``: two materialised N x N logit matrices) vs ``ours``
+                (``lfvila_kernels.clip_loss.ClipLoss``). Full: N = 32768, d = 512, bf16. Reduced: N = 4096, d = 256.
+
+Per (workload, provider) the CSV gets these rows (long format, ``benchmarks.harness.SCHEMA``):
+
+    time         ms    median and 20th/80th percentiles of the step (CUDA: triton.testing.do_bench)
+    memory       MB    CUDA: peak allocated during one step above what was allocated before; skipped on the CPU
+    max_abs_err  abs   the candidate only: Swin, max |logits patched - logits unpatched| of one eval-mode forward on
+                       the same weights; loss, max |difference| over the loss and the gradients of both feature sets
+                       and of the logit scale
+
+The model libraries are imported lazily: a workload whose library is missing, and any provider that raises, gives
+``failed`` rows with the reason; the run goes on. Benchmarks measure; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.util
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+
+MODE = {"swin-timm": "train-step", "swin-hf": "train-step", "clip-loss": "fwd+bwd"}
+PROVIDERS = {"swin-timm": ("unpatched", "patched"), "swin-hf": ("unpatched", "patched"),
+             "clip-loss": ("open_clip", "ours")}  # fmt: skip
+METRICS = (("time", "ms"), ("memory", "MB"), ("max_abs_err", "abs"))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_SWIN_B_384 = {"image_size": 384, "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32],
+                 "window_size": 12}  # fmt: skip
+
+
+@dataclass
+class Sizes:
+    """Problem sizes of one run. ``dtype``: autocast dtype for the Swin steps (fp32: none) and the features' dtype
+    for the loss. ``hf_config``: keyword arguments of ``transformers.SwinConfig`` (``{}``: Swin-T)."""
+
+    timm_model: str
+    image: int
+    batch: int
+    hf_config: dict = field(default_factory=dict)
+    loss_n: int = 4096
+    loss_dim: int = 256
+    dtype: torch.dtype = torch.float32
+    num_classes: int = 1000
+
+
+FULL = Sizes("swin_base_patch4_window12_384", 384, 32, HF_SWIN_B_384, 32768, 512, torch.bfloat16)
+REDUCED = Sizes("swin_tiny_patch4_window7_224", 224, 2, {}, 4096, 256, torch.float32)
+
+
+@dataclass
+class Prepared:
+    """A workload ready to time: ``providers[name] = (context factory, step)``; ``step()`` runs one step inside the
+    provider's context. ``error()`` -> ``(max_abs_err, note)`` of the candidate against the baseline."""
+
+    shape: str
+    providers: dict[str, tuple[Callable[[], contextlib.AbstractContextManager], Callable[[], object]]]
+    error: Callable[[], tuple[float, str]]
+
+
+# --------------------------------------------------------------------------------------------------- workloads
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _swin_prepare(model, logits_of, sizes: Sizes, device, impl: str, name: str) -> Prepared:
+    """Shared by both Swin workloads: ``logits_of(model, images) -> (B, classes)``."""
+    from lfvila_kernels.patch import apply_window_attention
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(sizes.batch, 3, sizes.image, sizes.image, generator=gen).to(device)  # (B, 3, H, W)
+    labels = torch.randint(0, sizes.num_classes, (sizes.batch,), generator=gen).to(device)
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, sizes.dtype):
+            loss = F.cross_entropy(logits_of(model, images).float(), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    @contextlib.contextmanager
+    def patched():
+        with apply_window_attention(model, impl=impl):
+            yield
+
+    def error():
+        model.eval()
+        try:
+            with torch.no_grad(), _autocast(device, sizes.dtype):
+                ref = logits_of(model, images).float()
+                with apply_window_attention(model, impl=impl):
+                    out = logits_of(model, images).float()
+        finally:
+            model.train()
+        note = f"eval-mode logits on the same weights; max |logit| {ref.abs().max():.3g}"
+        return (out - ref).abs().max().item(), note
+
+    model.train()
+    shape = f"model={name} image={sizes.image} batch={sizes.batch} classes={sizes.num_classes}"
+    return Prepared(shape, {"unpatched": (contextlib.nullcontext, step), "patched": (patched, step)}, error)
+
+
+def prepare_swin_timm(sizes: Sizes, device, impl: str = "auto") -> Prepared:
+    try:
+        import timm
+    except Exception as exc:  # ImportError, or a torchvision built for another torch raising anything else
+        raise ImportError(f"timm cannot be imported ({harness.describe_exception(exc)}); timm needs a torchvision "
+                          f"built for torch {torch.__version__}") from None  # fmt: skip
+    torch.manual_seed(0)
+    model = timm.create_model(sizes.timm_model, pretrained=False, num_classes=sizes.num_classes,
+                              img_size=sizes.image)  # fmt: skip
+    return _swin_prepare(model, lambda m, x: m(x), sizes, device, impl, sizes.timm_model)
+
+
+def prepare_swin_hf(sizes: Sizes, device, impl: str = "auto") -> Prepared:
+    from transformers import SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(0)
+    config = SwinConfig(**{"image_size": sizes.image, **sizes.hf_config}, num_labels=sizes.num_classes)
+    model = SwinForImageClassification(config)
+    name = (f"transformers-swin(embed={config.embed_dim} depths={'-'.join(map(str, config.depths))} "
+            f"window={config.window_size})")
+    return _swin_prepare(model, lambda m, x: m(pixel_values=x).logits, sizes, device, impl, name)
+
+
+def open_clip_loss_class():
+    """open_clip's ``ClipLoss``: from the package, or, where the package import fails (it imports torchvision at the
+    top), from its ``loss.py`` alone, which needs only torch. Raises ImportError when open_clip_torch is missing."""
+    try:
+        from open_clip.loss import ClipLoss
+
+        return ClipLoss
+    except Exception as exc:
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"open_clip_torch is not installed ({harness.describe_exception(exc)})") from exc
+        path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
+        module_spec = importlib.util.spec_from_file_location("_open_clip_loss_file", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.ClipLoss
+
+
+def prepare_clip_loss(sizes: Sizes, device, impl: str = "auto") -> Prepared:
+    from lfvila_kernels.clip_loss import ClipLoss
+
+    losses = {"open_clip": open_clip_loss_class()(), "ours": ClipLoss(impl=impl)}
+    gen = torch.Generator().manual_seed(0)
+    n, d = sizes.loss_n, sizes.loss_dim
+    image = F.normalize(torch.randn(n, d, generator=gen), dim=-1)
+    text = F.normalize(image + torch.randn(n, d, generator=gen) / d**0.5, dim=-1)
+    image, text = (t.to(device=device, dtype=sizes.dtype).requires_grad_(True) for t in (image, text))
+    log_scale = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)  # CLIP's initial scale
+
+    def make_step(loss_fn):
+        def step():
+            for t in (image, text, log_scale):
+                t.grad = None
+            loss = loss_fn(image, text, log_scale.exp())
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    def error():
+        results = []
+        for name in ("open_clip", "ours"):
+            loss = make_step(losses[name])()
+            results.append([loss.float()] + [t.grad.float() for t in (image, text, log_scale)])
+        diffs = [(a - b).abs().max().item() for a, b in zip(*results)]
+        return max(diffs), f"|loss difference| {diffs[0]:.3g}; gradients {max(diffs[1:]):.3g}"
+
+    steps = {name: (contextlib.nullcontext, make_step(fn)) for name, fn in losses.items()}
+    return Prepared(f"N={n} d={d} logit_scale=learnable", steps, error)
+
+
+WORKLOADS: dict[str, Callable[..., Prepared]] = {
+    "swin-timm": prepare_swin_timm,
+    "swin-hf": prepare_swin_hf,
+    "clip-loss": prepare_clip_loss,
+}
+
+
+# --------------------------------------------------------------------------------------------------- running
+def _measure_provider(context, step, device, timing) -> tuple[dict, float | None]:
+    with context():
+        step()  # first call outside the timing: lazy initialisation, optimizer state
+        times = harness.measure(step, device=device, **timing)
+        memory = harness.peak_memory(step, device)
+    return times, memory
+
+
+def _rows(kernel, provider, x_value, shape, dtype_name, cells) -> list[dict]:
+    """``cells``: metric -> (status, values, note), for the metrics this provider has."""
+    return [harness.make_row(kernel=kernel, provider=provider, mode=MODE.get(kernel, "train-step"), x_name="batch",
+                             x_value=x_value, shape=shape, metric=metric, unit=unit, dtype=dtype_name,
+                             values=cells[metric][1], status=cells[metric][0], note=cells[metric][2])
+            for metric, unit in METRICS if metric in cells]  # fmt: skip
+
+
+def _one(value: float) -> dict[str, float]:
+    return {"p50": value, "p20": value, "p80": value}
+
+
+def run(workloads: dict[str, Callable[..., Prepared]], sizes: Sizes, device, writer: harness.ResultWriter,
+        timing: dict | None = None, impl: str = "auto", providers: dict[str, Sequence[str]] | None = None,
+        log=print) -> list[dict]:  # fmt: skip
+    """Benchmark every workload's providers; append the rows to ``writer`` as they exist; return all rows.
+
+    ``providers[kernel]``: the provider names of a workload (default :data:`PROVIDERS`; the last one is the
+    candidate that gets the ``max_abs_err`` row). A workload that cannot be prepared gives failed rows for all.
+    """
+    device = torch.device(device)
+    dtype_name = str(sizes.dtype).replace("torch.", "")
+    timing = dict(timing or {})
+    written: list[dict] = []
+    for kernel, prepare in workloads.items():
+        names = tuple((providers or PROVIDERS).get(kernel, ("baseline", "candidate")))
+        batch = str(sizes.loss_n if kernel == "clip-loss" else sizes.batch)
+        prepared, note = harness.guarded(functools.partial(prepare, sizes, device, impl), device)
+        if note is not None:
+            log(f"{kernel:10s} failed to prepare: {note}")
+            for name in names:
+                cells = {m: ("failed", None, note) for m, _ in METRICS if m != "max_abs_err" or name == names[-1]}
+                written.extend(writer.write(_rows(kernel, name, batch, "", dtype_name, cells)))
+            continue
+        for name in names:
+            context, step = prepared.providers[name]
+            result, note = harness.guarded(functools.partial(_measure_provider, context, step, device, timing), device)
+            if note is not None:
+                cells = {"time": ("failed", None, note), "memory": ("failed", None, note)}
+                log(f"{kernel:10s} {name:10s} failed: {note}")
+            else:
+                times, memory = result
+                mem = ("ok", _one(memory), "") if memory is not None else ("skipped", None, "CUDA only")
+                cells = {"time": ("ok", times, ""), "memory": mem}
+                log(f"{kernel:10s} {name:10s} {times['p50']:10.1f} ms" + (f" {memory:9.0f} MB" if memory else ""))
+            if name == names[-1]:
+                err, err_note = harness.guarded(prepared.error, device)
+                cells["max_abs_err"] = ("failed", None, err_note) if err_note else ("ok", _one(err[0]), err[1])
+            written.extend(writer.write(_rows(kernel, name, batch, prepared.shape, dtype_name, cells)))
+        prepared = None
+        harness.free_memory(device)
+    return written
+
+
+# --------------------------------------------------------------------------------------------------- summary
+def markdown_summary(rows: Sequence[dict]) -> str:
+    """One table per workload: provider, median step time (speedup vs the baseline), peak memory (fraction of the
+    baseline), max abs error; a failed or skipped cell shows its status."""
+    parts = []
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        sel = [r for r in rows if r["kernel"] == kernel]
+        cell = {(r["provider"], r["metric"]): r for r in sel}
+        names = list(dict.fromkeys(r["provider"] for r in sel))
+        shape = next((r["shape"] for r in sel if r["shape"]), "")
+        lines = [f"**{kernel}** ({sel[0]['mode']}, {sel[0]['dtype']}{', ' + shape if shape else ''})", "",
+                 "| provider | time (ms) | peak memory (MB) | max abs err |", "|---|---|---|---|"]  # fmt: skip
+        for name in names:
+            out = []
+            for metric, relation in (("time", "speedup"), ("memory", "fraction"), ("max_abs_err", None)):
+                r, base = cell.get((name, metric)), cell.get((names[0], metric))
+                if r is None:
+                    out.append("")
+                elif r["status"] != "ok":
+                    out.append(r["status"])
+                else:
+                    v, extra = float(r["p50"]), ""
+                    if relation and name != names[0] and base and base["status"] == "ok" and v > 0:
+                        b = float(base["p50"])
+                        extra = f" ({b / v:.3g}x)" if relation == "speedup" else f" ({v / b:.3g}x)" if b > 0 else ""
+                    out.append(f"{v:.4g}{extra}")
+            lines.append(f"| {name} | " + " | ".join(out) + " |")
+        notes = sorted({r["note"] for r in sel if r["status"] == "failed" and r["note"]})
+        lines += [f"\nfailed: {n}" for n in notes]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_dropin", description=__doc__.split("\n")[0])
+    p.add_argument("--label", default="local", help="free text stored in every row (which run this is)")
+    p.add_argument("--out", default=None, help="CSV to append to; default benchmarks/results/dropin-<device>.csv")
+    p.add_argument("--markdown", default=None, help="also write the summary to this file")
+    p.add_argument("--reduced", action="store_true", help="the reduced (CPU) sizes on any device")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
+    p.add_argument("--impl", default="auto", choices=("auto", "triton", "torch"), help="our kernels' implementation")
+    p.add_argument("--batch", type=int, default=None, help="override the Swin batch")
+    p.add_argument("--loss-batch", type=int, default=None, help="override the loss batch N")
+    p.add_argument("--reps", type=int, default=5, help="CPU: timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=1, help="CPU: untimed steps before timing")
+    p.add_argument("--rep-ms", type=float, default=2000.0, help="CUDA: do_bench's timed budget in ms")
+    p.add_argument("--warmup-ms", type=float, default=500.0, help="CUDA: do_bench's warm-up budget in ms")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Run the benchmark from command-line arguments; print progress and the summary; return the rows written."""
+    args = _parse(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    names = args.workloads.split(",")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+    base = REDUCED if args.reduced or device.type == "cpu" else FULL
+    sizes = Sizes(**{**base.__dict__, **({"batch": args.batch} if args.batch else {}),
+                     **({"loss_n": args.loss_batch} if args.loss_batch else {})})  # fmt: skip
+    out = Path(args.out or f"benchmarks/results/dropin-{device.type}.csv")
+    env = harness.environment(device)
+    writer = harness.ResultWriter(out, env, args.label)
+    timing = {"warmup": args.warmup, "reps": args.reps, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms}
+    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}", flush=True)
+    print(f"# {sizes} workloads {names} -> {out}", flush=True)
+    start = time.perf_counter()
+    rows = run({n: WORKLOADS[n] for n in names}, sizes, device, writer, timing, impl=args.impl, log=harness.log)
+    return harness.finish(rows, out, start, markdown_summary(rows), args.markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Tests of the drop-in benchmark: rows and schema, failures recorded as rows, the summary. Tiny sizes, no timing
+asserted."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+
+import pytest
+import torch
+
+from benchmarks import bench_dropin as bd
+from benchmarks import harness
+
+CPU = torch.device("cpu")
+TINY = {"reps": 1, "warmup": 0}
+TINY_SIZES = bd.Sizes("swin_tiny_patch4_window7_224", 64, 1, {"embed_dim": 16, "depths": [2, 2], "num_heads": [2, 4],
+                      "window_size": 4}, loss_n=96, loss_dim=16, num_classes=10)  # fmt: skip
+
+
+def _writer(tmp_path, name="out.csv"):
+    return harness.ResultWriter(tmp_path / name, harness.environment(CPU), "test")
+
+
+def _no_prepare(sizes, device, impl="auto"):
+    raise RuntimeError("boom: cannot build this model")
+
+
+def _one_provider_fails(sizes, device, impl="auto"):
+    def bad():
+        raise RuntimeError("boom: step failed")
+
+    steps = {"base": (contextlib.nullcontext, lambda: torch.ones(2).sum()), "cand": (contextlib.nullcontext, bad)}
+    return bd.Prepared("toy", steps, lambda: (0.5, "toy error"))
+
+
+def _by(rows, kernel):
+    return {(r["provider"], r["metric"]): r for r in rows if r["kernel"] == kernel}
+
+
+def test_tiny_run_rows_schema_and_failures(tmp_path):
+    workloads = {"swin-hf": bd.prepare_swin_hf, "clip-loss": bd.prepare_clip_loss, "broken": _no_prepare,
+                 "half-broken": _one_provider_fails}  # fmt: skip
+    providers = {**bd.PROVIDERS, "broken": ("base", "cand"), "half-broken": ("base", "cand")}
+    rows = bd.run(workloads, TINY_SIZES, CPU, _writer(tmp_path), TINY, providers=providers, log=lambda m: None)
+    assert rows == harness.read_rows(tmp_path / "out.csv")
+    with open(tmp_path / "out.csv", newline="") as f:
+        assert tuple(next(csv.reader(f))) == harness.SCHEMA
+    assert len(rows) == 4 * 5  # per workload: time + memory for two providers, max_abs_err for the candidate
+
+    hf = _by(rows, "swin-hf")
+    assert {r["mode"] for r in hf.values()} == {"train-step"} and {r["x_value"] for r in hf.values()} == {"1"}
+    for name in ("unpatched", "patched"):
+        assert hf[(name, "time")]["status"] == "ok" and float(hf[(name, "time")]["p50"]) > 0
+        assert hf[(name, "memory")]["status"] == "skipped"  # CUDA only
+    assert ("unpatched", "max_abs_err") not in hf
+    assert hf[("patched", "max_abs_err")]["status"] == "ok" and float(hf[("patched", "max_abs_err")]["p50"]) < 1e-4
+    assert "window=4" in hf[("patched", "time")]["shape"]
+
+    loss = _by(rows, "clip-loss")
+    assert loss[("ours", "time")]["status"] == "ok" and loss[("ours", "time")]["shape"].startswith("N=96 d=16")
+    if loss[("open_clip", "time")]["status"] == "ok":  # open_clip_torch installed
+        assert float(loss[("ours", "max_abs_err")]["p50"]) < 1e-5
+    else:
+        assert "open_clip_torch is not installed" in loss[("open_clip", "time")]["note"]
+
+    broken = _by(rows, "broken")
+    assert len(broken) == 5 and all(r["status"] == "failed" for r in broken.values())
+    assert {r["note"] for r in broken.values()} == {"RuntimeError: boom: cannot build this model"}
+    half = _by(rows, "half-broken")
+    assert half[("base", "time")]["status"] == "ok"
+    assert half[("cand", "time")]["status"] == half[("cand", "memory")]["status"] == "failed"
+    assert half[("cand", "time")]["note"] == "RuntimeError: boom: step failed"
+    assert half[("cand", "max_abs_err")]["p50"] == "0.5" and half[("cand", "max_abs_err")]["note"] == "toy error"
+
+    summary = bd.markdown_summary(rows)
+    assert "**swin-hf** (train-step, float32, model=transformers-swin(embed=16 depths=2-2 window=4)" in summary
+    assert "| patched | " in summary and "x) | skipped | " in summary
+    assert "failed: RuntimeError: boom: cannot build this model" in summary
+    assert "| cand | failed | failed | 0.5 |" in summary
+
+
+def test_timm_workload_runs_or_records_why_not(tmp_path):
+    try:
+        import timm  # noqa: F401
+    except Exception as exc:  # e.g. torchvision built for another torch
+        reason = harness.describe_exception(exc)
+    else:
+        reason = None
+    rows = bd.run({"swin-timm": bd.prepare_swin_timm}, TINY_SIZES, CPU, _writer(tmp_path), TINY, log=lambda m: None)
+    assert [(r["provider"], r["metric"]) for r in rows] == [("unpatched", "time"), ("unpatched", "memory"),
+                                                          ("patched", "time"), ("patched", "memory"),
+                                                          ("patched", "max_abs_err")]  # fmt: skip
+    if reason is None:
+        assert rows[0]["status"] == rows[2]["status"] == rows[4]["status"] == "ok"
+        assert float(rows[4]["p50"]) < 1e-4
+    else:
+        assert {r["status"] for r in rows} == {"failed"}
+        assert all(r["note"].startswith("ImportError: timm cannot be imported") for r in rows)
+
+
+def test_cli_writes_csv_and_markdown(tmp_path, capsys):
+    out, md = tmp_path / "cli.csv", tmp_path / "summary.md"
+    rows = bd.main(["--label", "cli", "--out", str(out), "--markdown", str(md), "--workloads", "clip-loss",
+                    "--loss-batch", "64", "--reps", "1", "--warmup", "0", "--device", "cpu"])  # fmt: skip
+    assert {r["label"] for r in rows} == {"cli"} and {r["x_value"] for r in rows} == {"64"}
+    assert md.read_text().startswith("**clip-loss** (fwd+bwd, float32, N=64 d=256")
+    assert "rows appended to" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown workloads"):
+        bd.main(["--workloads", "resnet", "--out", str(out)])
