@@ -53,7 +53,7 @@ SCHEMA: tuple[str, ...] = (
     "torch",
     "triton",
     "python",
-    "commit",  # git rev-parse --short HEAD, "-dirty" with changed or untracked files, "unknown" without git
+    "commit",  # git rev-parse --short HEAD, "-dirty" with changed or untracked files outside benchmarks/results/
 )
 STATUSES = ("ok", "failed", "skipped")
 _NOTE_CHARS = 500
@@ -343,7 +343,9 @@ def _git_commit(root: Path) -> str:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = bool(git("status", "--porcelain"))  # untracked (not ignored) files too: they may be the code run
+        # Untracked (not ignored) files count too, they may be the code run; results written under
+        # benchmarks/results/ do not, so that a run appending there does not mark its own later rows dirty.
+        dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")

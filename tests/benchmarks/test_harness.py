@@ -264,3 +264,25 @@ def test_providers_match_reference_on_cuda(name, case):
     if reason:
         pytest.skip(reason)
     _check_provider(name, case, device=torch.device("cuda"))
+
+
+def test_commit_is_dirty_for_code_changes_but_not_for_results(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "old.csv").write_text("a\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    clean = harness._git_commit(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "new.csv").write_text("a\n")  # a run's output, new or appended
+    (tmp_path / "benchmarks" / "results" / "old.csv").write_text("a\nb\n")
+    assert harness._git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert harness._git_commit(tmp_path) == clean + "-dirty"
