@@ -12,8 +12,9 @@
 #                                                                # (the device README says how; DALI in 3 parts)
 #   bash benchmarks/gpu_session.sh train       h200-2026-11-22   # one LF-VILA stage-1 training step, triton vs torch
 #   bash benchmarks/gpu_session.sh train       h200-adamw --optimizer   # extra arguments go to bench_train_step
+#   bash benchmarks/gpu_session.sh dropin      h200-2026-11-22   # timm / transformers Swin-B and CLIP's loss
 set -uo pipefail
-stage=${1:?stage: tests | resources | attention | contrastive | decode | train}
+stage=${1:?stage: tests | resources | attention | contrastive | decode | train | dropin}
 label=${2:-$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")}
 out=${OUT:-benchmarks/results/_scratch}
 mkdir -p "$out"
@@ -44,5 +45,9 @@ case "$stage" in
     # device call; keep --reps modest if a step turns out slow.
     python3 -m benchmarks.bench_train_step --label "$label" --warmup 3 --reps 15 "${@:3}" \
       --out "$out/train-step-$label.csv" --markdown "$out/train-step-$label.md" ;;
+  dropin)
+    # timm swin_base_patch4_window12_384 and transformers Swin-B 384 (bf16, batch 32) patched vs unpatched, and the
+    # CLIP loss at N = 32768 vs open_clip's (open_clip_torch must be carried as a wheel; without it that row fails).
+    python3 -m benchmarks.run --suite dropin --label "$label" --out-dir "$out" "${@:3}" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
