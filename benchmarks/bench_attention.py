@@ -348,9 +348,7 @@ def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
     parts = []
     for metric in ("time", "memory"):
         if any(r["metric"] == metric and r["status"] == "ok" for r in rows):
-            parts += [
-                markdown_table(rows, metric, mode, baseline, False) for mode in dict.fromkeys(r["mode"] for r in rows)
-            ]
+            parts += [markdown_table(rows, metric, mode, baseline) for mode in dict.fromkeys(r["mode"] for r in rows)]
     targets = targets_report(rows)
     if targets:
         parts.append("**Targets** (measured, not asserted)\n\n" + "\n".join(targets))

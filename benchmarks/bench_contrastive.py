@@ -403,35 +403,6 @@ def run_rss(sizes, dim, providers: dict[str, Provider], dtype, writer, rss_opts=
 
 
 # --------------------------------------------------------------------------------------------------- summary
-def _table(rows, metric, mode, title, baseline, relation) -> str | None:
-    """A provider x N markdown table of one metric and mode; ``relation``: "speedup" (baseline / value) or
-    "fraction" (value / baseline) in parentheses. None when there is no such row."""
-    sel = [r for r in rows if r["metric"] == metric and r["mode"] == mode]
-    if not sel:
-        return None
-    sizes = sorted(dict.fromkeys(r["x_value"] for r in sel), key=int)
-    cell = {(r["provider"], r["x_value"]): r for r in sel}
-    lines = [f"**{title}**", "", "| provider | " + " | ".join(f"N={x}" for x in sizes) + " |",
-             "|---|" + "---|" * len(sizes)]  # fmt: skip
-    for provider in dict.fromkeys(r["provider"] for r in sel):
-        cells = []
-        for x in sizes:
-            r, base = cell.get((provider, x)), cell.get((baseline, x))
-            if r is None:
-                cells.append("")
-            elif r["status"] != "ok":
-                cells.append(r["status"])
-            else:
-                v = float(r["p50"])
-                extra = ""
-                if relation and base and base["status"] == "ok" and float(base["p50"]) > 0 and v > 0:
-                    ratio = float(base["p50"]) / v if relation == "speedup" else v / float(base["p50"])
-                    extra = f" ({ratio:.3g}x)"
-                cells.append(f"{v:.3g}{extra}")
-        lines.append(f"| {provider} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _pick(rows, provider, metric, n, dtype=None, dim=None):
     for r in rows:
         if (r["provider"], r["metric"], r["mode"], r["x_value"]) != (provider, metric, "fwd+bwd", str(n)):
@@ -483,10 +454,10 @@ def targets_report(rows: Sequence[dict]) -> list[str]:
 
 
 SUMMARY_TABLES = (  # (metric, mode, title, relation to the baseline in parentheses)
-    ("time", "fwd", "fwd time (median ms; speedup vs {})", "speedup"),
-    ("time", "fwd+bwd", "fwd+bwd time (median ms; speedup vs {})", "speedup"),
-    ("memory", "fwd+bwd", "fwd+bwd peak CUDA memory (MB; fraction of {})", "fraction"),
-    ("peak_rss", "fwd+bwd", "fwd+bwd peak RSS increase, fresh process (MB; fraction of {})", "fraction"),
+    ("time", "fwd", "fwd time (median ms; speedup vs {})", "baseline/value"),
+    ("time", "fwd+bwd", "fwd+bwd time (median ms; speedup vs {})", "baseline/value"),
+    ("memory", "fwd+bwd", "fwd+bwd peak CUDA memory (MB; fraction of {})", "value/baseline"),
+    ("peak_rss", "fwd+bwd", "fwd+bwd peak RSS increase, fresh process (MB; fraction of {})", "value/baseline"),
     ("max_abs_err", "fwd", "|loss - float64 loss|", None),
     ("max_abs_err", "fwd+bwd", "max |gradient - float64 gradient| over a and b", None),
 )
@@ -494,7 +465,10 @@ SUMMARY_TABLES = (  # (metric, mode, title, relation to the baseline in parenthe
 
 def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
     """Time per mode (median ms, speedup vs ``baseline``), peak memory, errors, and the targets that apply."""
-    parts = [_table(rows, m, mode, title.format(baseline), baseline, rel) for m, mode, title, rel in SUMMARY_TABLES]
+    from benchmarks.plot import markdown_table
+
+    parts = [markdown_table(rows, m, mode, baseline, rel, title.format(baseline))
+             for m, mode, title, rel in SUMMARY_TABLES]  # fmt: skip
     targets = targets_report(rows)
     if targets:
         parts.append("**Targets** (measured, not asserted)\n\n" + "\n".join(targets))

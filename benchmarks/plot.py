@@ -139,34 +139,44 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def markdown_table(rows: Sequence[dict], metric: str, mode: str, baseline: str | None, higher_better: bool) -> str:
-    """Provider x size table of one metric and mode: medians, with the speed-up over ``baseline`` where both ran."""
-    xs = _x_order(rows)
+def markdown_table(
+    rows: Sequence[dict],
+    metric: str,
+    mode: str,
+    baseline: str | None,
+    relation: str | None = "baseline/value",
+    title: str | None = None,
+) -> str:
+    """Provider x size table of one metric and mode: medians, and in parentheses the ratio to ``baseline`` where both
+    ran: ``relation`` ``"baseline/value"`` (a speed-up, for lower-is-better metrics), ``"value/baseline"`` (a
+    fraction of the baseline's memory, or a speed-up of a throughput) or None. "" when there is no such row."""
+    if relation not in ("baseline/value", "value/baseline", None):
+        raise ValueError(f"relation must be 'baseline/value', 'value/baseline' or None, got {relation!r}")
     sel = [r for r in rows if r["metric"] == metric and r["mode"] == mode]
     if not sel:
         return ""
+    xs = _x_order(sel)
     providers = list(dict.fromkeys(r["provider"] for r in sel))
     cell = {(r["provider"], r["x_value"]): r for r in sel}
-    unit = sel[0]["unit"]
-    has_base = baseline in providers
-    title = f"**{mode}**: {metric} ({unit}), median" + (f"; (speed-up vs {baseline})" if has_base else "")
-    lines = [title, "", f"| provider \\ {sel[0]['x_name']} | " + " | ".join(xs) + " |", "|---|" + "---|" * len(xs)]
+    with_ratio = relation is not None and baseline in providers
+    if title is None:
+        title = f"{mode}: {metric} ({sel[0]['unit']}), median" + (f"; ({relation} vs {baseline})" if with_ratio else "")
+    lines = [f"**{title}**", "", f"| provider \\ {sel[0]['x_name']} | " + " | ".join(xs) + " |",
+             "|---|" + "---|" * len(xs)]  # fmt: skip
     for p in providers:
         cells = []
         for x in xs:
-            r = cell.get((p, x))
+            r, b = cell.get((p, x)), cell.get((baseline, x))
             if r is None:
                 cells.append("")
             elif r["status"] != "ok":
                 cells.append(r["status"])
             else:
-                v = float(r["p50"])
-                b = cell.get((baseline, x))
-                speed = ""
-                if has_base and b is not None and b["status"] == "ok" and v > 0 and float(b["p50"]) > 0:
-                    ratio = v / float(b["p50"]) if higher_better else float(b["p50"]) / v
-                    speed = f" ({ratio:.2f}x)"
-                cells.append(_fmt(v) + speed)
+                v, extra = float(r["p50"]), ""
+                if with_ratio and b is not None and b["status"] == "ok" and v > 0 and float(b["p50"]) > 0:
+                    ratio = float(b["p50"]) / v if relation == "baseline/value" else v / float(b["p50"])
+                    extra = f" ({ratio:.3g}x)"
+                cells.append(_fmt(v) + extra)
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -189,7 +199,8 @@ def markdown_report(rows: Sequence[dict], images: dict | None = None) -> str:
             if not any(r["metric"] == metric and r["status"] == "ok" for r in group):
                 continue
             for mode in dict.fromkeys(r["mode"] for r in group):
-                table = markdown_table(group, metric, mode, BASELINES.get(kernel), higher)
+                relation = "value/baseline" if higher else "baseline/value"
+                table = markdown_table(group, metric, mode, BASELINES.get(kernel), relation)
                 if table:
                     parts.append(table)
         reasons: dict[tuple[str, str, str], dict] = {}

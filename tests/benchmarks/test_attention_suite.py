@@ -281,5 +281,16 @@ def test_plot_report_groups_and_reasons(tmp_path):
     images = plot.plot_all(rows, tmp_path / "plots", relative_to=tmp_path)
     assert images == {("r", "window_attention", "frames"): "plots/attention-long-form-r.png"}
     text = plot.markdown_report(rows, images)
-    assert "### attention-long-form (`r`)" in text and "**fwd+bwd**: memory (MB)" in text
+    assert "### attention-long-form (`r`)" in text and "**fwd+bwd: memory (MB)" in text
     assert "| a | 1 | 2 | 3 |" in text and "- `c` failed (8): RuntimeError: boom" in text
+
+
+def test_markdown_table_ratios():
+    rows = [_timed("r", "videoswin-eager", "l0", 2.0), _timed("r", "fast", "l0", 1.0)]
+    speed = plot.markdown_table(rows, "time", "fwd", "videoswin-eager")
+    assert "| fast | 1 (2x) |" in speed and "| videoswin-eager | 2 (1x) |" in speed
+    assert "| fast | 1 (0.5x) |" in plot.markdown_table(rows, "time", "fwd", "videoswin-eager", "value/baseline")
+    assert "| fast | 1 |" in plot.markdown_table(rows, "time", "fwd", "videoswin-eager", None, title="t")
+    assert plot.markdown_table(rows, "memory", "fwd", "videoswin-eager") == ""
+    with pytest.raises(ValueError, match="relation"):
+        plot.markdown_table(rows, "time", "fwd", "videoswin-eager", "speedup")

@@ -160,7 +160,7 @@ def test_main_end_to_end(tmp_path, capsys):
     assert rows == harness.read_rows(out)
     assert {r["label"] for r in rows} == {"e2e"}
     summary = md.read_text()
-    assert "| videoswin-eager |" in summary and "(1.00x)" in summary and "**fwd+bwd**" in summary
+    assert "| videoswin-eager |" in summary and "(1x)" in summary and "**fwd+bwd: time (ms)" in summary
     assert summary.strip() in capsys.readouterr().out
 
 
