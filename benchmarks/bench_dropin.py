@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
+from benchmarks.plot import cell_text
 
 MODE = {"swin-timm": "train-step", "swin-hf": "train-step", "clip-loss": "fwd+bwd"}
 PROVIDERS = {"swin-timm": ("unpatched", "patched"), "swin-hf": ("unpatched", "patched"),
@@ -289,19 +290,9 @@ def markdown_summary(rows: Sequence[dict]) -> str:
         lines = [f"**{kernel}** ({sel[0]['mode']}, {sel[0]['dtype']}{', ' + shape if shape else ''})", "",
                  "| provider | time (ms) | peak memory (MB) | max abs err |", "|---|---|---|---|"]  # fmt: skip
         for name in names:
-            out = []
-            for metric, relation in (("time", "speedup"), ("memory", "fraction"), ("max_abs_err", None)):
-                r, base = cell.get((name, metric)), cell.get((names[0], metric))
-                if r is None:
-                    out.append("")
-                elif r["status"] != "ok":
-                    out.append(r["status"])
-                else:
-                    v, extra = float(r["p50"]), ""
-                    if relation and name != names[0] and base and base["status"] == "ok" and v > 0:
-                        b = float(base["p50"])
-                        extra = f" ({b / v:.3g}x)" if relation == "speedup" else f" ({v / b:.3g}x)" if b > 0 else ""
-                    out.append(f"{v:.4g}{extra}")
+            metrics = (("time", "baseline/value"), ("memory", "value/baseline"), ("max_abs_err", None))
+            out = [cell_text(cell.get((name, m)), cell.get((names[0], m)) if name != names[0] else None, rel, digits=4)
+                   for m, rel in metrics]  # fmt: skip
             lines.append(f"| {name} | " + " | ".join(out) + " |")
         notes = sorted({r["note"] for r in sel if r["status"] == "failed" and r["note"]})
         lines += [f"\nfailed: {n}" for n in notes]

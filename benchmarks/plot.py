@@ -135,8 +135,18 @@ def plot_group(rows: Sequence[dict], path: str | Path, title: str) -> Path | Non
     return path
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.3g}"
+def cell_text(row: dict | None, base: dict | None, relation: str | None, digits: int = 3) -> str:
+    """One table cell: "" without a row, the status of a row that is not ok, else the median with, when ``base`` is an
+    ok row, the ratio in parentheses (``relation`` as in :func:`markdown_table`)."""
+    if row is None:
+        return ""
+    if row["status"] != "ok":
+        return row["status"]
+    v, extra = float(row["p50"]), ""
+    if relation and base is not None and base["status"] == "ok" and v > 0 and float(base["p50"]) > 0:
+        b = float(base["p50"])
+        extra = f" ({(b / v if relation == 'baseline/value' else v / b):.3g}x)"
+    return f"{v:.{digits}g}{extra}"
 
 
 def markdown_table(
@@ -164,19 +174,7 @@ def markdown_table(
     lines = [f"**{title}**", "", f"| provider \\ {sel[0]['x_name']} | " + " | ".join(xs) + " |",
              "|---|" + "---|" * len(xs)]  # fmt: skip
     for p in providers:
-        cells = []
-        for x in xs:
-            r, b = cell.get((p, x)), cell.get((baseline, x))
-            if r is None:
-                cells.append("")
-            elif r["status"] != "ok":
-                cells.append(r["status"])
-            else:
-                v, extra = float(r["p50"]), ""
-                if with_ratio and b is not None and b["status"] == "ok" and v > 0 and float(b["p50"]) > 0:
-                    ratio = float(b["p50"]) / v if relation == "baseline/value" else v / float(b["p50"])
-                    extra = f" ({ratio:.3g}x)"
-                cells.append(_fmt(v) + extra)
+        cells = [cell_text(cell.get((p, x)), cell.get((baseline, x)) if with_ratio else None, relation) for x in xs]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
