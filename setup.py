@@ -1,7 +1,9 @@
 """Distribution ``lfvila``: the LF-VILA model library (``lfvila``) and its Triton kernels (``lfvila_kernels``).
 
-The kernels live in the folder ``kernels/`` but install under the import name ``lfvila_kernels``: a top-level package
-named ``kernels`` would collide with Hugging Face's ``kernels`` distribution, which ``transformers`` probes at import.
+The kernels live in ``kernels/lfvila_kernels/``, so the folder path matches the import name ``lfvila_kernels``. The
+folder ``kernels/`` itself is no package (no ``__init__.py``): a package named ``kernels`` importable from the checkout
+root would shadow Hugging Face's ``kernels`` distribution, which ``transformers`` imports when it probes for it, and
+so load a second copy of our kernels that re-registers their ``torch.library`` ops over the first.
 Install torch first, pinned (``make test`` does): an unpinned torch requirement pulls a multi-GB CUDA build.
 """
 
@@ -13,7 +15,7 @@ setup(
     description="Fast LF-VILA: long-form video-language pre-training with fused Triton kernels",
     python_requires=">=3.10",
     packages=["lfvila", "lfvila_kernels"],
-    package_dir={"lfvila": "lfvila", "lfvila_kernels": "kernels"},
+    package_dir={"lfvila": "lfvila", "lfvila_kernels": "kernels/lfvila_kernels"},
     install_requires=[
         "torch>=2.5",
         "triton>=3.0",
@@ -27,7 +29,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.5", "nvidia-dali-cuda130>=2.0", "matplotlib>=3.7", "tensorboard>=2.14"],
+        "test": ["pytest>=8", "pytest-randomly>=3.15", "pytest-xdist>=3.5", "ruff>=0.5", "nvidia-dali-cuda130>=2.0",
+                 "matplotlib>=3.7", "tensorboard>=2.14"],
         "bench": ["matplotlib>=3.7"],
         "demo": ["matplotlib>=3.7", "tensorboard>=2.14"],
         "dali": ["nvidia-dali-cuda130>=2.0"],

@@ -21,6 +21,11 @@ Drop-ins for other models (submodules, loaded on first use; they never import ti
 
 import importlib
 
+if __name__ != "lfvila_kernels":
+    # A second copy under another name (e.g. ``kernels.lfvila_kernels`` from the checkout root) would re-register the
+    # ``lfvila_kernels::*`` torch.library ops with its own module state, silently replacing the first copy's: refuse.
+    raise ImportError(f"lfvila_kernels was imported as {__name__!r}; import it as lfvila_kernels")
+
 from .contrastive import contrastive_loss, distributed_contrastive_loss
 from .modules import ContrastiveLoss, WindowAttention3D
 from .reference import relative_position_index, window_attention_reference
