@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import lfvila_kernels.patch as patch_module
 from lfvila_kernels import relative_position_index, window_attention
 from lfvila_kernels.patch import PatchHandle, apply_window_attention
-from tests.kernels._compare import assert_within_eager_error
+from tests.kernels._compare import RoundedOps, assert_within_eager_error
 
 TIMM_ODD = (200, 232)  # patch grid 50 x 58: every stage pads its 7 x 7 windows, shifted blocks included
 
@@ -116,10 +116,15 @@ def _fused_calls():
 
 
 def _assert_patched_within_tolerance(model, x, run, impl="auto"):
-    """The documented rule: patched fp32 error vs the unpatched float64 model <= 2 x the unpatched fp32 error."""
+    """The documented rule (tests/kernels/_compare.py): the patched fp32 model's error against the unpatched float64
+    model is at most 2 x the unpatched fp32 model's error + the floor. Both fp32 runs go through RoundedOps, so every
+    op but our Triton kernels is correctly rounded: the yardstick is the same on every CPU, and what differs between
+    the two runs is the attention alone (with ``impl="torch"`` that is a different composition of rounded torch ops:
+    the check is then one of the function computed)."""
     oracle, g64 = _fwd_bwd(copy.deepcopy(model).double(), x.double(), run)
-    eager, g32 = _fwd_bwd(model, x, run)
-    with apply_window_attention(model, impl=impl) as handle, _fused_calls() as spy:
+    with RoundedOps():
+        eager, g32 = _fwd_bwd(model, x, run)
+    with apply_window_attention(model, impl=impl) as handle, _fused_calls() as spy, RoundedOps():
         assert handle.patched
         fused, gfused = _fwd_bwd(model, x, run)
         assert spy.call_count == len(handle.patched)  # every patched block ran fused, once
