@@ -180,13 +180,26 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     """``dir``: the run directory (checkpoints, metrics.jsonl, TensorBoard, config.yaml); ``resume``: ``auto``
-    (newest complete checkpoint in ``dir``, if any), ``none``, or a checkpoint path."""
+    (newest complete checkpoint in ``dir``, if any), ``none``, or a checkpoint path.
+
+    ``resume_changes``: what a resume does when this config differs from the checkpoint's in a key that changes the
+    schedule, the optimizer, the data or the model (``train.max_steps``, ``train.lr``, ``train.batch_size``,
+    ``data.train``, ``model.*``, ...; ``train.loop.RESUME_FREE`` lists the keys that may change, such as logging,
+    checkpointing, evaluation, ``data.num_workers`` and ``run.*``). ``refuse`` (default): a ValueError naming each
+    changed key with its old and new value, because the checkpoint's scheduler and optimizer would silently keep the
+    old schedule and hyperparameters. ``keep``: resume anyway, logging a warning that names the keys; the
+    checkpoint's lr schedule, optimizer state and data position are kept."""
 
     dir: str = "runs/default"
     resume: str = "auto"
+    resume_changes: str = "refuse"
     tensorboard: bool = True
     progress: bool = True
     device: str = "auto"
+
+    def __post_init__(self):
+        if self.resume_changes not in ("refuse", "keep"):
+            raise ConfigError(f"resume_changes: must be refuse or keep, got {self.resume_changes!r}")
 
 
 @dataclass

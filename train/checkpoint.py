@@ -92,6 +92,7 @@ __all__ = [
     "capture_rng",
     "latest_checkpoint",
     "load_checkpoint",
+    "read_state",
     "resolve_resume",
     "restore_rng",
     "save_checkpoint",
@@ -560,6 +561,26 @@ def _check_optimizer_state(file: Path, saved: Any, module: nn.Module, optimizer:
                                                  if set(have) - set(want) else [])]))
 
 
+def read_state(path) -> dict:
+    """The ``state`` dict saved with the checkpoint at ``path`` (what :func:`load_checkpoint` returns), read alone and
+    loading nothing: a caller can check it (e.g. the config it records) before restoring anything. The marker and the
+    file's recorded size are checked as in :func:`load_checkpoint` (:class:`CheckpointError` naming the file). Not
+    collective: every rank may call it (the run directory is shared)."""
+    path = Path(path)
+    return _read_state(path, _read_manifest(path))
+
+
+def _read_state(path: Path, manifest: dict) -> dict:
+    file = _checked_file(path, manifest, STATE_FILE, "loop state")
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
+    return state
+
+
 def load_checkpoint(path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler=None,
                     scaler=None, strict: bool = True) -> dict:
     """Restore a checkpoint written by :func:`save_checkpoint` into ``model`` (plain, DDP, ``torch.compile`` or FSDP2;
@@ -656,11 +677,4 @@ def _read_all(path: Path, module, optimizer, scheduler, scaler, strict: bool, ra
     rng = _torch_read(file)
     if not isinstance(rng, dict):
         raise CheckpointError(f"{file}: not an RNG state dict")
-    file = _checked_file(path, manifest, STATE_FILE, "loop state")
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: cannot read ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
-    return weights, optim_state, sched_state, scaler_state, rng, state
+    return weights, optim_state, sched_state, scaler_state, rng, _read_state(path, manifest)

@@ -12,7 +12,14 @@ the DataLoader path: its frames are the exact ones (DALI's resize differs from t
 
 Resuming mid-epoch: :class:`EpochSampler` draws one permutation per ``(seed, epoch)``, deals it to the ranks like
 ``DistributedSampler(drop_last=True)``, and can start at any batch of the epoch (``set_position``), so a resumed run
-sees exactly the samples the uninterrupted run would have, without decoding the ones it skips.
+sees exactly the samples the uninterrupted run would have, without decoding the ones it skips. Nothing here draws
+from the global RNGs, which the checkpoint saves for the model and the losses (``train.persist.capture_rng``): the
+sampler's order is a function of ``(seed, epoch)``, each sample's jitter / crop / flip of ``(seed, epoch, index)``
+(``VideoTextDataset``), and the DataLoaders' worker seeds of ``(seed, rank, epoch)`` (``SeededDataLoader``; a plain
+DataLoader would draw them from the global torch RNG at every ``iter()``, one draw more in a resumed run than in the
+uninterrupted one). So the data side needs no saved state beyond the position (epoch, batches consumed). This also
+matters with ``num_workers: 0``, where samples are loaded in the training process itself, one batch ahead of the
+step (:class:`Prefetcher`): a global draw there would be taken before the checkpoint and again after the resume.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from torch.utils.data import DataLoader, Sampler
 from lfvila.config import Config
 from lfvila.data import decode as decoding
 from lfvila.data.datasets import build_dataset
-from lfvila.data.loader import LoaderConfig, VideoTextDataset, build_loader, collate, to_model_input
+from lfvila.data.loader import LoaderConfig, SeededDataLoader, VideoTextDataset, build_loader, collate, to_model_input
 from lfvila.data.text import load_tokenizer
 
 
@@ -100,9 +107,9 @@ def use_dali(cfg: Config, device: torch.device) -> bool:
 
 
 def set_epoch(loader, epoch: int) -> None:
-    """Tell a training loader (DataLoader over ``VideoTextDataset``, or ``DaliLoader``) which epoch it serves (its
-    random draws depend on it)."""
-    target = getattr(loader, "dataset", loader)
+    """Tell a training loader (``SeededDataLoader`` over ``VideoTextDataset``, or ``DaliLoader``) which epoch it
+    serves (its random draws depend on it); a plain DataLoader passes it to its dataset."""
+    target = loader if hasattr(loader, "set_epoch") else getattr(loader, "dataset", None)
     if hasattr(target, "set_epoch"):
         target.set_epoch(epoch)
 
@@ -122,14 +129,17 @@ def train_loader(cfg: Config, tok, rank: int, world_size: int, device: torch.dev
         return loader, sampler
     dataset = VideoTextDataset(ann, tok, lcfg)
     workers = cfg.data.num_workers
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    loader = SeededDataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                              collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
+                              prefetch_factor=4 if workers else None, persistent_workers=False, seed=cfg.train.seed,
+                              rank=rank)
     return loader, sampler
 
 
 def eval_loader(cfg: Config, tok, split: str, rank: int, world_size: int) -> DataLoader:
-    """Each rank a disjoint, ordered part of ``split`` (no duplicate padding; ``batch["index"]`` to reorder)."""
+    """Each rank a disjoint, ordered part of ``split`` (no duplicate padding; ``batch["index"]`` to reorder). A
+    ``SeededDataLoader`` (``build_loader``), so evaluating in the middle of training draws nothing from the RNG
+    stream that the training steps consume."""
     batch = cfg.eval.batch_size or cfg.train.batch_size
     return build_loader(annotations(cfg, split), tok, loader_config(cfg, train=False), batch,
                         num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)

@@ -10,7 +10,11 @@
    when ``model.compile``;
 3. AdamW (fused on CUDA) with the official no-decay groups, a per-step schedule, a GradScaler for fp16;
 4. ``run.resume``: ``auto`` continues from the newest complete checkpoint in ``run.dir`` (weights, optimizer,
-   scheduler, scaler, RNG, the data position), so the losses after resuming equal the uninterrupted run's;
+   scheduler, scaler, RNG, the data position), so the losses after resuming equal the uninterrupted run's, bitwise on
+   the CPU (see "Random streams" below). A resume whose config differs from the checkpoint's in a key that changes
+   the schedule, the optimizer, the data or the model (:data:`RESUME_FREE` lists the keys that may change) raises a
+   ValueError naming each key with its old and new value; ``run.resume_changes: keep`` resumes anyway, with a
+   warning, keeping the checkpoint's schedule and optimizer state;
 5. the loop: bf16 autocast on CUDA (``train.precision``), gradient accumulation, clipping, a step whose loss (or
    gradient norm) is NaN/inf on any rank is skipped on every rank and counted (``train.max_bad_steps`` in a row stop
    the run), checkpoints every ``train.ckpt_every`` steps and at the end, evaluation every ``train.eval_every``
@@ -27,6 +31,23 @@ Tasks (``train.task``) and what they train and evaluate:
         (:func:`evaluate_qa`, ``eval.select: acc``). The loader's QA mode (``lfvila.data.loader``) follows the
         annotation format and must match the task.
 
+Random streams a training step consumes, and how a resumed run gets the same ones:
+    saved in the checkpoint (per rank, ``train.persist.capture_rng`` / ``restore_rng``): the global torch CPU
+        generator and every CUDA device's, Python ``random`` and numpy's global generator. They feed the model's
+        dropout and drop path, MTC's keys / values / negatives (``losses.mtc_sample``) and stage 2's MLM masking
+        (``losses.mlm_mask``), all of which draw from the global stream: no module or loss holds a generator of its
+        own (the loop passes none);
+    a pure function of (seed, epoch, position), nothing saved: the sample order (``EpochSampler``: ``(seed, epoch)``,
+        started at the saved batch), each sample's frame jitter / crop / flip (``(seed, epoch, index)``), and the
+        DataLoader worker seeds (``SeededDataLoader``: ``(seed, rank, epoch)``; train and eval loaders alike, so
+        neither iterating nor evaluating consumes the global stream);
+    kept out of the stream: the one-off FLOP count of the first step (``_count_flops``) runs under
+        ``torch.random.fork_rng``, so step 1 draws the same numbers whether or not the FLOPs are counted (they are not
+        counted under DDP / FSDP);
+    not reproduced: DALI's augmentation generators (``data.backend: dali``), reseeded per ``(seed, rank, epoch)``
+        but not savable, so a run resumed mid-epoch on DALI batches draws other crops and flips for the rest of that
+        epoch (``lfvila.data.dali_loader``).
+
 Throughput: clips/s (videos per second over all ranks), tokens/s (video patch tokens + real text tokens per second),
 data wait (% of step time blocked on the loader), and model FLOPs utilisation: the FLOPs of one training step are
 counted once with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions; the fused Triton attention
@@ -39,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -64,6 +86,8 @@ from . import dist
 from .dist import unwrap_model
 from .optim import apply_frozen_eval, build_optimizer, build_scheduler, freeze
 
+log = logging.getLogger(__name__)
+
 QA_TASKS = ("multichoice", "classification")
 LOSS_TERMS = ("loss", "vpc", "mtc", "mlm", "vtm", "ce", "span")  # scalar model outputs logged per step
 
@@ -80,6 +104,44 @@ def peak_tflops(device: torch.device) -> float | None:
         if key in name:
             return value
     return None
+
+
+# Config keys a resumed run may change freely: they decide what is logged, saved and evaluated, never what a training
+# step computes (entries ending in "." are whole sections). Every other key of model / data / train can change the
+# schedule, the optimizer, the data order or the model, and a resume that changes one is refused (run.resume_changes).
+RESUME_FREE = ("train.log_every", "train.ckpt_every", "train.eval_every", "train.keep_last", "train.max_bad_steps",
+               "data.num_workers", "data.val", "data.test", "eval.", "run.")
+_ABSENT = object()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested config dicts as ``{"train.lr": 1e-4, "model.overrides.text.vocab_size": 236, ...}`` (lists whole)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """``(key, checkpoint value, current value)`` for every dotted key outside :data:`RESUME_FREE` whose value differs
+    between two ``config_to_dict`` trees (``saved`` through JSON, so tuples compare as lists); a key only one side
+    has is paired with ``_ABSENT``."""
+    old, new = _flat(saved), _flat(json.loads(json.dumps(current)))
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUME_FREE or key.startswith(tuple(k for k in RESUME_FREE if k.endswith("."))):
+            continue
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a != b or (type(a) is not type(b) and not {type(a), type(b)} <= {int, float}):  # 1 == True, 1 == 1.0
+            changes.append((key, a, b))
+    return changes
+
+
+def _show(value) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
 
 
 def seed_everything(seed: int) -> None:
@@ -237,6 +299,9 @@ class Trainer:
         self.device = self.env.device
         seed_everything(cfg.train.seed + self.env.rank)
         self.run_dir = Path(cfg.run.dir)
+        resume = ckpt.resolve_resume(self.run_dir, cfg.run.resume)
+        if resume is not None:  # before config.yaml is replaced: a refused resume leaves the run directory as it was
+            self._check_resume_config(resume)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -283,7 +348,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.state = {"step": 0, "epoch": 0, "batch": 0, "bad_steps": 0, "bad_in_row": 0, "skipped_batches": 0,
                       "best": None, "best_step": None}
-        resume = ckpt.resolve_resume(self.run_dir, cfg.run.resume)
         if resume is not None:
             self.state.update(ckpt.load_checkpoint(resume, model=self.model, optimizer=self.optimizer,
                                                    scheduler=self.scheduler, scaler=self.scaler))
@@ -293,6 +357,33 @@ class Trainer:
         self._tb = None
 
     # ----------------------------------------------------------------------------------------------- setup
+
+    def _check_resume_config(self, path: Path) -> None:
+        """Compare this run's config with the one the checkpoint at ``path`` was written under (its ``state.json``),
+        before anything is loaded. The loaded scheduler keeps the checkpoint's schedule (its ``LRSchedule`` state:
+        total and warmup steps, shape) and the optimizer the checkpoint's hyperparameters, whatever the new config
+        says, and a changed batch size, seed or dataset moves the data position: so a change outside
+        :data:`RESUME_FREE` is refused (ValueError naming each key, old -> new) unless ``run.resume_changes: keep``,
+        which logs the keys instead. Every rank reads the same file, so every rank decides alike."""
+        saved = ckpt.read_state(path).get("config")
+        if not isinstance(saved, dict):
+            if self.env.is_main:
+                log.warning("%s records no config: cannot check that this run's config matches it", path)
+            return
+        changes = resume_changes(saved, config_to_dict(self.cfg))
+        if not changes:
+            return
+        listing = "; ".join(f"{key}: {_show(old)} -> {_show(new)}" for key, old, new in changes)
+        if self.cfg.run.resume_changes == "keep":
+            if self.env.is_main:
+                log.warning("resuming from %s although the config changed (run.resume_changes: keep): %s. The "
+                            "checkpoint's lr schedule, optimizer state and hyperparameters and its data position are "
+                            "kept; the losses will follow neither config's uninterrupted run", path, listing)
+            return
+        raise ValueError(f"run.resume: {path} was written under another config; these keys change the schedule, the "
+                         f"optimizer, the data or the model (checkpoint -> now): {listing}. Resume with the "
+                         f"checkpoint's values, start a new run.dir, or set run.resume_changes: keep to continue with "
+                         f"the checkpoint's schedule and optimizer state")
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.env.distributed:
@@ -377,10 +468,14 @@ class Trainer:
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
-        with counter, self._autocast():
-            out = self._loss(batch)
-        with counter:
-            out["loss"].backward()
+        # the extra forward draws random numbers (dropout, MTC): fork the RNGs so that step 1 draws what it would
+        # draw without the count (distributed runs skip it) and the checkpointed stream is the training steps' alone
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            with counter, self._autocast():
+                out = self._loss(batch)
+            with counter:
+                out["loss"].backward()
         self.optimizer.zero_grad(set_to_none=True)
         self._flops_per_step = counter.get_total_flops() * self.cfg.train.grad_accum
 

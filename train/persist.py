@@ -20,7 +20,11 @@ def capture_rng() -> dict[str, Any]:
     """This process's RNG states: ``python`` (``random.getstate()``), ``numpy`` (the legacy global generator, as
     ``{"keys": int64 tensor, "pos", "has_gauss", "cached_gaussian"}``), ``torch`` (CPU ``ByteTensor``) and, once this
     process has initialised CUDA, ``cuda`` (one ``ByteTensor`` per visible device). Only tensors, numbers, tuples,
-    dicts: it can be saved and read back with ``weights_only=True``."""
+    dicts: it can be saved and read back with ``weights_only=True``.
+
+    These are the streams the training steps consume (dropout, drop path, MTC's draws, MLM masking). The data side
+    needs none of them saved, and must not draw from them: its randomness is a function of the seed, the rank, the
+    epoch and the sample (``train.data``), so what it would draw is not part of this state."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np

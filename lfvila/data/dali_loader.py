@@ -71,6 +71,9 @@ class DaliLoader:
     ``EpochSampler``) instead of the default ones. ``set_epoch`` reseeds DALI's generators from ``(seed, rank, epoch)``:
     the augmentation of an epoch does not depend on where the previous one stopped, but DALI's generator state cannot
     be saved, so a run resumed mid-epoch draws other crops and flips for the rest of that epoch (same samples).
+    Nothing here draws from the global torch / numpy / ``random`` generators (the sampler, the frame plans and DALI
+    have their own), so iterating this loader leaves the stream that the training steps consume, and that the
+    checkpoint saves, untouched.
     """
 
     def __init__(self, annotations: AnnotationDataset, tokenizer, cfg: LoaderConfig, batch_size: int,

@@ -345,6 +345,55 @@ def collate(samples: list[dict | None]) -> dict | None:
     return batch
 
 
+def loader_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of a :class:`SeededDataLoader`'s own generator: a well-mixed 64-bit function of ``(seed, rank, epoch)``
+    (``numpy.random.SeedSequence``), so neighbouring seeds, ranks and epochs get unrelated streams."""
+    entropy = [int(v) % 2**64 for v in (seed, rank, epoch)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
+
+class SeededDataLoader(DataLoader):
+    """A ``DataLoader`` whose iterators never draw from the global torch RNG.
+
+    Why: every ``iter(DataLoader)`` draws its ``_base_seed`` (the seed of its worker processes) from ``generator``, and
+    a DataLoader built without one draws it from the *global* torch generator, the one the model's dropout and the
+    losses (MTC's keys and values, MLM masking) consume. A run resumed mid-epoch restores the global RNG from its
+    checkpoint and then creates a fresh iterator, where the uninterrupted run created its iterator at the start of the
+    epoch, before the steps that consumed the stream: the resumed run's stream is shifted by that draw, and every
+    random draw of the steps after it differs. (An evaluation loader taken in the middle of training does the same.)
+
+    Here ``generator`` is the loader's own and is reseeded from :func:`loader_seed` ``(seed, rank, epoch)`` at every
+    ``iter()``, so the base seed is a pure function of the run's seed, the rank and the epoch, and nothing needs
+    saving: a mid-epoch iterator of a resumed run gets the base seed its epoch had. Worker ``i`` then seeds torch and
+    ``random`` with ``base_seed + i`` and numpy with a state derived from ``(base_seed, i)`` (``torch.utils.data``'s
+    worker loop): those depend on ``(seed, rank, epoch, i)`` only. :class:`VideoTextDataset` draws nothing from them
+    (its per-sample randomness comes from ``(seed, epoch, index)``), so neither the worker that serves a sample nor the
+    batch at which an epoch was resumed changes what a batch holds. An explicit sampler keeps its own randomness
+    (``DistributedSampler``, the training loop's ``EpochSampler``: seeded per epoch); with ``shuffle=True`` and no
+    sampler, the DataLoader's ``RandomSampler`` would draw from this reseeded generator.
+
+    ``set_epoch(epoch)`` selects the epoch's generator seed and passes the epoch on to the dataset and the sampler
+    when they have a ``set_epoch``.
+    """
+
+    def __init__(self, *args, seed: int = 0, rank: int = 0, **kwargs):
+        if kwargs.get("generator") is not None:
+            raise ValueError("SeededDataLoader makes its own generator (from seed, rank and the epoch)")
+        kwargs["generator"] = torch.Generator()
+        super().__init__(*args, **kwargs)
+        self.seed, self.rank, self.epoch = int(seed), int(rank), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        for part in (self.dataset, self.sampler):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(self.epoch)
+
+    def __iter__(self):
+        self.generator.manual_seed(loader_seed(self.seed, self.rank, self.epoch))
+        return super().__iter__()
+
+
 class _ShardSampler(Sampler[int]):
     """Evaluation sharding: this rank's disjoint part of the dataset, in order (every item once over all ranks)."""
 
@@ -363,9 +412,11 @@ def build_loader(annotations: AnnotationDataset, tokenizer, cfg: LoaderConfig, b
                  drop_last: bool | None = None) -> DataLoader:
     """A DataLoader over ``annotations`` for rank ``rank`` of ``world_size``.
 
-    Training (``cfg.train``): shuffled with ``DistributedSampler`` (seeded; call ``loader.sampler.set_epoch`` and
-    ``loader.dataset.set_epoch`` each epoch), ``drop_last`` by default. Evaluation: each rank a disjoint, ordered part
-    (no duplicate padding), so gathered results cover the dataset exactly once; use ``batch["index"]`` to reorder.
+    Training (``cfg.train``): shuffled with ``DistributedSampler`` (seeded; call ``loader.set_epoch`` each epoch,
+    which sets the sampler's, the dataset's and the generator's epoch), ``drop_last`` by default. Evaluation: each rank
+    a disjoint, ordered part (no duplicate padding), so gathered results cover the dataset exactly once; use
+    ``batch["index"]`` to reorder. Either way a :class:`SeededDataLoader` seeded from ``(cfg.seed, rank, epoch)``:
+    iterating it never consumes the global torch RNG.
     """
     dataset = VideoTextDataset(annotations, tokenizer, cfg)
     if cfg.train:
@@ -373,11 +424,12 @@ def build_loader(annotations: AnnotationDataset, tokenizer, cfg: LoaderConfig, b
                                      drop_last=True)
     else:
         sampler = _ShardSampler(len(dataset), rank, world_size)
-    return DataLoader(
+    return SeededDataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=cfg.train if drop_last is None else drop_last,
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=num_workers > 0,
+        seed=cfg.seed, rank=rank,
     )
 
 

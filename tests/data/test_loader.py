@@ -115,3 +115,24 @@ def test_to_model_input_normalises_on_the_device():
     for c in range(3):
         expected = (128 / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
         assert torch.allclose(x[0, c], torch.full_like(x[0, c], expected), atol=1e-6)
+
+
+def test_iterating_never_touches_the_global_rng_and_worker_seeds_follow_the_epoch(synthetic):
+    # a plain DataLoader draws every iterator's worker base seed from the global torch RNG, which a resumed run has
+    # just restored: one draw more than the uninterrupted run, and every later dropout / MTC draw differs
+    for loader in (_loader(synthetic), _loader(synthetic, train=True, workers=2)):
+        before = torch.get_rng_state()
+        assert sum(1 for _ in loader) >= 1
+        assert torch.equal(torch.get_rng_state(), before)
+
+    def base_seed(rank=0, epoch=0, seed=0):
+        loader = _loader(synthetic, train=True, rank=rank, world_size=2, seed=seed)
+        loader.set_epoch(epoch)
+        assert loader.sampler.epoch == epoch and loader.dataset.epoch == epoch
+        return iter(loader)._base_seed
+
+    torch.manual_seed(0)
+    first = base_seed()
+    torch.manual_seed(1)  # the global state does not matter
+    assert base_seed() == first == base_seed()  # a fresh iterator mid-epoch gets its epoch's seed
+    assert len({first, base_seed(epoch=1), base_seed(rank=1), base_seed(seed=1)}) == 4
