@@ -424,12 +424,15 @@ class Variant:
     """A provider: its builder; optionally ``refusal(device, dtype) -> reason or None`` for known no-gos (the
     benchmark records a ``skipped`` row with the reason instead of running it); ``computes``: the function it computes,
     one of :data:`COMPUTES` (``htwa``: the benchmarked problem itself; the others are speed references, checked against
-    their own function); ``bias``: whether it adds the relative-position bias (and so has a bias gradient)."""
+    their own function); ``bias``: whether it adds the relative-position bias (and so has a bias gradient);
+    ``compiles``: whether it compiles per shape and mode (torch.compile), so that ``bench_attention``'s compile
+    budget applies to it."""
 
     make: Builder
     refusal: Callable[[torch.device, torch.dtype], str | None] | None = None
     computes: str = "htwa"
     bias: bool = True
+    compiles: bool = False
 
     def __post_init__(self):
         if self.computes not in COMPUTES:
@@ -442,7 +445,7 @@ VARIANTS: dict[str, Variant] = {
     "htwa-torch": Variant(make_htwa_torch),
     "videoswin-eager": Variant(make_videoswin_eager),
     "sdpa-dense-bias": Variant(make_sdpa_dense_bias),
-    "flex": Variant(make_flex),
+    "flex": Variant(make_flex, compiles=True),
     "xformers": Variant(make_xformers, _all(_importable("xformers", "xformers"), _cuda_only("xformers"))),
     "sdpa-no-bias": Variant(make_sdpa_no_bias, computes="windows-no-bias", bias=False),
     "flash-attn": Variant(

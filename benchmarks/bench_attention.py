@@ -20,6 +20,13 @@ table. Per (shape, provider, mode) the CSV gets these rows:
     max_abs_err  abs       fwd only: max |output - fp32 reference of the function the provider computes|
     bias_grad_deterministic  bool  fwd+bwd only: 1 if three backward passes gave a bitwise-identical bias-table
                            gradient, else 0 (skipped for providers without a bias)
+    compile_time s         wall time of building the provider and its first call (torch.compile, Triton JIT and
+                           block-mask construction included; for an already compiled shape, the first call alone)
+
+Compile budget (``--compile-budget S``): a provider that compiles per shape (FlexAttention: one torch.compile per
+shape and mode, tens of seconds each) is not run for the remaining (shape, mode)s once its compile times add up to
+more than S seconds in this run; those rows are ``skipped`` with the time spent in the note. A failed attempt counts
+with its whole wall time. This bounds what one slow compiler can take of a GPU session.
 
 A provider that raises (OOM, an unsupported shape, a kernel that does not build) gives ``failed`` rows with the
 exception text and the run goes on; one that cannot run on this machine at all (the Triton kernel on a CPU without
@@ -70,6 +77,7 @@ METRICS = (
     ("memory", "MB"),
     ("max_abs_err", "abs"),
     ("bias_grad_deterministic", "bool"),
+    ("compile_time", "s"),
 )
 MODES = ("fwd", "bwd", "fwd+bwd")
 MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # multiples of the forward (flash-attention's convention)
@@ -219,6 +227,9 @@ def _measure_one(variant, case, mode, inputs, reference, device, timing) -> dict
     grad = mode != "fwd"
     q, k, v = (t.detach().clone().requires_grad_(grad) for t in (q0, k0, v0))
     table = table0.detach().clone().requires_grad_(grad) if variant.bias else None
+    if device.type == "cuda":  # the build's clock starts with no earlier work in flight
+        torch.cuda.synchronize(device)
+    built = time.perf_counter()
     forward = variant.make(q, k, v, case.window, case.shift, table, case.head_dim**-0.5)
     prepared = isinstance(forward, PrePartitioned)  # works on copies laid out in set-up: those get the gradients
     leaves = (list(forward.leaves) if prepared else [q, k, v]) + ([table] if table is not None else [])
@@ -246,6 +257,9 @@ def _measure_one(variant, case, mode, inputs, reference, device, timing) -> dict
 
     values = {}
     first = step()  # compiles / autotunes where the provider does; its output is checked in fwd mode
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    values["compile_time"] = _once(time.perf_counter() - built)
     if mode == "fwd":
         if isinstance(reference, torch.Tensor):
             got = forward.to_tokens(first) if prepared else first
@@ -295,6 +309,7 @@ def run(
     timing: dict | None = None,
     log=print,
     full_max_flops: float | None = None,
+    compile_budget: float | None = None,
 ) -> list[dict]:
     """Benchmark every (case, provider, mode); append its rows to ``writer`` as soon as they exist; return all rows.
 
@@ -302,12 +317,16 @@ def run(
     :func:`benchmarks.harness.measure` (``warmup``, ``reps``, ``warmup_ms``, ``rep_ms``). ``full_max_flops``: full
     attention is skipped (with the reason) where one call would exceed this many FLOPs (default
     :func:`default_full_max_flops`); it grows quadratically with T, so the long shapes would otherwise take hours.
+    ``compile_budget``: seconds of compilation a provider with ``Variant.compiles`` may spend in this call (its
+    ``compile_time`` values, or the whole wall time of a failed attempt); once over, its remaining (case, mode)s are
+    skipped with the reason. None: no bound.
     """
     device = torch.device(device)
     dtype_name = str(dtype).replace("torch.", "")
     timing = dict(timing or {})
     full_max_flops = default_full_max_flops(device) if full_max_flops is None else full_max_flops
     written: list[dict] = []
+    compiled_s: dict[str, float] = {}  # seconds of build + first call so far, per compiling provider
     for case in cases:
         inputs = make_inputs(case, dtype, device)
         references: dict[str, torch.Tensor | str] = {}
@@ -318,6 +337,10 @@ def run(
                 flops = attention_flops(case, mode, variant.computes)
                 if not reason and variant.computes == "full" and flops > full_max_flops:
                     reason = f"full attention: {flops:.3g} FLOPs per call exceeds the budget of {full_max_flops:.3g}"
+                spent = compiled_s.get(provider, 0.0)
+                if not reason and variant.compiles and compile_budget is not None and spent > compile_budget:
+                    reason = (f"compile budget: {provider} already spent {spent:.1f} s compiling in this run, over "
+                              f"--compile-budget {compile_budget:g} s; not run for the remaining shapes")  # fmt: skip
                 if reason:
                     rows = _rows(case, provider, mode, dtype_name, {}, "skipped", reason)
                     log(f"{case.name:8s} {provider:16s} {mode:8s} skipped: {reason}")
@@ -327,7 +350,11 @@ def run(
                     job = functools.partial(
                         _measure_one, variant, case, mode, inputs, references.get(variant.computes), device, timing
                     )
+                    started = time.perf_counter()
                     values, note = harness.guarded(job, device)
+                    if variant.compiles:
+                        took = values["compile_time"]["p50"] if note is None else time.perf_counter() - started
+                        compiled_s[provider] = spent + took
                     if note is None:
                         rows = _rows(case, provider, mode, dtype_name, values)
                         log(f"{case.name:8s} {provider:16s} {mode:8s} {values['time']['p50']:10.3f} ms")
@@ -352,12 +379,39 @@ def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
     targets = targets_report(rows)
     if targets:
         parts.append("**Targets** (measured, not asserted)\n\n" + "\n".join(targets))
+    compiled = compile_report(rows)
+    if compiled:
+        parts.append("**Build + first call** (compilation included)\n\n" + "\n".join(compiled))
     return "\n\n".join(p for p in parts if p)
 
 
 # The window-attention issue's targets for htwa-triton, fwd+bwd on the lfvila set: at least this speed-up over each.
 SPEEDUP_TARGETS = (("videoswin-eager", 3.0), ("sdpa-dense-bias", 2.0), ("flex", 1.5))
 OURS = "htwa-triton"
+MEMORY_TARGET = ("videoswin-eager", 0.3)  # fwd+bwd peak memory of ours <= 0.3x eager's on every lfvila layer
+TFLOPS_TARGET = (480, 200.0)  # forward >= 200 TFLOP/s on the layer whose windows hold 480 tokens (lfvila layer5)
+LINEAR_MAX_EXPONENT = 1.2  # long-form: time ~ T^k with k at most this counts as linear growth
+
+
+def target_heads() -> list[str]:
+    """The first words of each target line of :func:`targets_report` (after ``"- "``), in report order: how a
+    session summary finds a target's verdict, or knows that it was not run."""
+    heads = [f"{OURS} fwd+bwd >= {target:g}x {other} on lfvila" for other, target in SPEEDUP_TARGETS]
+    heads.append(f"{OURS} fwd+bwd peak memory <= {MEMORY_TARGET[1]:g}x {MEMORY_TARGET[0]} on lfvila")
+    heads.append(f"{OURS} fwd >= {TFLOPS_TARGET[1]:g} TFLOP/s on the {TFLOPS_TARGET[0]}-token window layer")
+    heads.append(f"long-form {OURS} fwd+bwd grows linearly in T")
+    return heads
+
+
+def _window_tokens(shape: str) -> int | None:
+    """Tokens per window from a row's ``shape`` (``... window=32x3x5 ...`` -> 480), None if absent."""
+    for part in shape.split():
+        if part.startswith("window="):
+            count = 1
+            for w in part.removeprefix("window=").split("x"):
+                count *= int(w)
+            return count
+    return None
 
 
 def _growth_exponent(points: Sequence[tuple[float, float]]) -> float | None:
@@ -373,33 +427,82 @@ def _growth_exponent(points: Sequence[tuple[float, float]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else None
 
 
+def _ok_values(rows: Sequence[dict], metric: str) -> dict[tuple[str, str, str, str], float]:
+    return {(r["provider"], r["mode"], r["x_name"], r["x_value"]): float(r["p50"]) for r in rows
+            if r["metric"] == metric and r["status"] == "ok" and r["p50"] != ""}  # fmt: skip
+
+
 def targets_report(rows: Sequence[dict]) -> list[str]:
-    """The speed-up targets on ``layer`` rows (lfvila) and the growth exponent in T on ``frames`` rows (long-form)."""
-    ok = {(r["provider"], r["mode"], r["x_name"], r["x_value"]): float(r["p50"]) for r in rows
-          if r["metric"] == "time" and r["status"] == "ok"}  # fmt: skip
+    """The issue's targets that these rows can answer (reported, never asserted): on ``layer`` rows (lfvila) the
+    fwd+bwd speed-ups over eager Video-Swin, SDPA with a dense bias and FlexAttention, the fwd+bwd peak memory
+    against eager's, and the forward TFLOP/s on the 480-token layer; on ``frames`` rows (long-form) the growth
+    exponent in T of every provider, with a verdict (linear: k <= 1.2) for ours in fwd+bwd."""
+    ok = _ok_values(rows, "time")
+    heads = target_heads()
     lines = []
     layers = list(dict.fromkeys(r["x_value"] for r in rows if r["x_name"] == "layer"))
-    for other, target in SPEEDUP_TARGETS:
+    for head, (other, target) in zip(heads, SPEEDUP_TARGETS):
         ratios = [ok[(other, "fwd+bwd", "layer", x)] / ok[(OURS, "fwd+bwd", "layer", x)] for x in layers
                   if (other, "fwd+bwd", "layer", x) in ok and (OURS, "fwd+bwd", "layer", x) in ok]  # fmt: skip
         if layers and not ratios:
-            lines.append(
-                f"- {OURS} fwd+bwd >= {target:g}x {other} on lfvila: not measured here (needs ok rows of both)"
-            )
+            lines.append(f"- {head}: not measured here (needs ok rows of both)")
         elif ratios:
             low = min(ratios)
             verdict = "met" if low >= target else "not met"
-            lines.append(f"- {OURS} fwd+bwd >= {target:g}x {other} on lfvila: {low:.2f}x to {max(ratios):.2f}x over "
-                         f"{len(ratios)} layers ({verdict})")  # fmt: skip
+            lines.append(f"- {head}: {low:.2f}x to {max(ratios):.2f}x over {len(ratios)} layers ({verdict})")
+    if layers:
+        mem = _ok_values(rows, "memory")
+        other, bound = MEMORY_TARGET
+        pairs = [(mem.get((OURS, "fwd+bwd", "layer", x)), mem.get((other, "fwd+bwd", "layer", x))) for x in layers]
+        fractions = [ours / base for ours, base in pairs if ours is not None and base]
+        if fractions:
+            verdict = "met" if max(fractions) <= bound else "not met"
+            lines.append(f"- {heads[3]}: {min(fractions):.3g}x to {max(fractions):.3g}x over {len(fractions)} layers "
+                         f"(activations and the q, k, v, table gradients; {verdict})")  # fmt: skip
+        else:
+            lines.append(f"- {heads[3]}: not measured here (needs ok fwd+bwd memory rows of both; CUDA only)")
+        tokens, floor = TFLOPS_TARGET
+        wanted = {r["x_value"] for r in rows if r["x_name"] == "layer" and _window_tokens(r.get("shape", "")) == tokens}
+        tf = [v for (p, m, xn, x), v in _ok_values(rows, "tflops").items()
+              if p == OURS and m == "fwd" and xn == "layer" and x in wanted]  # fmt: skip
+        if tf:
+            lines.append(f"- {heads[4]}: {max(tf):.4g} TFLOP/s ({'met' if max(tf) >= floor else 'not met'})")
+        else:
+            why = "needs an ok fwd row of it" if wanted else f"no layer with {tokens}-token windows in these rows"
+            lines.append(f"- {heads[4]}: not measured here ({why})")
     if any(r["x_name"] == "frames" for r in rows):
         for provider in dict.fromkeys(r["provider"] for r in rows if r["x_name"] == "frames"):
             for mode in ("fwd", "fwd+bwd"):
                 pts = sorted((float(x), ms) for (p, m, xn, x), ms in ok.items()
                              if p == provider and m == mode and xn == "frames")  # fmt: skip
                 k = _growth_exponent(pts)
-                if k is not None:
-                    lines.append(f"- long-form {provider} {mode}: time ~ T^{k:.2f} over T = "
-                                 f"{', '.join(f'{t:g}' for t, _ in pts)} (1 = linear, 2 = quadratic)")  # fmt: skip
+                if k is None:
+                    continue
+                growth = (f"time ~ T^{k:.2f} over T = {', '.join(f'{t:g}' for t, _ in pts)} "
+                          "(1 = linear, 2 = quadratic)")  # fmt: skip
+                if provider == OURS and mode == "fwd+bwd":
+                    verdict = "met" if k <= LINEAR_MAX_EXPONENT else "not met"
+                    lines.append(f"- {heads[5]}: {growth}; target k <= {LINEAR_MAX_EXPONENT:g} ({verdict})")
+                else:
+                    lines.append(f"- long-form {provider} {mode}: {growth}")
+        if not any(line.startswith(f"- {heads[5]}") for line in lines):
+            lines.append(f"- {heads[5]}: not measured here (needs ok fwd+bwd rows of {OURS} at two T or more)")
+    return lines
+
+
+def compile_report(rows: Sequence[dict]) -> list[str]:
+    """Per provider with ``compile_time`` rows: the seconds spent building and first-calling it, in total and at
+    most per (shape, mode), and how many (shape, mode)s the compile budget skipped."""
+    lines = []
+    for provider in dict.fromkeys(r["provider"] for r in rows if r["metric"] == "compile_time"):
+        mine = [r for r in rows if r["provider"] == provider and r["metric"] == "compile_time"]
+        took = [float(r["p50"]) for r in mine if r["status"] == "ok" and r["p50"] != ""]
+        over = sum(r["status"] == "skipped" and r["note"].startswith("compile budget") for r in mine)
+        if not took and not over:
+            continue
+        text = f"- {provider} compile time: {sum(took):.1f} s over {len(took)} (shape, mode)s"
+        text += f", at most {max(took):.1f} s" if took else ""
+        lines.append(text + (f"; {over} skipped by the compile budget" if over else ""))
     return lines
 
 
@@ -413,11 +516,16 @@ def _parse(argv):
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--cases", default=None, help="comma-separated subset of the set's shapes by x value (e.g. "
+                   "layer0,layer5 or 32,64); default: all")  # fmt: skip
     p.add_argument("--batch", type=int, default=None, help="batch of every shape (default: the set's)")
     p.add_argument("--frames", type=int, default=None, help="T of every shape (default: the set's)")
     p.add_argument("--full", action="store_true", help="on the CPU too, use the real sizes")
     p.add_argument("--full-max-flops", type=float, default=None, help="skip full attention above this many FLOPs "
                    "per call (default: 2e11 on the CPU, 1e15 on CUDA)")  # fmt: skip
+    p.add_argument("--compile-budget", type=float, default=None, metavar="S", help="seconds a compiling provider "
+                   "(flex) may spend compiling in this run before its remaining shapes are skipped (default: no "
+                   "bound)")  # fmt: skip
     p.add_argument("--out", default=None, help="CSV to append to; default benchmarks/results/attention-<cpu|cuda>.csv")
     p.add_argument("--markdown", default=None, help="also write the summary table to this file")
     p.add_argument("--reps", type=int, default=10, help="CPU: timed calls per measurement")
@@ -462,6 +570,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     reduced = cpu and not args.full
     dtype = DTYPES[args.dtype or ("fp32" if cpu else "bf16")]
     cases = (shape_set.reduced if reduced else shape_set.full)(args.batch, args.frames)
+    if args.cases:
+        wanted = args.cases.split(",")
+        unknown = [c for c in wanted if c not in {case.name for case in cases}]
+        if unknown:
+            raise SystemExit(f"--cases: {unknown} not in the {args.shapes} set; choose from {[c.name for c in cases]}")
+        cases = [case for case in cases if case.name in wanted]
+    if args.compile_budget is not None and args.compile_budget < 0:
+        raise SystemExit(f"--compile-budget must be >= 0, got {args.compile_budget}")
     out = Path(args.out or f"benchmarks/results/attention-{device.type}.csv")
     env = harness.environment(device)
     writer = harness.ResultWriter(out, env, args.label)
@@ -472,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"# {args.shapes}: {len(cases)} shapes, dtype {dtype}, providers {names}, modes {modes} -> {out}", flush=True)
     start = time.perf_counter()
     rows = run(cases, {n: VARIANTS[n] for n in names}, modes, dtype, device, writer, timing, log=harness.log,
-               full_max_flops=args.full_max_flops)  # fmt: skip
+               full_max_flops=args.full_max_flops, compile_budget=args.compile_budget)  # fmt: skip
     return harness.finish(rows, out, start, markdown_summary(rows), args.markdown)
 
 

@@ -423,6 +423,14 @@ RATIO_TARGETS = (
 )  # fmt: skip
 
 
+def target_heads(include_cpu: bool = True) -> list[str]:
+    """The first words of each target line of :func:`targets_report` (after ``"- "``), in report order: how a
+    session summary finds a target's verdict. ``include_cpu=False`` leaves out the CPU peak-RSS target."""
+    heads = [f"{what} at N={n}, d={dim}, {dtype}" for what, _, _, n, dtype, dim, _, _ in RATIO_TARGETS
+             if include_cpu or not what.startswith("CPU")]  # fmt: skip
+    return heads + [f"N={CUDA_SIZES[-1]} (target: ours runs where naive runs out of memory)"]
+
+
 def targets_report(rows: Sequence[dict]) -> list[str]:
     """The issue's targets, evaluated from whichever of the needed rows exist (reported, never asserted)."""
     lines = []
@@ -453,6 +461,25 @@ def targets_report(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+def largest_n_report(rows: Sequence[dict]) -> list[str]:
+    """Per provider with fwd+bwd ``time`` rows: the largest N it ran at, and the smallest N where it did not run (why:
+    the note's first words), e.g. ``- largest N, fwd+bwd: naive 65536 (131072 failed: OutOfMemoryError: ...)``."""
+    lines = []
+    for provider in dict.fromkeys(r["provider"] for r in rows):
+        mine = [r for r in rows if r["provider"] == provider and r["metric"] == "time" and r["mode"] == "fwd+bwd"]
+        if not mine:
+            continue
+        ran = [int(r["x_value"]) for r in mine if r["status"] == "ok"]
+        best = max(ran) if ran else None
+        above = [r for r in mine if r["status"] != "ok" and (best is None or int(r["x_value"]) > best)]
+        text = f"- largest N, fwd+bwd: {provider} {best if best is not None else 'none'}"
+        if above:
+            r = min(above, key=lambda r: int(r["x_value"]))
+            text += f" ({r['x_value']} {r['status']}: {r['note'][:100]})"
+        lines.append(text)
+    return lines
+
+
 SUMMARY_TABLES = (  # (metric, mode, title, relation to the baseline in parentheses)
     ("time", "fwd", "fwd time (median ms; speedup vs {})", "baseline/value"),
     ("time", "fwd+bwd", "fwd+bwd time (median ms; speedup vs {})", "baseline/value"),
@@ -472,6 +499,9 @@ def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
     targets = targets_report(rows)
     if targets:
         parts.append("**Targets** (measured, not asserted)\n\n" + "\n".join(targets))
+    largest = largest_n_report(rows)
+    if largest:
+        parts.append("**Largest N** (the sizes of this run)\n\n" + "\n".join(largest))
     return "\n\n".join(p for p in parts if p)
 
 

@@ -493,6 +493,11 @@ def markdown_summary(rows: Sequence[dict]) -> str:
     return "\n\n".join(out)
 
 
+def target_heads() -> list[str]:
+    """The first words of each target line of :func:`targets_report` (after ``"- "``): one per workload."""
+    return list(WORKLOADS)
+
+
 def targets_report(rows: Sequence[dict]) -> list[str]:
     """The issue's target: the best GPU provider's clips/s >= 3x pyav-Nproc's on prepared H.264, per workload."""
     lines = [f"Target (issue): a GPU path >= {TARGET_RATIO:g}x the clips/s of {TARGET_BASE} on {TARGET_INPUT}."]

@@ -28,6 +28,10 @@ Per (workload, provider) the CSV gets these rows (long format, ``benchmarks.harn
 
 The model libraries are imported lazily: a workload whose library is missing, and any provider that raises, gives
 ``failed`` rows with the reason; the run goes on. Benchmarks measure; nothing is asserted.
+
+timm without a working torchvision: timm imports torchvision at the top of its package although its Swin code never
+uses it; where that import fails (not installed, or built for another torch), :func:`import_timm` imports timm with an
+inert stand-in for torchvision (every attribute a class that raises when used), as the drop-in tests do.
 """
 
 from __future__ import annotations
@@ -35,9 +39,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import math
+import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,12 +141,69 @@ def _swin_prepare(model, logits_of, sizes: Sizes, device, impl: str, name: str) 
     return Prepared(shape, {"unpatched": (contextlib.nullcontext, step), "patched": (patched, step)}, error)
 
 
-def prepare_swin_timm(sizes: Sizes, device, impl: str = "auto") -> Prepared:
+class _InertMeta(type):
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _InertMeta(name, (_Inert,), {})
+
+
+class _Inert(metaclass=_InertMeta):
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError(f"{type(self).__name__}: torchvision is not usable here (inert stand-in for timm)")
+
+
+class _InertModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _InertMeta(name, (_Inert,), {})
+
+
+class _InertTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Answers every ``torchvision`` import with an :class:`_InertModule` (a package, so submodules import too)."""
+
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "torchvision":
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _InertModule(spec.name)
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+
+def import_timm():
+    """timm as it is; where importing it fails (its torchvision import: missing, or built for another torch), timm
+    imported again with the inert torchvision stand-in, which is removed from ``sys.modules`` right after. Raises
+    ImportError naming both failures when that does not work either."""
     try:
         import timm
-    except Exception as exc:  # ImportError, or a torchvision built for another torch raising anything else
-        raise ImportError(f"timm cannot be imported ({harness.describe_exception(exc)}); timm needs a torchvision "
-                          f"built for torch {torch.__version__}") from None  # fmt: skip
+
+        return timm
+    except Exception as exc:  # ImportError, or RuntimeError from a torchvision built for another torch
+        first = harness.describe_exception(exc)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("timm", "torchvision")]:
+        del sys.modules[name]
+    finder = _InertTorchvision()
+    sys.meta_path.insert(0, finder)
+    try:
+        import timm
+
+        return timm
+    except Exception as exc:
+        raise ImportError(f"timm cannot be imported ({first}; with an inert torchvision: "
+                          f"{harness.describe_exception(exc)})") from None  # fmt: skip
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+
+
+def prepare_swin_timm(sizes: Sizes, device, impl: str = "auto") -> Prepared:
+    timm = import_timm()
     torch.manual_seed(0)
     model = timm.create_model(sizes.timm_model, pretrained=False, num_classes=sizes.num_classes,
                               img_size=sizes.image)  # fmt: skip
@@ -298,6 +363,31 @@ def markdown_summary(rows: Sequence[dict]) -> str:
         lines += [f"\nfailed: {n}" for n in notes]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def comparison_report(rows: Sequence[dict]) -> list[str]:
+    """One line per workload: the candidate against the baseline (median step time, peak memory, max abs error), or
+    why it was not measured. The issue sets no number for the drop-ins: these are figures, not verdicts."""
+    lines = []
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        cell = {(r["provider"], r["metric"]): r for r in rows if r["kernel"] == kernel}
+        base, cand = PROVIDERS.get(kernel, tuple(dict.fromkeys(p for p, _ in cell)))[:2]
+        parts = []
+        for metric, unit, relation in (("time", "ms", "faster"), ("memory", "MB", "of the memory")):
+            a, b = cell.get((cand, metric)), cell.get((base, metric))
+            if a and b and a["status"] == b["status"] == "ok" and float(a["p50"]) > 0 and float(b["p50"]) > 0:
+                x, y = float(a["p50"]), float(b["p50"])
+                ratio = y / x if metric == "time" else x / y
+                parts.append(f"{metric} {x:.4g} vs {y:.4g} {unit} ({ratio:.3g}x {relation})")
+            else:
+                bad = next((r for r in (a, b) if r is not None and r["status"] != "ok"), None)
+                parts.append(f"{metric} not measured" + (f" ({bad['provider']} {bad['status']}: {bad['note'][:120]})"
+                                                          if bad else ""))  # fmt: skip
+        err = cell.get((cand, "max_abs_err"))
+        if err and err["status"] == "ok":
+            parts.append(f"max abs err {float(err['p50']):.3g}")
+        lines.append(f"- {kernel}: {cand} vs {base}: " + "; ".join(parts))
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -44,6 +44,14 @@ Rows per provider (``kernel="train_step"``, ``mode`` ``fwd+bwd`` or ``fwd+bwd+ad
                            inputs, AdamW state): activations, gradients, temporaries (harness.peak_memory)
     memory_total  MB       CUDA: the same peak including what was allocated before (torch.cuda.max_memory_allocated)
     loss          value    ``loss`` of the first step (seed ``--seed`` set just before it); note: its VPC and MTC
+    step_flops    TFLOP    FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (aten matmuls,
+                           convolutions, SDPA; forward and backward): what this provider's aten ops do. Our fused
+                           Triton kernels are not aten ops, so the triton provider's count leaves them out
+    tflops        TFLOP/s  model FLOPs / step time; the model's FLOPs are the torch provider's count (every op of the
+                           step is an aten op there), or the provider's own count when torch did not run (the note
+                           says which); the same numerator for both providers, so the ratio is the speed-up
+    mfu           fraction model TFLOP/s / the GPU's dense bf16 tensor-core peak (:data:`PEAK_BF16_TFLOPS`, by device
+                           name); skipped on a CPU, for an unknown GPU and for fp32 runs
     peak_rss      MB       CPU (unless ``--no-rss``): peak resident set increase of one step in a fresh process, one
                            process per provider, after a warm-up step on a minimal problem (1 video, 1 frame per
                            clip, 64 x 64: thread pools, lazy initialisation, AdamW state) there (harness.
@@ -82,6 +90,10 @@ CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 TOKEN_RANGE = (1000, 30000)
 TARGET_SPEEDUP, TARGET_MEMORY = 1.5, 0.7
 MIN_WARMUP = 2
+# Dense bf16 tensor-core peak (TFLOP/s) by a substring of the device name: the table of train/loop.py (a test keeps
+# the two equal). Not imported from there: train.loop imports train.data, hence PyAV, which the GPU machine lacks.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                    "L4": 121.0, "A10": 125.0}  # fmt: skip
 
 # Defaults per device: (model, batch, frames, (height, width), dtype flag).
 CUDA_DEFAULTS = ("lfvila-base-model", 16, 32, (192, 320), "bf16")  # the issue's configuration
@@ -318,7 +330,60 @@ def measure_provider(
         else:
             why = "peak memory is measured on CUDA only (CPU: the peak_rss rows)"
             cells["memory"] = cells["memory_total"] = ("skipped", None, why)
+        flops, note = harness.guarded(functools.partial(count_step_flops, step), device)  # a failed count keeps
+        if note is None:  # the timings: only its own row fails
+            what = "FlopCounterMode over one step (aten ops: matmuls, convolutions, SDPA)"
+            cells["step_flops"] = ("ok", _one(flops / 1e12), what + ("; our Triton kernels are not counted"
+                                                                     if provider.impl == "triton" else ""))  # fmt: skip
+        else:
+            cells["step_flops"] = ("failed", None, note)
     return cells
+
+
+def count_step_flops(step: Callable[[], object]) -> int:
+    """FLOPs of one call of ``step`` (forward and backward) that ``torch.utils.flop_counter.FlopCounterMode`` sees:
+    aten matmuls, convolutions and attention; custom Triton kernels count 0."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def peak_tflops(device: torch.device) -> tuple[float | None, str]:
+    """(dense bf16 peak TFLOP/s of ``device``, how it was found), or (None, why there is none)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, f"no peak FLOP/s for a {device.type.upper()} device"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value, f"{name}: dense bf16 peak {value:g} TFLOP/s"
+    return None, f"no dense bf16 peak known for {name} (benchmarks.bench_train_step.PEAK_BF16_TFLOPS)"
+
+
+def throughput_cells(cells: dict[str, tuple], model_flops: tuple[float, str] | None, peak: tuple[float | None, str],
+                     dtype: torch.dtype) -> dict[str, tuple]:  # fmt: skip
+    """The ``tflops`` and ``mfu`` cells of one provider from its ``time`` cell, the model's FLOPs per step
+    ``(TFLOP, where the count comes from)`` and the device's ``peak_tflops``."""
+    status, t, note = cells.get("time", ("skipped", None, "not measured"))
+    if status != "ok" or model_flops is None:
+        why = note if status != "ok" else "no FLOP count"
+        return {"tflops": (status if status != "ok" else "skipped", None, why),
+                "mfu": (status if status != "ok" else "skipped", None, why)}  # fmt: skip
+    tflop, source = model_flops
+    pairs = (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))  # throughput's p20 comes from time's p80
+    rate = {k: tflop / (t[src] * 1e-3) for k, src in pairs}
+    out = {"tflops": ("ok", rate, f"{tflop:.4g} TFLOP per step ({source}) / step time")}
+    value, how = peak
+    if value is None:
+        out["mfu"] = ("skipped", None, how)
+    elif dtype != torch.bfloat16:
+        out["mfu"] = ("skipped", None, f"MFU is against the bf16 tensor-core peak; this run is {dtype}")
+    else:
+        out["mfu"] = ("ok", {k: v / value for k, v in rate.items()}, how)
+    return out
 
 
 def measure_rss(
@@ -383,7 +448,9 @@ def _rss_cell(name, problem, rss_opts, log) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------------- running
-METRICS = (("time", "ms"), ("clips_per_s", "clips/s"), ("memory", "MB"), ("memory_total", "MB"), ("loss", "value"))
+METRICS = (("time", "ms"), ("clips_per_s", "clips/s"), ("memory", "MB"), ("memory_total", "MB"), ("loss", "value"),
+           ("step_flops", "TFLOP"))  # fmt: skip
+DERIVED = (("tflops", "TFLOP/s"), ("mfu", "fraction"))  # written for every provider once all have run
 
 
 def metrics(device: torch.device, rss: bool) -> list[tuple[str, str]]:
@@ -403,13 +470,30 @@ def run(
     rss_opts: dict | None = None,
     log=print,
 ) -> list[dict]:
-    """Measure every provider on ``problem``; append its rows to ``writer`` as soon as they exist; return all rows."""
+    """Measure every provider on ``problem``; append its rows to ``writer`` as soon as they exist; return all rows.
+
+    The :data:`DERIVED` rows (model TFLOP/s, MFU) of every provider come last, once the torch provider's FLOP count
+    (the model's FLOPs) is known."""
     device = torch.device(device)
     cfg = model_config(problem.model)
     shape = problem.shape(cfg.text.num_sentences, cfg.text.max_len)
     dtype_name = str(problem.dtype).replace("torch.", "")
     wanted = metrics(device, rss)
     written: list[dict] = []
+    measured: dict[str, dict[str, tuple]] = {}
+
+    def make_rows(name, metric_units, cells, status, note):
+        rows = []
+        for metric, unit in metric_units:
+            row_status, values, row_note = cells.get(metric, ("skipped", None, "not measured")) if status == "ok" \
+                else (status, None, note)  # fmt: skip
+            rows.append(harness.make_row(
+                kernel=KERNEL, provider=name, mode=problem.mode, x_name="batch", x_value=str(problem.batch),
+                shape=shape, metric=metric, unit=unit, dtype=dtype_name, values=values, status=row_status,
+                note=row_note,
+            ))  # fmt: skip
+        return rows
+
     for name, provider in providers.items():
         log(f"{name}: {provider.description or provider.impl}")
         reason = refusal(provider, device, interpret_ok)
@@ -426,17 +510,22 @@ def run(
                     cells["peak_rss"] = _rss_cell(name, problem, rss_opts or {}, log)
             else:
                 log(f"  failed: {note}")
-        rows = []
-        for metric, unit in wanted:
-            row_status, values, row_note = cells.get(metric, ("skipped", None, "not measured")) if status == "ok" \
-                else (status, None, note)  # fmt: skip
-            rows.append(harness.make_row(
-                kernel=KERNEL, provider=name, mode=problem.mode, x_name="batch", x_value=str(problem.batch),
-                shape=shape, metric=metric, unit=unit, dtype=dtype_name, values=values, status=row_status,
-                note=row_note,
-            ))  # fmt: skip
-        written.extend(writer.write(rows))
+        measured[name] = cells if status == "ok" else {m: (status, None, note) for m, _ in wanted}
+        written.extend(writer.write(make_rows(name, wanted, cells, status, note)))
         harness.free_memory(device)
+
+    base = measured.get(BASELINE, {}).get("step_flops", ("skipped", None, ""))
+    peak = peak_tflops(device)
+    for name, cells in measured.items():
+        own = cells.get("step_flops", ("skipped", None, ""))
+        if base[0] == "ok":
+            model_flops = (base[1]["p50"], f"counted on the {BASELINE} provider's step")
+        elif own[0] == "ok":
+            model_flops = (own[1]["p50"], "this provider's own count: the torch provider did not run")
+        else:
+            model_flops = None
+        derived = throughput_cells(cells, model_flops, peak, problem.dtype)
+        written.extend(writer.write(make_rows(name, DERIVED, derived, "ok", "")))
     return written
 
 
@@ -448,6 +537,9 @@ SUMMARY_ROWS = (  # (metric, label, relation of ours to the baseline: "speedup" 
     ("memory_total", "peak allocated memory (MB)", "fraction"),
     ("peak_rss", "peak RSS increase, fresh process (MB)", "fraction"),
     ("loss", "first-step loss", "difference"),
+    ("step_flops", "FLOPs per step, counted (TFLOP)", "fraction"),
+    ("tflops", "model TFLOP/s", "fraction"),
+    ("mfu", "MFU (fraction of the dense bf16 peak)", "fraction"),
 )
 
 
@@ -459,14 +551,21 @@ def _fmt(value: float) -> str:
     return f"{value:.5g}" if abs(value) < 1e5 else f"{value:.0f}"
 
 
+TARGETS = (("clips_per_s", "clips/s", TARGET_SPEEDUP, ">="), ("memory_total", "peak memory", TARGET_MEMORY, "<="))
+
+
+def target_heads() -> list[str]:
+    """The first words of each line of :func:`target_report` (after ``"- "``): how a session summary finds them."""
+    return [f"{what} {OURS} / {BASELINE} (target {sign} {bound:g})" for _, what, bound, sign in TARGETS]
+
+
 def target_report(rows: Sequence[dict]) -> list[str]:
     """The issue's target, evaluated from the rows if both providers ran (reported, never asserted)."""
     cell = {(r["provider"], r["metric"]): r for r in rows}
     lines = []
-    for metric, what, bound, sign in (("clips_per_s", "clips/s", TARGET_SPEEDUP, ">="),
-                                      ("memory_total", "peak memory", TARGET_MEMORY, "<=")):  # fmt: skip
+    for (metric, _what, bound, sign), head in zip(TARGETS, target_heads()):
         ours, base = cell.get((OURS, metric)), cell.get((BASELINE, metric))
-        head = f"- {what} {OURS} / {BASELINE} (target {sign} {bound:g}):"
+        head = f"- {head}:"
         if _ok(ours) and _ok(base) and float(base["p50"]) > 0:
             ratio = float(ours["p50"]) / float(base["p50"])
             met = ratio >= bound if sign == ">=" else ratio <= bound

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 
 import pytest
 import torch
@@ -154,7 +155,9 @@ def test_run_modes_determinism_references_and_budget(tmp_path):
                   full_max_flops=ba.attention_flops(cases[1], "fwd+bwd", "full"))  # fmt: skip
     cell = {(r["provider"], r["x_value"], r["mode"], r["metric"]): r for r in rows}
     metrics = {m for (_, _, mode, m) in cell if mode == "bwd"}
-    assert metrics == {"time", "tflops", "memory"}
+    assert metrics == {"time", "tflops", "memory", "compile_time"}
+    assert all(float(cell[(p, x, m, "compile_time")]["p50"]) > 0 for p in ("htwa-torch", "wobbly") for x in
+               ("tiny-div", "tiny-pad") for m in ba.MODES)  # fmt: skip
     for mode in ba.MODES:
         assert cell[("htwa-torch", "tiny-div", mode, "time")]["status"] == "ok"
     assert float(cell[("htwa-torch", "tiny-div", "fwd+bwd", "bias_grad_deterministic")]["p50"]) == 1.0
@@ -189,6 +192,63 @@ def test_targets_report_speedups_and_growth():
     assert ">= 2x sdpa-dense-bias on lfvila: 1.50x to 1.50x over 1 layers (not met)" in text
     assert ">= 1.5x flex on lfvila: not measured here" in text
     assert "long-form htwa-triton fwd: time ~ T^1.00" in text and "long-form full-sdpa fwd: time ~ T^2.00" in text
+    assert "peak memory <= 0.3x videoswin-eager on lfvila: not measured here" in text
+    assert "480-token window layer: not measured here (no layer with 480-token windows" in text
+    assert "long-form htwa-triton fwd+bwd grows linearly in T: not measured here" in text
+    heads = ba.target_heads()
+    assert all(any(line.startswith(f"- {h}") for line in ba.targets_report(rows)) for h in heads)
+
+
+def test_targets_report_memory_tflops_and_linear_growth():
+    def row(provider, mode, x_name, x, metric, value, shape="B=16 T=32 H=3 W=5 heads=32 head_dim=32 window=32x3x5"):
+        return {"provider": provider, "mode": mode, "x_name": x_name, "x_value": str(x), "metric": metric,
+                "status": "ok", "p50": str(value), "shape": shape}  # fmt: skip
+
+    rows = [row("htwa-triton", "fwd+bwd", "layer", "layer5", "memory", 100.0),
+            row("videoswin-eager", "fwd+bwd", "layer", "layer5", "memory", 500.0),
+            row("htwa-triton", "fwd+bwd", "layer", "layer0", "memory", 150.0, "window=2x3x5"),
+            row("videoswin-eager", "fwd+bwd", "layer", "layer0", "memory", 300.0, "window=2x3x5"),
+            row("htwa-triton", "fwd", "layer", "layer5", "tflops", 250.0),
+            row("htwa-triton", "fwd", "layer", "layer0", "tflops", 900.0, "window=2x3x5")]  # fmt: skip
+    rows += [row("htwa-triton", "fwd+bwd", "frames", t, "time", 0.01 * t**1.5, "window=2x3x5") for t in (32, 64, 128)]
+    text = "\n".join(ba.targets_report(rows))
+    assert "peak memory <= 0.3x videoswin-eager on lfvila: 0.2x to 0.5x over 2 layers (activations" in text
+    assert "not met)" in text.split("peak memory")[1].splitlines()[0]
+    assert "fwd >= 200 TFLOP/s on the 480-token window layer: 250 TFLOP/s (met)" in text  # layer0's 900 not counted
+    assert "grows linearly in T: time ~ T^1.50 over T = 32, 64, 128 (1 = linear, 2 = quadratic); target k <= 1.2 " \
+           "(not met)" in text  # fmt: skip
+
+
+def _slow_compiler(q, k, v, window, shift, table, scale):
+    """A provider that takes 50 ms to build, as a compiling one would (the compile budget's test)."""
+    time.sleep(0.05)
+    return av.make_htwa_torch(q, k, v, window, shift, table, scale)
+
+
+def test_compile_budget_skips_a_compiling_provider_once_spent(tmp_path):
+    variants = {"slow": av.Variant(_slow_compiler, compiles=True), "plain": av.Variant(_slow_compiler)}
+    cases = shapes.tiny_cases()
+    rows = ba.run(cases, variants, ["fwd", "fwd+bwd"], torch.float32, CPU, _writer(tmp_path), {"reps": 1, "warmup": 0},
+                  log=lambda m: None, compile_budget=0.01)  # fmt: skip
+    times = {(r["provider"], r["x_value"], r["mode"]): r for r in rows if r["metric"] == "time"}
+    assert times[("slow", "tiny-div", "fwd")]["status"] == "ok"  # the first compile always runs
+    for key in [("slow", "tiny-div", "fwd+bwd"), ("slow", "tiny-pad", "fwd"), ("slow", "tiny-pad", "fwd+bwd")]:
+        assert times[key]["status"] == "skipped" and times[key]["note"].startswith("compile budget: slow already")
+    assert all(r["status"] == "ok" for k, r in times.items() if k[0] == "plain")  # not a compiling provider
+    first = next(r for r in rows if r["metric"] == "compile_time" and r["provider"] == "slow")
+    assert float(first["p50"]) >= 0.05
+    (line,) = [x for x in ba.compile_report(rows) if x.startswith("- slow")]
+    assert "over 1 (shape, mode)s" in line and "3 skipped by the compile budget" in line
+    assert av.VARIANTS["flex"].compiles and not av.VARIANTS["htwa-triton"].compiles
+
+
+def test_cli_cases_subset(tmp_path):
+    out = tmp_path / "c.csv"
+    rows = ba.main(["--shapes", "tiny", "--cases", "tiny-pad", "--device", "cpu", "--providers", "htwa-torch",
+                    "--modes", "fwd", "--reps", "1", "--warmup", "0", "--out", str(out)])  # fmt: skip
+    assert {r["x_value"] for r in rows} == {"tiny-pad"} and rows == harness.read_rows(out)
+    with pytest.raises(SystemExit, match="not in the tiny set"):
+        ba.main(["--shapes", "tiny", "--cases", "layer0", "--device", "cpu", "--out", str(out)])
 
 
 # --------------------------------------------------------------------------------------------------- compare

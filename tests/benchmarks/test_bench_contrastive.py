@@ -258,6 +258,28 @@ def test_targets_report_from_rows():
     (only,) = bc.targets_report(rows[:1])
     assert "ours / naive" in only and only.endswith("not measured (a row is missing)")
     assert bc.targets_report([]) == []
+    heads = bc.target_heads()
+    assert [next(h for h in heads if line.startswith(f"- {h}")) for line in lines] == heads
+
+
+def test_largest_n_and_target_heads():
+    def row(provider, x, status="ok", note="", metric="time"):
+        return {"provider": provider, "metric": metric, "mode": "fwd+bwd", "x_value": str(x), "status": status,
+                "note": note, "p50": "1" if status == "ok" else ""}  # fmt: skip
+
+    rows = [row("ours", n) for n in (32768, 262144)] + [row("naive", 32768), row("naive", 65536),
+            row("naive", 131072, "failed", "OutOfMemoryError: CUDA out of memory. Tried to allocate 64 GiB"),
+            row("naive", 262144, "skipped", "not run: out of memory at N=131072"),
+            row("inf-cl", 32768, "skipped", "inf_cl cannot be imported"), row("ours", 32768, metric="memory")]
+    assert bc.largest_n_report(rows) == [
+        "- largest N, fwd+bwd: ours 262144",
+        "- largest N, fwd+bwd: naive 65536 (131072 failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 64"
+        " GiB)",
+        "- largest N, fwd+bwd: inf-cl none (32768 skipped: inf_cl cannot be imported)",
+    ]  # fmt: skip
+    heads = bc.target_heads(include_cpu=False)
+    assert len(heads) == len(bc.RATIO_TARGETS) and not any("CPU" in h for h in heads)
+    assert len(bc.target_heads()) == len(bc.RATIO_TARGETS) + 1
 
 
 def test_cli_rejects_unknown_providers(tmp_path):

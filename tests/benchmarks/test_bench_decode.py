@@ -158,3 +158,11 @@ def test_cpu_accounting_counts_live_pool_workers():
         session.close()
     assert frames == [None, None]
     assert cpu >= 2 * BURN_S * 0.9  # RUSAGE_CHILDREN alone would miss both: the workers had not exited
+
+
+def test_target_heads_start_the_target_lines():
+    rows = [{"provider": "pyav-Nproc", "mode": w, "x_value": "prep-h264", "metric": "clips_per_s", "status": "ok",
+             "p50": "10"} for w in bd.WORKLOADS]  # fmt: skip
+    lines = bd.targets_report(rows)[1:]  # after the heading: one line per workload, not measured without a GPU row
+    assert [line.split(":")[0] for line in lines] == [f"- {h}" for h in bd.target_heads()]
+    assert all("not measured" in line for line in lines)

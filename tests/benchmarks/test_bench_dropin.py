@@ -81,12 +81,17 @@ def test_tiny_run_rows_schema_and_failures(tmp_path):
 
 
 def test_timm_workload_runs_or_records_why_not(tmp_path):
+    """timm imports here without torchvision, through bench_dropin's inert stand-in (as on the GPU machine, which
+    has timm but maybe no usable torchvision); the stand-in is gone afterwards."""
+    import sys
+
     try:
-        import timm  # noqa: F401
-    except Exception as exc:  # e.g. torchvision built for another torch
+        bd.import_timm()
+    except ImportError as exc:  # timm missing, or broken beyond its torchvision import
         reason = harness.describe_exception(exc)
     else:
         reason = None
+    assert not any(type(m).__name__ == "_InertModule" for m in sys.modules.values())
     rows = bd.run({"swin-timm": bd.prepare_swin_timm}, TINY_SIZES, CPU, _writer(tmp_path), TINY, log=lambda m: None)
     assert [(r["provider"], r["metric"]) for r in rows] == [("unpatched", "time"), ("unpatched", "memory"),
                                                           ("patched", "time"), ("patched", "memory"),
@@ -97,6 +102,22 @@ def test_timm_workload_runs_or_records_why_not(tmp_path):
     else:
         assert {r["status"] for r in rows} == {"failed"}
         assert all(r["note"].startswith("ImportError: timm cannot be imported") for r in rows)
+
+
+def test_comparison_report():
+    def row(kernel, provider, metric, value, status="ok", note=""):
+        return {"kernel": kernel, "provider": provider, "metric": metric, "status": status, "note": note,
+                "p50": "" if value is None else str(value)}  # fmt: skip
+
+    rows = [row("swin-timm", "unpatched", "time", 200.0), row("swin-timm", "unpatched", "memory", 1000.0),
+            row("swin-timm", "patched", "time", 100.0), row("swin-timm", "patched", "memory", 600.0),
+            row("swin-timm", "patched", "max_abs_err", 0.01),
+            row("swin-hf", "unpatched", "time", None, "failed", "ImportError: no transformers"),
+            row("swin-hf", "patched", "time", None, "failed", "ImportError: no transformers")]  # fmt: skip
+    timm, hf = bd.comparison_report(rows)
+    assert timm == ("- swin-timm: patched vs unpatched: time 100 vs 200 ms (2x faster); memory 600 vs 1000 MB (0.6x "
+                    "of the memory); max abs err 0.01")  # fmt: skip
+    assert hf.startswith("- swin-hf: patched vs unpatched: time not measured (patched failed: ImportError")
 
 
 def test_cli_writes_csv_and_markdown(tmp_path, capsys):

@@ -110,7 +110,7 @@ def test_cli_rows_schema_failure_and_skip(tmp_path, monkeypatch):
     assert rows == harness.read_rows(out)
     with open(out, newline="") as f:
         assert tuple(next(csv.reader(f))) == harness.SCHEMA
-    metrics = [m for m, _ in bts.METRICS]
+    metrics = [m for m, _ in bts.METRICS + bts.DERIVED]
     assert len(rows) == 3 * len(metrics)
     by = {(r["provider"], r["metric"]): r for r in rows}
     assert set(by) == {(p, m) for p in ("triton", "torch", "planted") for m in metrics}
@@ -121,7 +121,8 @@ def test_cli_rows_schema_failure_and_skip(tmp_path, monkeypatch):
         "model=lfvila-tiny-model B=2 T=8 H=64 W=96 M=4 L=12 precision=fp32 optimizer=none grad_ckpt=off"
     }
     units = {r["metric"]: r["unit"] for r in rows}
-    assert units == {"time": "ms", "clips_per_s": "clips/s", "memory": "MB", "memory_total": "MB", "loss": "value"}
+    assert units == {"time": "ms", "clips_per_s": "clips/s", "memory": "MB", "memory_total": "MB", "loss": "value",
+                     "step_flops": "TFLOP", "tflops": "TFLOP/s", "mfu": "fraction"}  # fmt: skip
 
     for m in metrics:  # triton on the CPU: skipped with the reason
         r = by[("triton", m)]
@@ -129,7 +130,7 @@ def test_cli_rows_schema_failure_and_skip(tmp_path, monkeypatch):
     for m in metrics:  # the planted provider: failed with the exception text
         r = by[("planted", m)]
         assert r["status"] == "failed" and r["p50"] == "" and "bogus" in r["note"] and "Error" in r["note"]
-    for m in ("time", "clips_per_s", "loss"):
+    for m in ("time", "clips_per_s", "loss", "step_flops", "tflops"):
         r = by[("torch", m)]
         assert r["status"] == "ok" and float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]), r
         assert float(r["p50"]) > 0
@@ -138,6 +139,10 @@ def test_cli_rows_schema_failure_and_skip(tmp_path, monkeypatch):
     assert "vpc" in by[("torch", "loss")]["note"] and "mtc" in by[("torch", "loss")]["note"]
     for m in ("memory", "memory_total"):  # CUDA only
         assert by[("torch", m)]["status"] == "skipped" and "CUDA" in by[("torch", m)]["note"]
+    model_tflop = float(by[("torch", "step_flops")]["p50"])
+    assert float(by[("torch", "tflops")]["p50"]) == pytest.approx(model_tflop / (time_ms * 1e-3), rel=1e-3)
+    assert "counted on the torch provider's step" in by[("torch", "tflops")]["note"]
+    assert by[("torch", "mfu")]["status"] == "skipped" and "CPU" in by[("torch", "mfu")]["note"]
 
     summary = md.read_text()
     assert "| metric | triton | torch | planted | triton vs torch |" in summary
@@ -190,6 +195,43 @@ def test_markdown_summary_reports_speedup_memory_ratio_and_target():
     assert "| throughput (clips/s) | 32 | failed |  |" in text
     assert "not measured (torch failed: OutOfMemoryError: CUDA out of memory)" in text
     assert "- torch failed (clips_per_s): OutOfMemoryError" in text
+
+
+def test_flop_count_and_mfu_cells():
+    model = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+
+    def step():
+        model(x).sum().backward()
+
+    assert bts.count_step_flops(step) == 3 * 2 * 8 * 64 * 32  # forward, grad of the input, grad of the weight
+    times = {"time": ("ok", {"p50": 100.0, "p20": 90.0, "p80": 125.0}, "")}
+    cells = bts.throughput_cells(times, (50.0, "counted on the torch provider's step"), (1000.0, "H200"),
+                                 torch.bfloat16)  # fmt: skip
+    assert cells["tflops"][1] == pytest.approx({"p50": 500.0, "p20": 400.0, "p80": 50.0 / 0.09})
+    assert cells["mfu"][0] == "ok" and cells["mfu"][1]["p50"] == pytest.approx(0.5)
+    fp32 = bts.throughput_cells(times, (50.0, "own"), (1000.0, "H200"), torch.float32)
+    assert fp32["mfu"][0] == "skipped" and "bf16" in fp32["mfu"][2]
+    unknown = bts.throughput_cells(times, (50.0, "own"), (None, "no dense bf16 peak known for X"), torch.bfloat16)
+    assert unknown["mfu"] == ("skipped", None, "no dense bf16 peak known for X")
+    failed = bts.throughput_cells({"time": ("failed", None, "OutOfMemoryError")}, (50.0, "own"), (1000.0, ""),
+                                  torch.bfloat16)  # fmt: skip
+    assert failed["tflops"] == failed["mfu"] == ("failed", None, "OutOfMemoryError")
+    assert bts.peak_tflops(CPU)[0] is None
+
+
+def test_peak_table_is_the_training_loops():
+    """bench_train_step keeps its own copy (train.loop imports PyAV, absent on the GPU machine): the two agree."""
+    pytest.importorskip("av")
+    from train.loop import PEAK_BF16_TFLOPS
+
+    assert bts.PEAK_BF16_TFLOPS == PEAK_BF16_TFLOPS
+
+
+def test_target_heads_start_the_target_lines():
+    rows = [_row("triton", "clips_per_s", "clips/s", 32.0), _row("torch", "clips_per_s", "clips/s", 16.0)]
+    lines = bts.target_report(rows)
+    assert [line.split(":")[0] for line in lines] == [f"- {h}" for h in bts.target_heads()]
 
 
 # --------------------------------------------------------------------------------------------------- peak RSS

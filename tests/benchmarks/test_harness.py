@@ -135,7 +135,7 @@ def test_failed_variant_is_recorded_and_the_run_goes_on(tmp_path):
     rows = ba.run(cases, variants, ["fwd", "fwd+bwd"], torch.float32, CPU, _writer(tmp_path), {"reps": 1, "warmup": 0},
                   log=lambda msg: None)  # fmt: skip
     assert rows == harness.read_rows(tmp_path / "out.csv")
-    per_case_mode = 4 + 4  # fwd: time, tflops, memory, max_abs_err; fwd+bwd: time, tflops, memory, determinism
+    per_case_mode = 5 + 5  # fwd: time, tflops, memory, max_abs_err, compile_time; fwd+bwd: determinism for the error
     assert len(rows) == len(cases) * len(variants) * per_case_mode
     by = {}
     for r in rows:
