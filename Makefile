@@ -4,19 +4,30 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-PYTEST_ARGS ?=
+# Two pytest-xdist workers; the tests run in a random order (pytest-randomly, its seed in the header). PYTEST_ARGS
+# replaces "-n 2": PYTEST_ARGS="-p no:randomly" (file order, one process), PYTEST_ARGS="-n 2 --randomly-seed=N".
+PYTEST_ARGS ?= -n 2
 DEMO_ARGS ?=
 
 .PHONY: install test demo bench lint clean
 
-$(VENV)/.installed: setup.py pyproject.toml
+$(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "torch==$(TORCH_VERSION)"
+	touch $@
+
+$(VENV)/.installed: setup.py pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -e ".[test]"
 	# timm and open_clip for the drop-in tests, without their dependencies: both require torchvision, whose only
 	# release for torch 2.13 is a CUDA build that does not load next to the CPU torch (and an unpinned one replaces
 	# torch). timm's Swin and open_clip's loss.py need only torch (see tests/kernels/test_patch.py).
 	$(PY) -m pip install --no-deps "timm==1.0.31" "open_clip_torch==3.3.0"
+	touch $@
+
+# The demo needs the package and its "demo" extra only: no DALI, pytest, ruff, timm or open_clip (what `make test`
+# adds on top).
+$(VENV)/.installed-demo: setup.py pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install -e ".[demo]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,8 +37,7 @@ test: install
 
 # The main job on the embedded synthetic dataset: generate it, pre-train lfvila-tiny (stage 1), fine-tune for
 # retrieval, evaluate, write runs/demo/report.md (offline; CPU or GPU).
-demo: install
-	$(PY) -m pip install -q -e ".[demo]"
+demo: $(VENV)/.installed-demo
 	$(PY) -m train.demo --out runs/demo --data data/synthetic $(DEMO_ARGS)
 
 # Every benchmark suite (attention shape sets, contrastive, decode, train step) at this machine's sizes: CSVs, markdown

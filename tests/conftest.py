@@ -30,6 +30,16 @@ if not torch.cuda.is_available():
         raise RuntimeError("triton was imported before tests/conftest.py could switch on its interpreter")
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Under pytest-xdist (``make test`` runs ``-n 2``) each worker gets its share of the CPUs: two workers of two torch
+# threads each on two cores would oversubscribe them (OpenMP threads spinning against each other). The environment
+# variable carries the share to the processes the tests start (DDP ranks, DataLoader workers, subprocess runs).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _share = max(1, _cpus // _workers)
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    torch.set_num_threads(_share)
+
 TEST_SEED = 1234
 # Variables that torch's compiler sets for itself on first use (its default cache directory, its own bookkeeping):
 # no change of behaviour for later tests, and nothing our code or our tests control.

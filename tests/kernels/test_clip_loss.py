@@ -139,6 +139,9 @@ def _worker(rank, init_file, out_dir, impl):
                 results[(local_loss, gather_with_grad, "open_clip")] = _loss_and_grads(
                     open_clip_cls(**kwargs), img[rows], txt[rows], scale_value)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # every rank past its last collective before any tears its group down (one rank's SIGABRT in gloo's teardown,
+        # "terminate called without an active exception", was seen once on a loaded 2-core machine)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

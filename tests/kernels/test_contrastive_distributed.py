@@ -36,6 +36,9 @@ def _worker(rank, init_file, out_dir, impl, ddp_average):
             {"loss": loss.detach(), "da": a_local.grad, "db": b_local.grad, "dscale": scale.grad},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        # every rank past its last collective before any tears its group down (one rank's SIGABRT in gloo's teardown,
+        # "terminate called without an active exception", was seen once on a loaded 2-core machine)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
