@@ -21,7 +21,6 @@ import importlib.machinery
 import importlib.util
 import subprocess
 import sys
-import types
 from unittest import mock
 
 import pytest
@@ -38,36 +37,8 @@ TIMM_ODD = (200, 232)  # patch grid 50 x 58: every stage pads its 7 x 7 windows,
 
 
 # --------------------------------------------------------------------------------------------------- timm import
-class _InertMeta(type):
-    def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _InertMeta(name, (_Inert,), {})
-
-
-class _Inert(metaclass=_InertMeta):
-    def __init__(self, *args, **kwargs):
-        raise RuntimeError(f"{type(self).__name__}: torchvision is not installed (inert stand-in used to import timm)")
-
-
-class _InertModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _InertMeta(name, (_Inert,), {})
-
-
-class _InertFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] == "torchvision":
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        return _InertModule(spec.name)
-
-    def exec_module(self, module):
-        module.__path__ = []
+# The inert torchvision stand-in is the benchmark's (benchmarks/bench_dropin.py), one definition for both.
+from benchmarks.bench_dropin import _InertTorchvision as _InertFinder  # noqa: E402
 
 
 @functools.cache
