@@ -20,6 +20,7 @@ equivalent to any other:
 import os
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,11 +66,16 @@ def _kernel_overrides():
     return (_contrastive_triton._config_override, _window_attention_triton._config_override)
 
 
+_KERNEL_SOURCE = str(Path(__file__).resolve().parents[1] / "kernels" / "lfvila_kernels") + os.sep
+
+
 def _shadow_copies():
-    """Modules of a second copy of the kernels (``kernels.*`` from the checkout root, which transformers' probe for
-    Hugging Face's ``kernels`` package once imported): each would re-register the ``lfvila_kernels::*`` ops."""
-    return sorted(m for m in sys.modules if m.startswith("kernels.") or
-                  (m == "kernels" and getattr(sys.modules[m], "__file__", None) is not None))
+    """Modules executing our kernels' source under a name other than ``lfvila_kernels.*``: each would re-register the
+    ``lfvila_kernels::*`` ops. (Once it was ``kernels.*`` from the checkout root, which transformers' probe for Hugging
+    Face's ``kernels`` package imported. That package itself, a dependency of transformers >= 5.25, is no copy.)"""
+    return sorted(name for name, module in list(sys.modules.items())
+                  if not (name == "lfvila_kernels" or name.startswith("lfvila_kernels."))
+                  and (getattr(module, "__file__", None) or "").startswith(_KERNEL_SOURCE))
 
 
 # name -> (read, write or None): what a test must leave as it found it

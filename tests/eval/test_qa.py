@@ -66,6 +66,7 @@ def _worker(rank, init_file, out_dir):
         except ValueError as e:
             res["missing"] = str(e)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # every rank past its last collective before any tears down (see test_contrastive_distributed)
     finally:
         dist.destroy_process_group()
 

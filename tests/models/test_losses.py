@@ -73,6 +73,7 @@ def _vpc_worker(rank, init_file, out_dir):
         local_only = vpc_loss(v_local.detach(), t_local.detach(), distributed=False, impl="torch")
         torch.save({"loss": loss.detach(), "dv": v_local.grad, "dt": t_local.grad, "local": local_only},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # every rank past its last collective before any tears down (see test_contrastive_distributed)
     finally:
         dist.destroy_process_group()
 

@@ -227,6 +227,7 @@ def _ddp_worker(rank, world, port, batch, out_path):
     out["loss"].backward()
     if rank == 0:
         torch.save({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, out_path)
+    dist.barrier()  # every rank past its last collective before any tears down (see test_contrastive_distributed)
     dist.destroy_process_group()
 
 
