@@ -1,20 +1,35 @@
 """Triton kernels for HTWA window attention: forward, backward, launchers and the ``torch.library`` op.
 
-Every program maps its window to token coordinates with index arithmetic, so q, k, v and dO are read, and o, dq, dk,
-dv written, in the original ``(B, T, H, W, heads, head_dim)`` order: no roll, pad, partition or reverse copies.
+Design (v2): nothing is decoded per score element. Everything that depends only on the geometry (grid, window, shift)
+is computed once per call in torch, on tensors of a few KB to a few MB, and read by the kernels:
 
-Inside a program, window token ``n`` (row-major over ``(t, h, w)`` in the window) of window ``(i, j, l)`` sits at
-rolled coordinate ``(i*wt + t, j*wh + h, l*ww + w)``; the original coordinate is that plus the shift, modulo the grid.
-A token is *wrapped* on an axis when its rolled coordinate is ``>= size - shift`` (the roll moved it from the start to
-the end); query and key must agree on all three wrapped flags (Swin's shift mask). Tokens beyond the grid (partial
-windows) are masked. The relative-position bias row is ``code(query) - code(key) + C`` with
-``code = t*(2wh-1)(2ww-1) + h*(2ww-1) + w``: linear, so it is gathered from the small table in-kernel.
+* ``tok`` ``(n_win, P)`` int32: the flat original token index ``(t*H + h)*W + w`` of window position ``n`` (row-major
+  over ``(t, h, w)`` inside the window, after the roll by ``-shift``), ``-1`` outside the grid or beyond ``N``.
+  ``P`` is the window's token count ``N`` rounded up to a power of two (at least 16). A kernel maps a window to
+  addresses with one load per row of a tile.
+* Mask classes: windows whose positions have the same pattern of (valid, wrapped-by-the-shift on each axis) share a
+  class. LF-VILA's spatial-only shifts give at most 4 classes, a 3-D shift 8 (27 at most, with partial windows).
+* ``tile`` ``(classes, heads, P, P)`` in the compute dtype: ``bias * log2(e)`` where the pair is allowed, ``-inf``
+  where it is not (cross-region pairs, keys outside the grid, padded keys). One add per score element replaces the
+  region compare, the validity masks and the bias gather. Rows of query positions outside the grid allow every
+  valid key, so no row is all ``-inf`` (those rows are never stored).
+* Work items are (batch, window) pairs ordered by class; a program takes a *group* of consecutive items of one class
+  and one head, so it reads the tile once (and, when a window fits one tile, keeps it in registers across items).
 
-Scores are kept in the log2 domain (``exp2``), the forward saves the per-row log-sum-exp ``lse`` ``(B, T, H, W,
-heads)`` fp32. The backward recomputes scores: one kernel per key block produces dk, dv; one kernel per query block
-produces dq and the bias-table gradient, deterministically: each program owns a private fp32 partial of the dense
-``(heads, N, N)`` bias gradient, summed over a fixed set of (batch, window) items in a fixed order; the partials are
-then reduced by ``torch.sum`` and folded onto the table by a fixed-order diagonal reduction. No atomics anywhere.
+Scores are kept in the log2 domain (``exp2``); the forward saves the per-row log-sum-exp ``lse`` ``(B, T, H, W,
+heads)`` fp32. Backward:
+
+* windows of at most ``_FUSED_MAX`` (128) padded tokens, 18 of lfvila-base's 24 blocks: one fused kernel. A program
+  owns all keys of its window (keys are the tile's rows, so warps split keys and no warpgroup repeats another's work),
+  walks the queries in one or two sub-blocks and gets dq, dk, dv and the bias-gradient partial from one pass: one
+  read of q, k, v, dO, one exp, five GEMMs. The bias-gradient partial of the group stays in registers across the
+  group's items and is written once: ``(groups, heads, P, P)`` fp32, then summed over groups in a fixed order.
+* longer windows: one kernel per key block for dk, dv and one per query block for dq and the bias gradient (a
+  program-private fp32 partial of the dense ``(heads, P, P)`` gradient, summed over a fixed set of items in a fixed
+  order).
+
+The dense gradient is folded onto the table by a fixed-order diagonal reduction. No atomics anywhere: every gradient
+is bitwise repeatable.
 """
 
 from __future__ import annotations
@@ -27,105 +42,99 @@ import triton
 import triton.language as tl
 
 from .dispatch import interpreting
+from .reference import relative_position_index
 
 LOG2E = 1.4426950408889634
 _MAX_GRID_YZ = 65535
+_FUSED_MAX = 128  # the fused backward holds a window's keys in one tile: P <= 128 keeps it in registers
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _window_tokens(n, win, n_win_h, n_win_w, T, H, W, st, sh, sw,
-                   WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr):
-    """Local token indices ``n`` of window ``win`` -> original coords, validity, shift region, bias code."""
-    wi_t = win // (n_win_h * n_win_w)
-    wi_h = (win // n_win_w) % n_win_h
-    wi_w = win % n_win_w
-    lt = n // (WH * WW)
-    lh = (n // WW) % WH
-    lw = n % WW
-    it = wi_t * WT + lt  # rolled coordinates
-    ih = wi_h * WH + lh
-    iw = wi_w * WW + lw
-    valid = (n < N) & (it < T) & (ih < H) & (iw < W)
-    ot = it + st
-    ot = tl.where(ot >= T, ot - T, ot)
-    oh = ih + sh
-    oh = tl.where(oh >= H, oh - H, oh)
-    ow = iw + sw
-    ow = tl.where(ow >= W, ow - W, ow)
-    region = (it >= T - st).to(tl.int32) * 4 + (ih >= H - sh).to(tl.int32) * 2 + (iw >= W - sw).to(tl.int32)
-    code = lt * ((2 * WH - 1) * (2 * WW - 1)) + lh * (2 * WW - 1) + lw
-    return ot, oh, ow, valid, region, code
-
-
-@triton.jit
-def _scores(q, k, TAB, head, s_tab_h, cq, ck, rq, rk, vq, vk, inq, ink, qk_scale,
-            HAS_BIAS: tl.constexpr, BIAS_C: tl.constexpr, DOT_PREC: tl.constexpr):
-    """log2-domain scores ``(q k^T * scale + bias) * log2(e)`` and the allowed-pair mask of one tile."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    allowed = vq[:, None] & vk[None, :] & (rq[:, None] == rk[None, :])
-    if HAS_BIAS:
-        idx = cq[:, None] - ck[None, :] + BIAS_C
-        bias = tl.load(TAB + head * s_tab_h + idx, mask=inq[:, None] & ink[None, :], other=0.0)
-        s += bias.to(tl.float32) * 1.4426950408889634
-    return s, allowed
+def _rows(TOK, win, offs, P: tl.constexpr, I64: tl.constexpr):
+    """Flat token indices (-1 outside the grid) of window positions ``offs`` of window ``win``; int64 when an
+    offset may not fit int32 (``I64``)."""
+    tok = tl.load(TOK + win * P + offs)
+    return tok.to(tl.int64) if I64 else tok
 
 
 @triton.jit
 def _htwa_fwd_kernel(
-    Q, K, V, TAB, O, LSE,  # q/k/v/o (B, T, H, W, heads, D); TAB (heads, R) contiguous; LSE (B, T, H, W, heads) fp32
-    s_qb, s_qt, s_qh, s_qw, s_qn,  # q strides (elements): batch, t, h, w, head (head_dim stride is 1)
-    s_kb, s_kt, s_kh, s_kw, s_kn,
-    s_vb, s_vt, s_vh, s_vw, s_vn,
-    s_ob, s_ot, s_oh, s_ow, s_on,
-    s_tab_h,  # TAB head stride (= R)
-    T, H, W, NH, st, sh, sw, n_win_h, n_win_w, n_qblk,
+    Q, K, V, TILE, TOK, WIN, GSTART, GCLS, O, LSE,
+    s_qb, s_qx, s_qn,  # q strides (elements): batch, token (w; t and h are multiples of it), head
+    s_kb, s_kx, s_kn,
+    s_vb, s_vx, s_vn,
+    s_ob, s_ox, s_on,
+    s_tc, s_th,  # tile strides: class, head (rows of P)
+    B, NH, n_tok,  # n_tok = T * H * W
     qk_scale,  # softmax scale * log2(e)
-    HD: tl.constexpr, BLOCK_D: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-    N: tl.constexpr, BIAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    win = pid // n_qblk
-    offs_m = (pid % n_qblk) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = tl.program_id(1) // NH
-    head = tl.program_id(1) % NH
+    """One program: a group of (batch, window) items of one class, one head, one block of BLOCK_M query rows."""
+    g = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start = tl.load(GSTART + g)
+    end = tl.load(GSTART + g + 1)
+    tile_base = TILE + tl.load(GCLS + g) * s_tc + head * s_th
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HD
+    if HAS_TILE:
+        if BLOCK_N == P:  # the whole key range is one tile: keep the bias + mask in registers across the group
+            resident = tl.load(tile_base + offs_m[:, None] * P + tl.arange(0, BLOCK_N)[None, :]).to(tl.float32)
 
-    qt, qh, qw, vq, rq, cq = _window_tokens(offs_m, win, n_win_h, n_win_w, T, H, W, st, sh, sw, WT, WH, WW, N)
-    q_base = Q + b.to(tl.int64) * s_qb + head * s_qn
-    q = tl.load(q_base + (qt * s_qt + qh * s_qh + qw * s_qw)[:, None] + offs_d[None, :],
-                mask=vq[:, None] & dmask[None, :], other=0.0)
-    k_base = K + b.to(tl.int64) * s_kb + head * s_kn
-    v_base = V + b.to(tl.int64) * s_vb + head * s_vn
-    inq = offs_m < N
-
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile must not give NaN
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt, kh, kw, vk, rk, ck = _window_tokens(offs_n, win, n_win_h, n_win_w, T, H, W, st, sh, sw, WT, WH, WW, N)
-        kmask = vk[:, None] & dmask[None, :]
-        k = tl.load(k_base + (kt * s_kt + kh * s_kh + kw * s_kw)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(v_base + (kt * s_vt + kh * s_vh + kw * s_vw)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
-        s, allowed = _scores(q, k, TAB, head, s_tab_h, cq, ck, rq, rk, vq, vk, inq, offs_n < N, qk_scale,
-                             HAS_BIAS, BIAS_C, DOT_PREC)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    o_base = O + b.to(tl.int64) * s_ob + head * s_on
-    tl.store(o_base + (qt * s_ot + qh * s_oh + qw * s_ow)[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=vq[:, None] & dmask[None, :])
-    row = ((b.to(tl.int64) * T + qt) * H + qh) * W + qw
-    tl.store(LSE + row * NH + head, m_i + tl.math.log2(l_safe), mask=vq)
+    for item in range(start, end):
+        b = item % B
+        if I64:
+            b = b.to(tl.int64)
+        win = tl.load(WIN + item // B)
+        tq = _rows(TOK, win, offs_m, P, I64)
+        vq = tq >= 0
+        q = tl.load(Q + b * s_qb + head * s_qn + tq[:, None] * s_qx + offs_d[None, :],
+                    mask=vq[:, None] & dmask[None, :], other=0.0)
+        if BLOCK_N == P:  # the whole window in one tile: a plain softmax, no running max or rescaling
+            tk = tq if BLOCK_M == P else _rows(TOK, win, tl.arange(0, BLOCK_N), P, I64)
+            kmask = (tk >= 0)[:, None] & dmask[None, :]
+            k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask, other=0.0)
+            v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if HAS_TILE:
+                s += resident
+            m_i = tl.max(s, 1)  # finite: every row allows at least one key (see _geometry)
+            p = tl.math.exp2(s - m_i[:, None])
+            l_i = tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        else:
+            m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile must not give NaN
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for start_n in range(0, P, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                tk = _rows(TOK, win, offs_n, P, I64)
+                kmask = (tk >= 0)[:, None] & dmask[None, :]
+                k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask,
+                            other=0.0)
+                v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask,
+                            other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                if HAS_TILE:
+                    s += tl.load(tile_base + offs_m[:, None] * P + offs_n[None, :]).to(tl.float32)
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+                m_i = m_new
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc * (1.0 / l_safe)[:, None]
+        tl.store(O + b * s_ob + head * s_on + tq[:, None] * s_ox + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=vq[:, None] & dmask[None, :])
+        tl.store(LSE + (b * n_tok + tq) * NH + head, m_i + tl.math.log2(l_safe), mask=vq)
 
 
 @triton.jit
@@ -140,143 +149,242 @@ def _htwa_bwd_delta_kernel(O, DO, DELTA, n_rows, HD: tl.constexpr, BLOCK_R: tl.c
 
 
 @triton.jit
-def _htwa_bwd_dkdv_kernel(
-    Q, K, V, TAB, DO, LSE, DELTA, DK, DV,  # DO, DK, DV contiguous like O; LSE, DELTA (B, T, H, W, heads) fp32
-    s_qb, s_qt, s_qh, s_qw, s_qn,
-    s_kb, s_kt, s_kh, s_kw, s_kn,
-    s_vb, s_vt, s_vh, s_vw, s_vn,
-    s_ob, s_ot, s_oh, s_ow, s_on,  # strides shared by DO, DK, DV
-    s_tab_h,
-    T, H, W, NH, st, sh, sw, n_win_h, n_win_w, n_kblk,
-    qk_scale, sm_scale,
-    HD: tl.constexpr, BLOCK_D: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-    N: tl.constexpr, BIAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+def _fused_bwd_queries(
+    k, v, dk, dv, db, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, q_start,
+    s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
+    HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, QB: tl.constexpr,
+    HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
 ):
+    """One sub-block of QB queries against all P keys of the window, in the transposed (keys x queries) orientation:
+    accumulates dk, dv and the bias-gradient partial ``db`` (keys x queries), writes dq of these queries."""
+    offs_q = q_start + tl.arange(0, QB)
+    offs_k = tl.arange(0, P)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HD
+    tq = _rows(TOK, win, offs_q, P, I64)
+    vq = tq >= 0
+    qmask = vq[:, None] & dmask[None, :]
+    q = tl.load(Q + b * s_qb + head * s_qn + tq[:, None] * s_qx + offs_d[None, :], mask=qmask, other=0.0)
+    o_off = b * s_ob + head * s_on + tq[:, None] * s_ox + offs_d[None, :]
+    do = tl.load(DO + o_off, mask=qmask, other=0.0)
+    row = (b * n_tok + tq) * NH + head
+    lse = tl.load(LSE + row, mask=vq, other=0.0)
+    delta = tl.load(DELTA + row, mask=vq, other=0.0)
+
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (P, QB): scores transposed
+    if HAS_TILE:  # the backward's tile is stored transposed: (class, head, key, query)
+        st += tl.load(tile_base + offs_k[:, None] * P + offs_q[None, :]).to(tl.float32)
+    pt = tl.math.exp2(st - lse[None, :])
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC)
+    tl.store(DQ + o_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
+    return dk, dv, db + dst
+
+
+@triton.jit
+def _htwa_bwd_fused_kernel(
+    Q, K, V, DO, LSE, DELTA, TILE_T, TOK, WIN, GSTART, GCLS, DQ, DK, DV, DBP,  # DBP (groups, heads, P, P) fp32
+    s_qb, s_qx, s_qn,
+    s_kb, s_kx, s_kn,
+    s_vb, s_vx, s_vn,
+    s_ob, s_ox, s_on,  # strides shared by DO, DQ, DK, DV (contiguous like O)
+    s_tc, s_th,
+    B, NH, n_tok, qk_scale, sm_scale,
+    HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, QB: tl.constexpr,
+    HAS_TILE: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
+):
+    """One program: a group of (batch, window) items of one class and one head; all P keys of a window at once."""
+    g = tl.program_id(0)
+    head = tl.program_id(1)
+    start = tl.load(GSTART + g)
+    end = tl.load(GSTART + g + 1)
+    tile_base = TILE_T + tl.load(GCLS + g) * s_tc + head * s_th
+    offs_k = tl.arange(0, P)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HD
+    # the bias-gradient partial (keys x queries), one accumulator per query sub-block (P // QB of them, at most 4)
+    db0 = tl.zeros([P, QB], dtype=tl.float32)
+    db1 = tl.zeros([P, QB], dtype=tl.float32)
+    db2 = tl.zeros([P, QB], dtype=tl.float32)
+    db3 = tl.zeros([P, QB], dtype=tl.float32)
+
+    for item in range(start, end):
+        b = item % B
+        if I64:
+            b = b.to(tl.int64)
+        win = tl.load(WIN + item // B)
+        tk = _rows(TOK, win, offs_k, P, I64)
+        kmask = (tk >= 0)[:, None] & dmask[None, :]
+        k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask, other=0.0)
+        dk = tl.zeros([P, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([P, BLOCK_D], dtype=tl.float32)
+        dk, dv, db0 = _fused_bwd_queries(
+            k, v, dk, dv, db0, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 0,
+            s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
+            HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
+        if P >= 2 * QB:
+            dk, dv, db1 = _fused_bwd_queries(
+                k, v, dk, dv, db1, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, QB,
+                s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
+                HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
+        if P == 4 * QB:
+            dk, dv, db2 = _fused_bwd_queries(
+                k, v, dk, dv, db2, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 2 * QB,
+                s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
+                HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
+            dk, dv, db3 = _fused_bwd_queries(
+                k, v, dk, dv, db3, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 3 * QB,
+                s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
+                HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
+        out_off = b * s_ob + head * s_on + tk[:, None] * s_ox + offs_d[None, :]
+        tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask)
+
+    if BIAS_GRAD:  # the group's partial, written once: DBP[g, head, query, key]
+        base = DBP + (g * NH + head).to(tl.int64) * (P * P) + offs_k[:, None] + tl.arange(0, QB)[None, :] * P
+        tl.store(base, db0)
+        if P >= 2 * QB:
+            tl.store(base + QB * P, db1)
+        if P == 4 * QB:
+            tl.store(base + 2 * QB * P, db2)
+            tl.store(base + 3 * QB * P, db3)
+
+
+@triton.jit
+def _htwa_bwd_dkdv_kernel(
+    Q, K, V, TILE, TOK, CLS, DO, LSE, DELTA, DK, DV,  # DO, DK, DV contiguous like O; LSE, DELTA fp32
+    s_qb, s_qx, s_qn,
+    s_kb, s_kx, s_kn,
+    s_vb, s_vx, s_vn,
+    s_ob, s_ox, s_on,  # strides shared by DO, DK, DV
+    s_tc, s_th,
+    NH, n_tok, n_kblk, qk_scale, sm_scale,
+    HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
+):
+    """Long windows: one program per (window, key block, batch * head) loops over the window's query blocks."""
     pid = tl.program_id(0)
     win = pid // n_kblk
     offs_n = (pid % n_kblk) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.program_id(1) // NH
+    if I64:
+        b = b.to(tl.int64)
     head = tl.program_id(1) % NH
-    b64 = b.to(tl.int64)
+    tile_base = TILE + tl.load(CLS + win) * s_tc + head * s_th
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HD
-
-    kt, kh, kw, vk, rk, ck = _window_tokens(offs_n, win, n_win_h, n_win_w, T, H, W, st, sh, sw, WT, WH, WW, N)
-    kmask = vk[:, None] & dmask[None, :]
-    k = tl.load(K + b64 * s_kb + head * s_kn + (kt * s_kt + kh * s_kh + kw * s_kw)[:, None] + offs_d[None, :],
-                mask=kmask, other=0.0)
-    v = tl.load(V + b64 * s_vb + head * s_vn + (kt * s_vt + kh * s_vh + kw * s_vw)[:, None] + offs_d[None, :],
-                mask=kmask, other=0.0)
-    ink = offs_n < N
+    tk = _rows(TOK, win, offs_n, P, I64)
+    kmask = (tk >= 0)[:, None] & dmask[None, :]
+    k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    q_base = Q + b64 * s_qb + head * s_qn
-    do_base = DO + b64 * s_ob + head * s_on
-    for start_m in range(0, N, BLOCK_M):
+    for start_m in range(0, P, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        qt, qh, qw, vq, rq, cq = _window_tokens(offs_m, win, n_win_h, n_win_w, T, H, W, st, sh, sw, WT, WH, WW, N)
+        tq = _rows(TOK, win, offs_m, P, I64)
+        vq = tq >= 0
         qmask = vq[:, None] & dmask[None, :]
-        q = tl.load(q_base + (qt * s_qt + qh * s_qh + qw * s_qw)[:, None] + offs_d[None, :], mask=qmask, other=0.0)
-        do = tl.load(do_base + (qt * s_ot + qh * s_oh + qw * s_ow)[:, None] + offs_d[None, :], mask=qmask, other=0.0)
-        row = (((b64 * T + qt) * H + qh) * W + qw) * NH + head
+        q = tl.load(Q + b * s_qb + head * s_qn + tq[:, None] * s_qx + offs_d[None, :], mask=qmask, other=0.0)
+        do = tl.load(DO + b * s_ob + head * s_on + tq[:, None] * s_ox + offs_d[None, :], mask=qmask, other=0.0)
+        row = (b * n_tok + tq) * NH + head
         lse = tl.load(LSE + row, mask=vq, other=0.0)
         delta = tl.load(DELTA + row, mask=vq, other=0.0)
-        s, allowed = _scores(q, k, TAB, head, s_tab_h, cq, ck, rq, rk, vq, vk, offs_m < N, ink, qk_scale,
-                             HAS_BIAS, BIAS_C, DOT_PREC)
-        p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_TILE:
+            s += tl.load(tile_base + offs_m[:, None] * P + offs_n[None, :]).to(tl.float32)
+        p = tl.math.exp2(s - lse[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
-
-    out_off = b64 * s_ob + head * s_on + (kt * s_ot + kh * s_oh + kw * s_ow)[:, None] + offs_d[None, :]
+    out_off = b * s_ob + head * s_on + tk[:, None] * s_ox + offs_d[None, :]
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
 def _htwa_bwd_dq_kernel(
-    Q, K, V, TAB, DO, LSE, DELTA, DQ, DBP,  # DBP: bias-gradient partials (SPLIT, heads, NQ_PAD, NK_PAD) fp32
-    s_qb, s_qt, s_qh, s_qw, s_qn,
-    s_kb, s_kt, s_kh, s_kw, s_kn,
-    s_vb, s_vt, s_vh, s_vw, s_vn,
-    s_ob, s_ot, s_oh, s_ow, s_on,  # strides shared by DO, DQ
-    s_tab_h,
-    T, H, W, NH, st, sh, sw, n_win_h, n_win_w, n_items, n_split,  # items = (batch, window) pairs
-    qk_scale, sm_scale,
-    HD: tl.constexpr, BLOCK_D: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-    N: tl.constexpr, BIAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NQ_PAD: tl.constexpr, NK_PAD: tl.constexpr, SINGLE_KBLK: tl.constexpr,  # SINGLE_KBLK: NK_PAD == BLOCK_N
-    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    Q, K, V, TILE, TOK, CLS, DO, LSE, DELTA, DQ, DBP,  # DBP: bias-gradient partials (SPLIT, heads, P, P) fp32
+    s_qb, s_qx, s_qn,
+    s_kb, s_kx, s_kn,
+    s_vb, s_vx, s_vn,
+    s_ob, s_ox, s_on,  # strides shared by DO, DQ
+    s_tc, s_th,
+    B, NH, n_tok, n_win, n_split, qk_scale, sm_scale,  # items = (window, batch) pairs, n_win * B of them
+    HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TILE: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
 ):
+    """Long windows: one program per (split, query block, head) walks a fixed set of items in a fixed order."""
     split = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(2)
-    n_win = n_win_h * n_win_w * ((T + WT - 1) // WT)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HD
-    inq = offs_m < N
-    db_ptr = DBP + (split * NH + head).to(tl.int64) * (NQ_PAD * NK_PAD) + offs_m[:, None] * NK_PAD
-    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db_ptr = DBP + (split * NH + head).to(tl.int64) * (P * P) + offs_m[:, None] * P
+    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # one key block covers the window: in registers
 
-    for item in range(split, n_items, n_split):  # a fixed set of items in a fixed order: deterministic partials
-        b64 = (item // n_win).to(tl.int64)
-        win = item % n_win
-        qt, qh, qw, vq, rq, cq = _window_tokens(offs_m, win, n_win_h, n_win_w, T, H, W, st, sh, sw, WT, WH, WW, N)
+    for item in range(split, n_win * B, n_split):  # a fixed set of items in a fixed order: deterministic partials
+        b = item % B
+        if I64:
+            b = b.to(tl.int64)
+        win = item // B
+        tile_base = TILE + tl.load(CLS + win) * s_tc + head * s_th
+        tq = _rows(TOK, win, offs_m, P, I64)
+        vq = tq >= 0
         qmask = vq[:, None] & dmask[None, :]
-        q = tl.load(Q + b64 * s_qb + head * s_qn + (qt * s_qt + qh * s_qh + qw * s_qw)[:, None] + offs_d[None, :],
-                    mask=qmask, other=0.0)
-        o_off = b64 * s_ob + head * s_on + (qt * s_ot + qh * s_oh + qw * s_ow)[:, None] + offs_d[None, :]
+        q = tl.load(Q + b * s_qb + head * s_qn + tq[:, None] * s_qx + offs_d[None, :], mask=qmask, other=0.0)
+        o_off = b * s_ob + head * s_on + tq[:, None] * s_ox + offs_d[None, :]
         do = tl.load(DO + o_off, mask=qmask, other=0.0)
-        row = (((b64 * T + qt) * H + qh) * W + qw) * NH + head
+        row = (b * n_tok + tq) * NH + head
         lse = tl.load(LSE + row, mask=vq, other=0.0)
         delta = tl.load(DELTA + row, mask=vq, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, N, BLOCK_N):
+        for start_n in range(0, P, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            kt, kh, kw, vk, rk, ck = _window_tokens(offs_n, win, n_win_h, n_win_w, T, H, W, st, sh, sw,
-                                                    WT, WH, WW, N)
-            kmask = vk[:, None] & dmask[None, :]
-            k = tl.load(K + b64 * s_kb + head * s_kn + (kt * s_kt + kh * s_kh + kw * s_kw)[:, None]
-                        + offs_d[None, :], mask=kmask, other=0.0)
-            v = tl.load(V + b64 * s_vb + head * s_vn + (kt * s_vt + kh * s_vh + kw * s_vw)[:, None]
-                        + offs_d[None, :], mask=kmask, other=0.0)
-            s, allowed = _scores(q, k, TAB, head, s_tab_h, cq, ck, rq, rk, vq, vk, inq, offs_n < N, qk_scale,
-                                 HAS_BIAS, BIAS_C, DOT_PREC)
-            p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
+            tk = _rows(TOK, win, offs_n, P, I64)
+            kmask = (tk >= 0)[:, None] & dmask[None, :]
+            k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask, other=0.0)
+            v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if HAS_TILE:
+                s += tl.load(tile_base + offs_m[:, None] * P + offs_n[None, :]).to(tl.float32)
+            p = tl.math.exp2(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
             if BIAS_GRAD:
-                if SINGLE_KBLK:
+                if BLOCK_N == P:
                     db_acc += ds
-                else:  # this program alone owns these partial rows: read-modify-write without atomics
-                    ptrs = db_ptr + (start_n + tl.arange(0, BLOCK_N))[None, :]
+                else:  # this program alone owns these partial rows, and each thread rereads what it wrote
+                    ptrs = db_ptr + offs_n[None, :]
                     tl.store(ptrs, tl.load(ptrs) + ds)
-                    tl.debug_barrier()
         tl.store(DQ + o_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
 
     if BIAS_GRAD:
-        if SINGLE_KBLK:
+        if BLOCK_N == P:
             tl.store(db_ptr + tl.arange(0, BLOCK_N)[None, :], db_acc)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Launchers
+# Geometry, tiles and configs (torch, once per call; the geometry is cached per (grid, window, shift, device))
 # ----------------------------------------------------------------------------------------------------------------------
 
 _config_override: dict | None = None
 
 
 @contextlib.contextmanager
-def override_config(**blocks):
-    """Force block sizes (``fwd_m``, ``fwd_n``, ``dkdv_m``, ``dkdv_n``, ``dq_m``, ``dq_n``, ``split``) in a scope.
-
-    For tests (to reach the multi-key-block and multi-split paths at small shapes) and for tuning runs.
-    """
+def override_config(**cfg):
+    """Force tiles and work split in a scope, for tests (the multi-block, multi-group and split paths at small
+    shapes) and tuning runs. Keys: ``fwd_m``, ``fwd_n`` (forward tiles), ``group`` (items per program),
+    ``bwd`` (``"fused"`` or ``"split"``), ``fused_qb`` (the fused backward's query sub-block), ``dkdv_m``,
+    ``dkdv_n``, ``dq_m``, ``dq_n`` (the split backward's tiles), ``split`` (its item splits), ``i64`` (int64
+    offsets, which only tensors of 2**31 elements need)."""
     global _config_override
-    previous, _config_override = _config_override, dict(blocks)
+    previous, _config_override = _config_override, dict(cfg)
     try:
         yield
     finally:
@@ -287,54 +395,140 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _warps(block_m: int, block_n: int) -> int:
-    # ~16 score elements per thread: the mask, bias gather and softmax temporaries of each element live in registers
-    # too, and at ~32 per thread the dq kernel spills (see benchmarks/kernel_resources.py).
-    return max(1, min(8, block_m * block_n // 512))
+def _chained_warps(rows: int) -> int:
+    """Warps for a tile whose scores feed a second GEMM: Triton then puts every warp on the rows (16 each on both
+    mma.sync and wgmma), so more than rows / 16 warps would repeat each other's work."""
+    return max(1, min(8, rows // 16))
 
 
-def _blocks(n_tokens: int, head_dim: int) -> dict:
-    """Default tiles ``(rows, cols)`` per kernel; ``override_config`` sets others.
+def _blocks(P: int, head_dim: int) -> dict:
+    """Default tiles for a window of ``P`` padded tokens; ``override_config`` sets others.
 
-    LF-VILA's windows hold 30, 60, 120, 240, 480 tokens, 94% of a 32/64/128/256/512-token tiling. Chosen so that
-    no kernel spills at head_dim 32 on sm_90 (``benchmarks/kernel_resources.py``); not yet timed on a GPU. The dq
-    kernel takes few query rows when one key tile covers the window, so its bias-gradient accumulator stays in
-    registers; longer windows accumulate it in a program-private scratch instead.
-    """
-    p = _pow2(n_tokens)
-    if p <= 64:
-        cfg = dict(fwd_m=p, fwd_n=p, dkdv_m=p, dkdv_n=p, dq_m=32 if p <= 32 else 16, dq_n=p)
-    elif p == 128:
-        cfg = dict(fwd_m=64, fwd_n=128, dkdv_m=128, dkdv_n=64, dq_m=16, dq_n=128)
+    LF-VILA's windows hold 30, 60, 120, 240, 480 tokens: P = 32, 64, 128, 256, 512. Up to 128 the forward takes the
+    whole window as one tile (its bias + mask tile then stays in registers) and the backward is the fused kernel;
+    beyond, 128 x 64 forward tiles and the split backward."""
+    if P <= _FUSED_MAX:
+        cfg = dict(fwd_m=P, fwd_n=P, bwd="fused", fused_qb=min(P, 64), dkdv_m=min(P, 64), dkdv_n=min(P, 64),
+                   dq_m=min(P, 64), dq_n=P)
     else:
-        cfg = dict(fwd_m=128 if head_dim <= 64 else 64, fwd_n=64, dkdv_m=64, dkdv_n=64, dq_m=64, dq_n=32)
+        cfg = dict(fwd_m=128 if head_dim <= 64 else 64, fwd_n=64, bwd="split", fused_qb=64, dkdv_m=64, dkdv_n=64,
+                   dq_m=64, dq_n=64)
     if _config_override:
-        cfg.update({k: v for k, v in _config_override.items() if k != "split"})
+        cfg.update({k: v for k, v in _config_override.items() if k not in ("split", "group", "i64")})
+    if cfg["bwd"] == "fused" and (P > _FUSED_MAX or P not in (cfg["fused_qb"] * n for n in (1, 2, 4))):
+        raise ValueError(f"the fused backward needs P <= {_FUSED_MAX} and P = 1, 2 or 4 query sub-blocks; got "
+                         f"P={P}, fused_qb={cfg['fused_qb']}")
     return cfg
 
 
-def _geometry(q: torch.Tensor, window, shift) -> dict:
-    B, T, H, W, nh, hd = q.shape
+def _sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (None elsewhere): the work split depends on it alone."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+_GEOMETRY_CACHE: dict = {}
+
+
+def _geometry(grid, window, shift, device) -> dict:
+    """Everything the kernels need that depends on the geometry only: see the module docstring.
+
+    Returns ``tok (n_win, P) int32``, ``cls (n_win,) int32`` (class of each window), ``order (n_win,) int32``
+    (windows sorted by class, stable), ``class_start`` (list, ``classes + 1``: where each class begins in ``order``),
+    ``allowed (classes, P, P) bool`` and ``N``, ``P``, ``n_win``."""
+    key = (tuple(grid), tuple(window), tuple(shift), str(device))
+    if key in _GEOMETRY_CACHE:
+        return _GEOMETRY_CACHE[key]
+    T, H, W = grid
     wt, wh, ww = window
-    n_win_t, n_win_h, n_win_w = -(-T // wt), -(-H // wh), -(-W // ww)
-    if B * nh > _MAX_GRID_YZ:
-        raise ValueError(f"batch * heads = {B * nh} exceeds the kernel's grid limit {_MAX_GRID_YZ}")
-    return dict(
-        n_win=n_win_t * n_win_h * n_win_w, n_win_h=n_win_h, n_win_w=n_win_w, N=wt * wh * ww,
-        bias_c=(wt - 1) * (2 * wh - 1) * (2 * ww - 1) + (wh - 1) * (2 * ww - 1) + (ww - 1),
-    )
+    N = wt * wh * ww
+    P = _pow2(N)
+    cpu = torch.device("cpu")
+    n_t, n_h, n_w = -(-T // wt), -(-H // wh), -(-W // ww)
+    win = torch.arange(n_t * n_h * n_w, device=cpu)
+    pos = torch.arange(P, device=cpu)
+    lt, lh, lw = pos // (wh * ww), (pos // ww) % wh, pos % ww
+    it = (win // (n_h * n_w))[:, None] * wt + lt[None, :]  # rolled coordinates (n_win, P)
+    ih = ((win // n_w) % n_h)[:, None] * wh + lh[None, :]
+    iw = (win % n_w)[:, None] * ww + lw[None, :]
+    valid = (pos < N)[None, :] & (it < T) & (ih < H) & (iw < W)
+    st, sh, sw = shift
+    tok = (((it + st) % T) * H + (ih + sh) % H) * W + (iw + sw) % W
+    tok = torch.where(valid, tok, -1).to(torch.int32)
+    region = (it >= T - st).long() * 4 + (ih >= H - sh).long() * 2 + (iw >= W - sw).long()
+    region = torch.where(valid, region, -1)
+    patterns, cls = torch.unique(region, dim=0, return_inverse=True)  # (classes, P), (n_win,)
+    pv = patterns >= 0
+    # a valid query sees the valid keys of its region; a position outside the grid sees every valid key (never stored)
+    allowed = pv[:, None, :] & ((patterns[:, :, None] == patterns[:, None, :]) | ~pv[:, :, None])
+    order = torch.sort(cls, stable=True).indices
+    counts = torch.bincount(cls, minlength=patterns.shape[0])
+    class_start = [0] + torch.cumsum(counts, 0).tolist()
+    geo = dict(tok=tok.to(device), cls=cls.to(torch.int32).to(device), order=order.to(torch.int32).to(device),
+               class_start=class_start, allowed=allowed.to(device), N=N, P=P, n_win=win.numel())
+    _GEOMETRY_CACHE[key] = geo
+    return geo
 
 
-def _strides(x: torch.Tensor) -> tuple[int, ...]:
-    return tuple(x.stride()[:5])
+def _tiles(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype):
+    """``(classes, heads, P, P)`` in ``dtype``: ``bias * log2(e)`` where allowed, ``-inf`` elsewhere; ``None`` when
+    there is neither a bias nor a mask. A function of the table, so its gradient flows through the kernels' dtable
+    output, not through this tensor (built from ``table.detach()``)."""
+    allowed, N, P = geo["allowed"], geo["N"], geo["P"]
+    if table is None and bool(allowed.all()):
+        return None
+    heads = 1 if table is None else table.shape[1]
+    bias = torch.zeros((heads, P, P), dtype=torch.float32, device=allowed.device)
+    if table is not None:
+        index = relative_position_index(window, allowed.device)
+        bias[:, :N, :N] = table.detach().float()[index.reshape(-1)].reshape(N, N, heads).permute(2, 0, 1) * LOG2E
+    tile = torch.where(allowed[:, None], bias[None], float("-inf"))
+    return tile.to(dtype).contiguous()
 
 
-def _table_arg(table: torch.Tensor | None, q: torch.Tensor):
-    """The bias table transposed to ``(heads, R)`` contiguous, so a head's gathers stay within one small row."""
-    if table is None:
-        return q, 0  # never read (HAS_BIAS=False)
-    tab = table.detach().t().contiguous()
-    return tab, tab.stride(0)
+def _groups(geo: dict, B: int, heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the class-ordered items (``order[j]``, batch ``b``) = item ``j * B + b`` into groups of one class.
+
+    Group size: enough programs (groups x heads) for about 4 per SM, a function of shapes and the device only, so
+    the bias-gradient summation order is the same on every run. Returns ``gstart (groups + 1,)`` and ``gcls
+    (groups,)``, int32 on ``device``."""
+    n_items = geo["n_win"] * B
+    sms = _sm_count(device)
+    if _config_override and "group" in _config_override:
+        size = max(1, int(_config_override["group"]))
+    elif sms is None:
+        size = 2  # the interpreter: several items per program and several programs, at test sizes
+    else:
+        size = max(1, math.ceil(n_items * heads / (4 * sms)))
+    starts, classes = [], []
+    bounds = geo["class_start"]
+    for c in range(len(bounds) - 1):
+        for s in range(bounds[c] * B, bounds[c + 1] * B, size):
+            starts.append(s)
+            classes.append(c)
+    starts.append(n_items)
+    return (torch.tensor(starts, dtype=torch.int32, device=device),
+            torch.tensor(classes, dtype=torch.int32, device=device))
+
+
+def _token_strided(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its t and h strides are multiples of its w stride by the grid (a token is one stride
+    apart from the next in row-major (t, h, w) order: true of contiguous tensors and of views of one fused qkv
+    projection); else a contiguous copy."""
+    _, T, H, W = x.shape[:4]
+    s = x.stride()
+    return x if s[2] == W * s[3] and s[1] == H * W * s[3] else x.contiguous()
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(3), x.stride(4)  # batch, token, head
+
+
+def _needs_i64(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset into one of ``tensors`` may exceed int32 (the kernels then compute in int64)."""
+    if _config_override and "i64" in _config_override:
+        return bool(_config_override["i64"])
+    return any(sum((n - 1) * st for n, st in zip(x.shape, x.stride())) >= 2**31 - 1 or x.numel() >= 2**31 - 1
+               for x in tensors)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -343,36 +537,42 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _launch_fwd(q, k, v, table, window, shift, scale):
     B, T, H, W, nh, hd = q.shape
-    g = _geometry(q, window, shift)
-    cfg = _blocks(g["N"], hd)
+    if B * nh > _MAX_GRID_YZ:
+        raise ValueError(f"batch * heads = {B * nh} exceeds the kernel's grid limit {_MAX_GRID_YZ}")
+    q, k, v = (_token_strided(x) for x in (q, k, v))
+    geo = _geometry((T, H, W), window, shift, q.device)
+    P = geo["P"]
+    cfg = _blocks(P, hd)
+    tile = _tiles(geo, table, window, q.dtype)
+    gstart, gcls = _groups(geo, B, nh, q.device)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, T, H, W, nh), dtype=torch.float32, device=q.device)
-    tab, s_tab = _table_arg(table, q)
-    n_qblk = triton.cdiv(g["N"], cfg["fwd_m"])
-    grid = (g["n_win"] * n_qblk, B * nh)
+    tile_arg = q if tile is None else tile
+    s_tc, s_th = (0, 0) if tile is None else (tile.stride(0), tile.stride(1) if tile.shape[1] > 1 else 0)
+    grid = (gcls.numel(), nh, P // cfg["fwd_m"])
     _htwa_fwd_kernel[grid](
-        q, k, v, tab, o, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o), s_tab,
-        T, H, W, nh, *shift, g["n_win_h"], g["n_win_w"], n_qblk, scale * LOG2E,
-        HD=hd, BLOCK_D=_pow2(hd), WT=window[0], WH=window[1], WW=window[2], N=g["N"], BIAS_C=g["bias_c"],
-        BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], HAS_BIAS=table is not None, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=_warps(cfg["fwd_m"], cfg["fwd_n"]), num_stages=2,
+        q, k, v, tile_arg, geo["tok"], geo["order"], gstart, gcls, o, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), s_tc, s_th,
+        B, nh, T * H * W, scale * LOG2E,
+        HD=hd, BLOCK_D=_pow2(hd), P=P, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], HAS_TILE=tile is not None,
+        DOT_PREC=_dot_precision(q.dtype), I64=_needs_i64(q, k, v, o, lse), num_warps=_chained_warps(cfg["fwd_m"]),
+        num_stages=2,
     )
     return o, lse
 
 
 def _num_splits(n_items: int, programs_per_split: int, warps: int, partial_bytes: int, input_bytes: int,
                 device: torch.device) -> int:
-    """How many programs share the (batch, window) items of one (query tile, head) in the dq kernel.
+    """How many programs share the (batch, window) items of one (query tile, head) in the split backward's dq kernel.
 
     Enough programs for ~32 warps per SM, as long as the fp32 partials stay within twice the size of q (at least
     32 MB, at most 256 MB). A function of shapes and the device only, so the bias-gradient summation order is the
     same on every run."""
     if _config_override and "split" in _config_override:
         return max(1, min(n_items, int(_config_override["split"])))
-    if device.type != "cuda":
+    sms = _sm_count(device)
+    if sms is None:
         return min(n_items, 2)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = math.ceil(32 * sms / (programs_per_split * warps))
     budget = min(256 << 20, max(32 << 20, 2 * input_bytes))
     return max(1, min(n_items, want, budget // max(1, partial_bytes)))
@@ -406,8 +606,10 @@ def _bias_grad_from_dense(dense: torch.Tensor, window) -> torch.Tensor:
 def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True):
     """dq, dk, dv and the table gradient (an empty tensor without a table, or with ``bias_grad=False``)."""
     B, T, H, W, nh, hd = q.shape
-    g = _geometry(q, window, shift)
-    cfg = _blocks(g["N"], hd)
+    q, k, v = (_token_strided(x) for x in (q, k, v))
+    geo = _geometry((T, H, W), window, shift, q.device)
+    P = geo["P"]
+    cfg = _blocks(P, hd)
     do = do.contiguous()
     BLOCK_D = _pow2(hd)
     n_rows = o.numel() // hd
@@ -417,38 +619,54 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    tab, s_tab = _table_arg(table, q)
-    common = dict(HD=hd, BLOCK_D=BLOCK_D, WT=window[0], WH=window[1], WW=window[2], N=g["N"], BIAS_C=g["bias_c"],
-                  HAS_BIAS=table is not None, DOT_PREC=_dot_precision(q.dtype), num_stages=2)
-    geo = (T, H, W, nh, *shift, g["n_win_h"], g["n_win_w"])
-    in_strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), s_tab)
-
-    n_kblk = triton.cdiv(g["N"], cfg["dkdv_n"])
-    _htwa_bwd_dkdv_kernel[(g["n_win"] * n_kblk, B * nh)](
-        q, k, v, tab, do, lse, delta, dk, dv, *in_strides, *geo, n_kblk, scale * LOG2E, scale,
-        BLOCK_M=cfg["dkdv_m"], BLOCK_N=cfg["dkdv_n"], num_warps=_warps(cfg["dkdv_m"], cfg["dkdv_n"]), **common,
-    )
-
-    n_qblk = triton.cdiv(g["N"], cfg["dq_m"])
-    nq_pad, nk_pad = n_qblk * cfg["dq_m"], triton.cdiv(g["N"], cfg["dq_n"]) * cfg["dq_n"]
-    n_items = B * g["n_win"]
     bias_grad = bias_grad and table is not None
-    if not bias_grad:
-        n_split, partials = n_items, q  # one program per item; no partials
+    tile = _tiles(geo, table, window, q.dtype)
+    common = dict(HD=hd, BLOCK_D=BLOCK_D, P=P, HAS_TILE=tile is not None, DOT_PREC=_dot_precision(q.dtype),
+                  I64=_needs_i64(q, k, v, do, lse), num_stages=2)
+    in_strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    n_tok = T * H * W
+
+    if cfg["bwd"] == "fused":
+        tile_t = None if tile is None else tile.transpose(-1, -2).contiguous()  # (class, head, key, query)
+        tile_arg = q if tile is None else tile_t
+        s_tile = (0, 0) if tile is None else (tile_t.stride(0), tile_t.stride(1) if tile_t.shape[1] > 1 else 0)
+        gstart, gcls = _groups(geo, B, nh, q.device)
+        n_groups = gcls.numel()
+        partials = (torch.empty((n_groups, nh, P, P), dtype=torch.float32, device=q.device) if bias_grad else q)
+        _htwa_bwd_fused_kernel[(n_groups, nh)](
+            q, k, v, do, lse, delta, tile_arg, geo["tok"], geo["order"], gstart, gcls, dq, dk, dv, partials,
+            *in_strides, *s_tile, B, nh, n_tok, scale * LOG2E, scale,
+            QB=cfg["fused_qb"], BIAS_GRAD=bias_grad, num_warps=_chained_warps(P), **common,
+        )
     else:
-        n_split = _num_splits(n_items, n_qblk * nh, _warps(cfg["dq_m"], cfg["dq_n"]), nh * nq_pad * nk_pad * 4,
-                              q.numel() * q.element_size(), q.device)
-        alloc = torch.empty if nk_pad == cfg["dq_n"] else torch.zeros  # register path overwrites; RMW path adds
-        partials = alloc((n_split, nh, nq_pad, nk_pad), dtype=torch.float32, device=q.device)
-    _htwa_bwd_dq_kernel[(n_split, n_qblk, nh)](
-        q, k, v, tab, do, lse, delta, dq, partials, *in_strides, *geo, n_items, n_split, scale * LOG2E, scale,
-        BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], NQ_PAD=nq_pad, NK_PAD=nk_pad, SINGLE_KBLK=nk_pad == cfg["dq_n"],
-        BIAS_GRAD=bias_grad, num_warps=_warps(cfg["dq_m"], cfg["dq_n"]), **common,
-    )
+        tile_arg = q if tile is None else tile
+        s_tile = (0, 0) if tile is None else (tile.stride(0), tile.stride(1) if tile.shape[1] > 1 else 0)
+        n_kblk = P // cfg["dkdv_n"]
+        _htwa_bwd_dkdv_kernel[(geo["n_win"] * n_kblk, B * nh)](
+            q, k, v, tile_arg, geo["tok"], geo["cls"], do, lse, delta, dk, dv, *in_strides, *s_tile,
+            nh, n_tok, n_kblk, scale * LOG2E, scale,
+            BLOCK_M=cfg["dkdv_m"], BLOCK_N=cfg["dkdv_n"], num_warps=_chained_warps(cfg["dkdv_m"]), **common,
+        )
+        n_qblk = P // cfg["dq_m"]
+        n_items = B * geo["n_win"]
+        warps = _chained_warps(cfg["dq_m"])
+        if not bias_grad:
+            n_split, partials = n_items, q  # one program per item; no partials
+        else:
+            n_split = _num_splits(n_items, n_qblk * nh, warps, nh * P * P * 4, q.numel() * q.element_size(),
+                                  q.device)
+            alloc = torch.empty if cfg["dq_n"] == P else torch.zeros  # the register path overwrites; RMW adds
+            partials = alloc((n_split, nh, P, P), dtype=torch.float32, device=q.device)
+        _htwa_bwd_dq_kernel[(n_split, n_qblk, nh)](
+            q, k, v, tile_arg, geo["tok"], geo["cls"], do, lse, delta, dq, partials, *in_strides, *s_tile,
+            B, nh, n_tok, geo["n_win"], n_split, scale * LOG2E, scale,
+            BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], BIAS_GRAD=bias_grad, num_warps=warps, **common,
+        )
     if not bias_grad:
         dtable = q.new_empty(0)
     else:
-        dense = partials.sum(0)[:, : g["N"], : g["N"]]  # (heads, N, N), fixed-order reduction over splits
+        N = geo["N"]
+        dense = partials.sum(0)[:, :N, :N]  # (heads, N, N), fixed-order reduction over groups / splits
         dtable = _bias_grad_from_dense(dense, window).to(table.dtype)
     return dq, dk, dv, dtable
 

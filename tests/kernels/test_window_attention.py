@@ -103,12 +103,21 @@ def test_triton_fp16_within_twice_eager_error(shape, window, shift):
 @pytest.mark.parametrize(
     "blocks",
     [
-        pytest.param(dict(fwd_m=16, fwd_n=16, dkdv_m=16, dkdv_n=16, dq_m=16, dq_n=16, split=3), id="all-16-split3"),
-        pytest.param(dict(fwd_m=32, fwd_n=16, dkdv_m=16, dkdv_n=32, dq_m=32, dq_n=16, split=1), id="mixed-split1"),
+        pytest.param(dict(fwd_m=16, fwd_n=16, bwd="split", dkdv_m=16, dkdv_n=16, dq_m=16, dq_n=16, split=3),
+                     id="all-16-split3"),
+        pytest.param(dict(fwd_m=32, fwd_n=16, bwd="split", dkdv_m=16, dkdv_n=32, dq_m=32, dq_n=16, split=1),
+                     id="mixed-split1"),
+        pytest.param(dict(bwd="split", dq_n=32, split=2), id="split-dq-registers"),
+        pytest.param(dict(group=1, fused_qb=16), id="fused-group1-two-subblocks"),
+        pytest.param(dict(group=5, fwd_m=16, fwd_n=32), id="fused-group5-fwd-rows16"),
+        pytest.param(dict(i64=True, fwd_n=16, bwd="split", split=2), id="int64-offsets-split"),
+        pytest.param(dict(i64=True), id="int64-offsets-fused"),
     ],
 )
 def test_triton_multi_block_paths(blocks):
-    """Windows spanning several key/query tiles: the online-softmax loop and the bias-gradient read-modify-write."""
+    """Windows spanning several key/query tiles (the online-softmax loop, the bias-gradient read-modify-write), the
+    split backward at a window the fused one would take, and other group sizes (items per program) and query
+    sub-blocks of the fused backward."""
     check_triton_against_videoswin((2, 4, 6, 5, 2, 16), (2, 3, 5), (1, 1, 2), blocks=blocks)
 
 
@@ -124,7 +133,8 @@ def test_without_bias_and_custom_scale(impl):
 
 
 @pytest.mark.parametrize(
-    "blocks", [pytest.param({}, id="default"), pytest.param(dict(dq_m=16, dq_n=16, split=3), id="rmw-split3")]
+    "blocks", [pytest.param({}, id="default-fused"),
+               pytest.param(dict(bwd="split", dq_m=16, dq_n=16, split=3), id="split-rmw-split3")]
 )
 def test_bias_gradient_is_deterministic(blocks):
     shape, window, shift = (2, 4, 6, 5, 2, 16), (2, 3, 5), (0, 1, 2)  # 8 (batch, window) pairs: 3 splits of them
@@ -192,3 +202,36 @@ def test_frozen_bias_table_skips_its_gradient():
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     for name, a, b in zip(NAMES[1:4], grads, trained[1:4]):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("shape, window, shift, bias", [
+    pytest.param((1, 8, 6, 10, 1, 32), (4, 3, 5), (0, 1, 2), True, id="P64-shift"),
+    pytest.param((1, 8, 6, 5, 2, 16), (8, 3, 5), (0, 1, 0), True, id="P128-two-subblocks"),
+    pytest.param((2, 5, 7, 11, 2, 16), (2, 3, 5), (1, 1, 2), True, id="odd-grid-3d-shift"),
+    pytest.param((1, 4, 6, 5, 2, 24), (2, 3, 5), (0, 1, 2), False, id="no-bias-hd24"),
+])
+def test_fused_backward_matches_split_backward(shape, window, shift, bias):
+    """The fused one-pass backward (windows <= 128 tokens) against the two-kernel one, same forward."""
+    q, k, v, table = make_inputs(shape, window, bias=bias)
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    with fused.override_config(bwd="fused", group=3):
+        a = run(window_attention, q, k, v, table, window, shift, grad_out, impl="triton")
+    with fused.override_config(bwd="split", split=2):
+        b = run(window_attention, q, k, v, table, window, shift, grad_out, impl="triton")
+    assert torch.equal(a[0], b[0])
+    for name, x, y in zip(NAMES[1:], a[1:], b[1:]):
+        if x is not None:
+            assert_close_verbose(x, y, atol=1e-5 * float(y.abs().max()), rtol=1e-5, name=name)
+
+
+def test_no_tile_path():
+    """No bias, no shift, no padded keys (N a power of two): the kernels run without a tile."""
+    shape, window = (2, 2, 8, 8, 2, 16), (1, 4, 4)
+    q, k, v, _ = make_inputs(shape, window, bias=False)
+    grad_out = torch.randn(shape)
+    got = run(window_attention, q, k, v, None, window, (0, 0, 0), grad_out, impl="triton")
+    want = oracle(q, k, v, None, window, (0, 0, 0), grad_out)
+    with RoundedOps():
+        eager = run(videoswin_window_attention, q, k, v, None, window, (0, 0, 0), grad_out)
+    for name, a, b, e in zip(NAMES[:4], got, want, eager):
+        assert_within_eager_error(name, a, e, b, torch.float32)
