@@ -88,11 +88,14 @@ def _htwa_fwd_kernel(
         if BLOCK_N == P:  # the whole key range is one tile: keep the bias + mask in registers across the group
             resident = tl.load(tile_base + offs_m[:, None] * P + tl.arange(0, BLOCK_N)[None, :]).to(tl.float32)
 
-    for item in range(start, end):
-        b = item % B
-        if I64:
-            b = b.to(tl.int64)
-        win = tl.load(WIN + item // B)
+    j = start // B  # item = j * B + b: window order[j], batch b; stepped, not divided, per item
+    b_next = start - j * B
+    for _ in range(start, end):
+        b = b_next.to(tl.int64) if I64 else b_next
+        win = tl.load(WIN + j)
+        b_next += 1
+        j = tl.where(b_next == B, j + 1, j)
+        b_next = tl.where(b_next == B, 0, b_next)
         tq = _rows(TOK, win, offs_m, P, I64)
         vq = tq >= 0
         q = tl.load(Q + b * s_qb + head * s_qn + tq[:, None] * s_qx + offs_d[None, :],
@@ -131,7 +134,7 @@ def _htwa_fwd_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
                 m_i = m_new
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc * (1.0 / l_safe)[:, None]
+        out = acc * tl.fdiv(1.0, l_safe, ieee_rounding=False)[:, None]  # one rcp per row, not a divide each
         tl.store(O + b * s_ob + head * s_on + tq[:, None] * s_ox + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=vq[:, None] & dmask[None, :])
         tl.store(LSE + (b * n_tok + tq) * NH + head, m_i + tl.math.log2(l_safe), mask=vq)
@@ -150,7 +153,7 @@ def _htwa_bwd_delta_kernel(O, DO, DELTA, n_rows, HD: tl.constexpr, BLOCK_R: tl.c
 
 @triton.jit
 def _fused_bwd_queries(
-    k, v, dk, dv, db, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, q_start,
+    k, v, dk, dv, db, resident, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, q_start,
     s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, QB: tl.constexpr,
     HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
@@ -173,7 +176,10 @@ def _fused_bwd_queries(
 
     st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (P, QB): scores transposed
     if HAS_TILE:  # the backward's tile is stored transposed: (class, head, key, query)
-        st += tl.load(tile_base + offs_k[:, None] * P + offs_q[None, :]).to(tl.float32)
+        if QB == P:
+            st += resident  # loaded once per group by the caller
+        else:
+            st += tl.load(tile_base + offs_k[:, None] * P + offs_q[None, :]).to(tl.float32)
     pt = tl.math.exp2(st - lse[None, :])
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -205,17 +211,24 @@ def _htwa_bwd_fused_kernel(
     offs_k = tl.arange(0, P)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HD
+    resident = tl.zeros([P, QB], dtype=tl.float32)
+    if HAS_TILE:
+        if QB == P:  # one query sub-block: the window's whole tile stays in registers across the group
+            resident = tl.load(tile_base + offs_k[:, None] * P + tl.arange(0, QB)[None, :]).to(tl.float32)
     # the bias-gradient partial (keys x queries), one accumulator per query sub-block (P // QB of them, at most 4)
     db0 = tl.zeros([P, QB], dtype=tl.float32)
     db1 = tl.zeros([P, QB], dtype=tl.float32)
     db2 = tl.zeros([P, QB], dtype=tl.float32)
     db3 = tl.zeros([P, QB], dtype=tl.float32)
 
-    for item in range(start, end):
-        b = item % B
-        if I64:
-            b = b.to(tl.int64)
-        win = tl.load(WIN + item // B)
+    j = start // B  # item = j * B + b: window order[j], batch b; stepped, not divided, per item
+    b_next = start - j * B
+    for _ in range(start, end):
+        b = b_next.to(tl.int64) if I64 else b_next
+        win = tl.load(WIN + j)
+        b_next += 1
+        j = tl.where(b_next == B, j + 1, j)
+        b_next = tl.where(b_next == B, 0, b_next)
         tk = _rows(TOK, win, offs_k, P, I64)
         kmask = (tk >= 0)[:, None] & dmask[None, :]
         k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask, other=0.0)
@@ -223,21 +236,21 @@ def _htwa_bwd_fused_kernel(
         dk = tl.zeros([P, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([P, BLOCK_D], dtype=tl.float32)
         dk, dv, db0 = _fused_bwd_queries(
-            k, v, dk, dv, db0, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 0,
+            k, v, dk, dv, db0, resident, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 0,
             s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
             HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
         if P >= 2 * QB:
             dk, dv, db1 = _fused_bwd_queries(
-                k, v, dk, dv, db1, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, QB,
+                k, v, dk, dv, db1, resident, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, QB,
                 s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
                 HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
         if P == 4 * QB:
             dk, dv, db2 = _fused_bwd_queries(
-                k, v, dk, dv, db2, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 2 * QB,
+                k, v, dk, dv, db2, resident, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 2 * QB,
                 s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
                 HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
             dk, dv, db3 = _fused_bwd_queries(
-                k, v, dk, dv, db3, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 3 * QB,
+                k, v, dk, dv, db3, resident, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 3 * QB,
                 s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
                 HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
         out_off = b * s_ob + head * s_on + tk[:, None] * s_ox + offs_d[None, :]
@@ -411,8 +424,9 @@ def _blocks(P: int, head_dim: int) -> dict:
         cfg = dict(fwd_m=P, fwd_n=P, bwd="fused", fused_qb=min(P, 64), dkdv_m=min(P, 64), dkdv_n=min(P, 64),
                    dq_m=min(P, 64), dq_n=P)
     else:
-        cfg = dict(fwd_m=128 if head_dim <= 64 else 64, fwd_n=64, bwd="split", fused_qb=64, dkdv_m=64, dkdv_n=64,
-                   dq_m=64, dq_n=64)
+        wide = head_dim <= 64
+        cfg = dict(fwd_m=128 if wide else 64, fwd_n=128 if wide else 64, bwd="split", fused_qb=64, dkdv_m=64,
+                   dkdv_n=64, dq_m=64, dq_n=64)
     if _config_override:
         cfg.update({k: v for k, v in _config_override.items() if k not in ("split", "group", "i64")})
     if cfg["bwd"] == "fused" and (P > _FUSED_MAX or P not in (cfg["fused_qb"] * n for n in (1, 2, 4))):

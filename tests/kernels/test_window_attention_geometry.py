@@ -44,7 +44,7 @@ def _reference_partition(grid, window, shift):
 @pytest.mark.parametrize("grid, window, shift", GEOMETRIES)
 def test_token_table_and_classes_match_reference_partition(grid, window, shift):
     geo = fused._geometry(grid, window, shift, torch.device("cpu"))
-    N, P = geo["N"], geo["P"]
+    N = geo["N"]
     index, code, valid = _reference_partition(grid, window, shift)
     assert torch.equal(geo["tok"][:, :N].long(), index)
     assert bool((geo["tok"][:, N:] == -1).all())
