@@ -32,7 +32,8 @@ from lfvila_kernels import _contrastive_triton as fused_cl  # noqa: E402
 from lfvila_kernels import _window_attention_triton as fused  # noqa: E402
 from lfvila_kernels.reference import bias_table_rows  # noqa: E402
 
-KERNELS = ("_htwa_fwd_kernel", "_htwa_bwd_delta_kernel", "_htwa_bwd_dkdv_kernel", "_htwa_bwd_dq_kernel")
+KERNELS = ("_htwa_fwd_kernel", "_htwa_bwd_delta_kernel", "_htwa_bwd_fused_kernel", "_htwa_bwd_dkdv_kernel",
+           "_htwa_bwd_dq_kernel")
 CL_KERNELS = ("_cl_fwd_kernel", "_cl_bwd_kernel")
 # Contrastive problems (N, d): the kernels specialise on tiles, not on N.
 CL_SHAPES = {"d256": (256, 256), "d512": (256, 512), "d1024": (256, 1024), "d2048": (256, 2048)}
@@ -44,7 +45,8 @@ LAYERS = {
     "layer3": ((32, 6, 10), 16, (16, 3, 5), (0, 1, 2)),
     "layer5": ((32, 3, 5), 32, (32, 3, 5), (0, 0, 0)),
 }
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+                  torch.int64: "i64"}
 
 
 class _Recorder:
@@ -167,7 +169,8 @@ def main(argv=None):
     ]
     for case, record in cases.items():
         for name, _grid, launch_args, kwargs in record():
-            tiles = f"{kwargs.get('BLOCK_M', kwargs.get('BLOCK_R', '-'))} x {kwargs.get('BLOCK_N', '-')}"
+            tiles = (f"{kwargs['P']} x {kwargs['QB']}" if "QB" in kwargs else  # the fused backward: keys x queries
+                     f"{kwargs.get('BLOCK_M', kwargs.get('BLOCK_R', '-'))} x {kwargs.get('BLOCK_N', '-')}")
             compiled, warps = compile_launch(name, launch_args, dict(kwargs), args.arch)
             rep = cubin_report(compiled.asm["cubin"])
             kernel = name.removeprefix("_htwa_").removeprefix("_")
