@@ -227,6 +227,42 @@ def _htwa_dq(launch: Launch) -> dict:
             "trips": [items / launch["n_split"], Static(_cdiv(_window(launch), launch["BLOCK_N"]))]}
 
 
+def _cl_fwd(launch: Launch) -> dict:
+    """Contrastive forward. v1 (no ``CB_PER_SPLIT``): a program's row blocks x column blocks x feature chunks; the
+    main loop is the GEMM's K loop, one trip a BLOCK_M x BLOCK_N partial product, so its per-element count excludes
+    the softmax (which the floor includes). v2: program (g, split) takes row blocks g, g + G, ...; per row block the
+    positives' K loop (``POS_K`` chunks; only split 0 runs it: a mean over the splits) and the split's full column
+    blocks (with the row tile resident, ``HOIST``, one trip is a whole logit tile; otherwise a K loop inside, and the
+    last, partial column block has a K loop of its own beside the column loop)."""
+    bm, bn, m, d = launch["BLOCK_M"], launch["BLOCK_N"], launch["M"], launch["D"]
+    rows = launch["n_row_blocks"] / launch["G"]
+    if "CB_PER_SPLIT" not in launch:
+        return {"elements": bm * bn, "useful": 1.0, "trips": [rows, _cdiv(m, bn), _cdiv(d, launch["BLOCK_K"])]}
+    splits, per = launch.grid[1], launch["CB_PER_SPLIT"]
+    n_cb, n_full = _cdiv(m, bn), m // bn
+    full = sum(max(0, min(sp * per + per, n_cb, n_full) - sp * per) for sp in range(splits)) / splits
+    pos = _cdiv(d, launch["POS_K"]) / splits
+    if launch["HOIST"]:
+        return {"elements": bm * bn, "useful": 1.0, "trips": [rows, [pos, full]]}
+    # the split holding the partial block runs its K loop once per row block (compiled in either way: a runtime if)
+    partial = (n_cb > n_full) / splits
+    return {"elements": bm * bn, "useful": 1.0, "trips": [rows, [pos, full, partial], _cdiv(d, launch["BLOCK_K"])]}
+
+
+def _cl_bwd(launch: Launch) -> dict:
+    """Contrastive backward, one launch per side (da, db); useful: its dlogits @ b, half of the backward. v1: column
+    blocks x feature chunks. v2: the full column blocks (``M // BLOCK_N``; one trip a logit tile when ``HOIST``, else
+    a K loop inside), and the partial block's K loop beside it (compiled in either way, run where M % BLOCK_N)."""
+    bm, bn, m, d = launch["BLOCK_M"], launch["BLOCK_N"], launch["M"], launch["D"]
+    k = _cdiv(d, launch["BLOCK_K"])
+    if "HOIST" not in launch:
+        return {"elements": bm * bn, "useful": 0.5, "trips": [_cdiv(m, bn), k]}
+    n_full, partial = m // bn, m % bn != 0
+    if launch["HOIST"]:
+        return {"elements": bm * bn, "useful": 0.5, "trips": [n_full]}
+    return {"elements": bm * bn, "useful": 0.5, "trips": [[n_full, int(partial)], k]}
+
+
 # Kernel name -> (launch -> {"elements": score elements one iteration of the innermost loop computes (None: an
 # elementwise kernel), "trips": trip count per SASS loop depth, outermost first (``Static`` when fixed at compile
 # time; a mean over programs is fine; a list where sibling loops share a depth: one per loop, in address order),
@@ -246,17 +282,9 @@ KERNEL_MODELS: dict[str, Callable[[Launch], dict]] = {
     # v2, windows of <= 128 padded tokens: all five GEMMs of an item's P x P scores per trip of the item loop
     "_htwa_bwd_fused_kernel": lambda launch: {
         "elements": launch["P"] * launch["P"], "useful": 1.0, "trips": [_items_per_program(launch)]},
-    # contrastive loss (v1 kernels): a program's row blocks x column blocks x feature chunks. The main loop is the
-    # GEMM's K loop: one trip computes a BLOCK_M x BLOCK_N partial product, so its per-element count excludes the
-    # softmax (which the issue floor includes).
-    "_cl_fwd_kernel": lambda launch: {
-        "elements": launch["BLOCK_M"] * launch["BLOCK_N"], "useful": 1.0,
-        "trips": [launch["n_row_blocks"] / launch["G"], _cdiv(launch["M"], launch["BLOCK_N"]),
-                  _cdiv(launch["D"], launch["BLOCK_K"])]},
-    # one launch per side (da, db): column blocks x feature chunks; useful: its ds @ b, half of the backward
-    "_cl_bwd_kernel": lambda launch: {
-        "elements": launch["BLOCK_M"] * launch["BLOCK_N"], "useful": 0.5,
-        "trips": [_cdiv(launch["M"], launch["BLOCK_N"]), _cdiv(launch["D"], launch["BLOCK_K"])]},
+    # contrastive loss: see _cl_fwd / _cl_bwd
+    "_cl_fwd_kernel": lambda launch: _cl_fwd(launch),
+    "_cl_bwd_kernel": lambda launch: _cl_bwd(launch),
 }
 
 
@@ -316,3 +344,25 @@ def issue_counts(sass: Sass, model: dict, kernel: str, threads: int) -> dict:
 
 def issue_floor_us(warp_instructions: float) -> float:
     return warp_instructions / (SMS * SCHEDULERS * CLOCK_HZ) * 1e6
+
+
+# --------------------------------------------------------------------------------------------------- TTGIR
+_MMA_LAYOUT = re.compile(r"^#(\w+) = #ttg\.nvidia_mma<\{.*?warpsPerCTA = \[(\d+), (\d+)\]")
+_DOT_RESULT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<(\d+)x(\d+)x\w+, #(\w+)>")
+
+
+def replicated_dots(ttgir: str) -> list[str]:
+    """Matrix products whose warps repeat each other's work: a dot with an ``M``-row result in an mma layout of
+    ``warpsPerCTA = [wm, wn]`` gives each of the ``wm`` warp rows 16 rows (one wgmma / mma.sync row block), so
+    ``16 * wm > M`` means some warps compute rows another warp computes too (Triton's chained-dot rule puts every
+    warp along M: 8 warps on a 64-row tile is [8, 1], the second warpgroup redoing the first's product). Returns a
+    description of each such dot (empty: no replicated work)."""
+    layouts = {m.group(1): (int(m.group(2)), int(m.group(3)))
+               for line in ttgir.splitlines() if (m := _MMA_LAYOUT.match(line))}
+    out = []
+    for line in ttgir.splitlines():
+        if (m := _DOT_RESULT.search(line)) and m.group(3) in layouts:
+            rows, (wm, wn) = int(m.group(1)), layouts[m.group(3)]
+            if 16 * wm > rows:
+                out.append(f"{rows}x{m.group(2)} result with warpsPerCTA [{wm}, {wn}]: {line.strip()[:120]}")
+    return out

@@ -8,13 +8,20 @@ each rank's rows against the global batch, open_clip's "local loss" layout.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._contrastive_triton import check_labels_range, contrastive_ce_fused
-from .dispatch import select_impl
+from .dispatch import ENV_VAR, select_impl
 from .reference import contrastive_ce_chunked
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# impl="auto" sends fp32 features (outside autocast) on CUDA to the chunked cuBLAS path from these sizes on: both are
+# FFMA-bound there, and from d > 512 the fused kernels' feature-chunked backward costs (3 + 2c) N M d multiply-adds
+# (c = d / 256) against the chunked path's 5 (benchmarks/NOTES-contrastive.md, "Dispatch").
+CHUNKED_FP32_MIN_DIM = 513
+CHUNKED_MIN_LOGITS = 1 << 24
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -87,7 +94,11 @@ def contrastive_loss(
             labels ``CE_row_i``).
         return_directions: also return the a -> b and b -> a terms, each reduced like the loss (b -> a is None with
             labels).
-        impl: ``"auto"`` (Triton on CUDA, the chunked torch reference elsewhere), ``"triton"``, ``"torch"``.
+        impl: ``"auto"`` (Triton on CUDA, the chunked torch reference elsewhere, and on CUDA for large fp32
+            problems with d > 512 outside autocast: :func:`chunked_wins`), ``"triton"``, ``"torch"``. Under
+            autocast the Triton path computes with fp32 features cast to the autocast dtype (the logits the naive
+            ``a @ b.T`` would compute under autocast; see :func:`autocast_features`); the gradients of a and b keep
+            their dtype.
         check_finite: raise ValueError if a or b holds NaN/inf (one extra pass and a device sync). Otherwise a
             NaN/inf feature makes the loss NaN.
 
@@ -100,11 +111,45 @@ def contrastive_loss(
     return _reduce(*_per_row_ce(a, b, scale, labels, impl), reduction, return_directions)
 
 
+def autocast_features(a, b):
+    """``(a, b)`` as the fused op computes with them: under autocast (on their device type) fp32 features are cast
+    to the autocast dtype, as autocast casts the operands of the ``a @ b.T`` the naive loss computes (``F.normalize``
+    returns fp32 under autocast, and IEEE fp32 has no tensor-core path: the fp32 kernels run on FFMA). The cast is
+    differentiable: the gradients come back in fp32. Other dtypes, and calls outside autocast, pass unchanged."""
+    device_type = a.device.type
+    if a.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype in (torch.float16, torch.bfloat16):
+            return a.to(dtype), b.to(dtype)
+    return a, b
+
+
+def chunked_wins(device_type: str, dtype: torch.dtype, n: int, m: int, d: int, autocast: bool) -> bool:
+    """The size-based dispatch of ``impl="auto"``: True where the chunked cuBLAS path is predicted faster than the
+    fused kernels. Only fp32 outside autocast on CUDA (IEEE fp32, no tensor cores: both run on FFMA) with rows wider
+    than 512 (where the fused backward recomputes the logits per 256-column chunk) and at least 2^24 logits (below,
+    launch overheads of the chunked path's ~17 kernels per 1024 rows dominate). Half precision (and fp32 under
+    autocast, cast to half) stays fused at every size: 5 N M d on the tensor cores against the chunked path's 5 plus
+    ~40 passes over its fp32 logit chunks. The model: benchmarks/NOTES-contrastive.md, "Dispatch"."""
+    return (device_type == "cuda" and dtype == torch.float32 and not autocast and d >= CHUNKED_FP32_MIN_DIM
+            and n * m >= CHUNKED_MIN_LOGITS)
+
+
+def _chunk_rows(m: int) -> int:
+    """Rows per chunk of the chunked path: its (chunk, M) fp32 temporaries within 256 MB each."""
+    return max(64, min(1024, (64 << 20) // max(1, m)))
+
+
 def _per_row_ce(a, b, scale, labels, impl):
     """(row_ce (N,), col_ce (M,) or None) on checked arguments: fp32 for half/fp32 inputs, fp64 for fp64."""
-    if select_impl(impl, a.device, a.dtype, TRITON_DTYPES) == "triton":
-        return contrastive_ce_fused(a, b, scale, labels)
-    row_ce, col_ce = contrastive_ce_chunked(a, b, scale.to(a.dtype) if a.dtype == torch.float64 else scale, labels)
+    chosen = select_impl(impl, a.device, a.dtype, TRITON_DTYPES)
+    if chosen == "triton" and impl == "auto" and not os.environ.get(ENV_VAR, "").strip() and chunked_wins(
+            a.device.type, a.dtype, a.shape[0], b.shape[0], a.shape[1], torch.is_autocast_enabled(a.device.type)):
+        chosen = "torch"
+    if chosen == "triton":
+        return contrastive_ce_fused(*autocast_features(a, b), scale, labels)
+    row_ce, col_ce = contrastive_ce_chunked(a, b, scale.to(a.dtype) if a.dtype == torch.float64 else scale, labels,
+                                            chunk=_chunk_rows(b.shape[0]))
     as_float = lambda t: t if t is None or t.dtype == torch.float64 else t.float()  # noqa: E731
     return as_float(row_ce), as_float(col_ce)
 

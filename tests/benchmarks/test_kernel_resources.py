@@ -140,3 +140,43 @@ def test_ctas_per_sm():
     assert sm.ctas_per_sm(32, 256, 4) == 16  # warps: 64 // 4
     assert sm.ctas_per_sm(192, 73728, 8) == 1  # both registers and shared memory
     assert sm.ctas_per_sm(16, 0, 1) == 32  # the CTA limit
+
+
+def test_replicated_dots_finds_a_chained_tile():
+    ttgir = "\n".join([
+        "#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1], instrShape = [16, 64, 16]}>",
+        "#mma1 = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 2], instrShape = [16, 32, 8]}>",
+        "    %s = ttng.warp_group_dot %a, %b, %c : !ttg.memdesc<64x32xbf16> * !ttg.memdesc<32x64xbf16> -> "
+        "tensor<64x64xf32, #mma>",
+        "    %t = ttng.warp_group_dot %a, %b, %c : !ttg.memdesc<64x32xbf16> * !ttg.memdesc<32x64xbf16> -> "
+        "tensor<64x64xf32, #mma1>",
+        "    %u = ttng.warp_group_dot %a, %b, %c : !ttg.memdesc<128x32xbf16> * !ttg.memdesc<32x64xbf16> -> "
+        "tensor<128x64xf32, #mma>"])
+    (hit,) = sm.replicated_dots(ttgir)
+    assert hit.startswith("64x64 result with warpsPerCTA [8, 1]"), hit
+
+
+_NO_REPLICATION = """
+import sys, torch
+from benchmarks import kernel_resources as kr, sass_model as sm
+from benchmarks.attention_shapes import lfvila_cases
+records = [kr.record_contrastive(4096, d, torch.bfloat16) for d in (256, 512, 1024)]
+records += [kr.record_window_attention((c.batch, *c.grid, c.heads, c.head_dim), c.window, c.shift, torch.bfloat16)
+            for c in lfvila_cases(2, 32, 32)]
+bad = []
+for rec in records:
+    for launches, _ in rec.values():
+        for launch in launches:
+            compiled, _, _ = kr.compile_launch(launch, 90)
+            bad += [f"{launch.name}: {hit}" for hit in sm.replicated_dots(compiled.asm["ttgir"])]
+print("\\n".join(bad))
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_no_warpgroup_repeats_another():
+    """Every matrix product of the window-attention (lfvila-base's layers) and contrastive (d = 256 ... 1024) kernels,
+    bf16 on sm_90, splits its rows between the warps: none computes rows another computes (``replicated_dots``)."""
+    proc = subprocess.run([sys.executable, "-c", _NO_REPLICATION], capture_output=True, text=True,
+                          env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
