@@ -273,6 +273,15 @@ KERNEL_MODELS: dict[str, Callable[[Launch], dict]] = {
     # window attention: one program per (window or group of items, head, query block); looping over key blocks
     "_htwa_fwd_kernel": _htwa_fwd,
     "_htwa_bwd_delta_kernel": lambda launch: {"elements": None, "trips": []},
+    # the bias + mask tile of (class, head, row block): elementwise
+    "_htwa_tile_kernel": lambda launch: {"elements": None, "trips": []},
+    # one table row per program: splits x its pairs in BLOCK_F chunks. Every row has a pair, so a row takes at least
+    # one chunk and on average at least (N^2 / rows) / BLOCK_F (a lower bound: the per-row rounding up is not known
+    # from the shapes)
+    "_htwa_bias_grad_kernel": lambda launch: {
+        "elements": None, "trips": [
+            Static(1) if launch["n_split"] == 1 else launch["n_split"],  # an int equal to 1 is specialised
+            max(1.0, launch["PAIRS"].shape[0] / (launch["RPTR"].shape[0] - 1) / launch["BLOCK_F"])]},
     # S, dP, dV, dK (4 of the 5 backward GEMMs) over the query blocks of a key block
     "_htwa_bwd_dkdv_kernel": lambda launch: {
         "elements": launch["BLOCK_M"] * launch["BLOCK_N"], "useful": 0.8,

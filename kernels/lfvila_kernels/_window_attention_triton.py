@@ -28,8 +28,10 @@ heads)`` fp32. Backward:
   program-private fp32 partial of the dense ``(heads, P, P)`` gradient, summed over a fixed set of items in a fixed
   order).
 
-The dense gradient is folded onto the table by a fixed-order diagonal reduction. No atomics anywhere: every gradient
-is bitwise repeatable.
+Two small kernels do the rest on the GPU: ``_htwa_tile_kernel`` builds the tile (forward, and transposed for the fused
+backward) in one pass, and ``_htwa_bias_grad_kernel`` sums the partials over groups or splits and folds them onto the
+table rows in one pass, in a fixed order (each table row owns the list of its pairs). No atomics anywhere: every
+gradient is bitwise repeatable.
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ import triton
 import triton.language as tl
 
 from .dispatch import interpreting
-from .reference import relative_position_index
+from .reference import bias_table_rows, relative_position_index
 
 LOG2E = 1.4426950408889634
 _MAX_GRID_YZ = 65535
+_FOLD_MAX_SPLITS = 16  # _bias_grad: more partials than this (the fused backward's groups) are summed first
 _FUSED_MAX = 128  # the fused backward holds a window's keys in one tile: P <= 128 keeps it in registers
 
 
@@ -382,6 +385,60 @@ def _htwa_bwd_dq_kernel(
             tl.store(db_ptr + tl.arange(0, BLOCK_N)[None, :], db_acc)
 
 
+@triton.jit
+def _htwa_tile_kernel(
+    TABLE, IDX, ALLOWED, OUT, s_tr, s_th, N, log2e,
+    P: tl.constexpr, BLOCK_R: tl.constexpr, HAS_TABLE: tl.constexpr, TRANSPOSE: tl.constexpr,
+):
+    """The bias + mask tile of one (class, head) and BLOCK_R rows: ``table[IDX[i, j], head] * log2e`` where
+    ``ALLOWED[class, i, j]``, ``-inf`` where not, 0 where allowed outside the N x N window (or without a table).
+    OUT ``(classes, heads, P, P)``, rows i (queries) or, with TRANSPOSE, rows j (keys: the fused backward's tile);
+    stores are row-contiguous either way. IDX ``(N, N)`` int32, ALLOWED ``(classes, P, P)`` uint8."""
+    c = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, P)
+    if TRANSPOSE:
+        qi, kj = cols[None, :], rows[:, None]
+    else:
+        qi, kj = rows[:, None], cols[None, :]
+    ok = tl.load(ALLOWED + c * P * P + qi * P + kj) != 0
+    if HAS_TABLE:
+        inside = (qi < N) & (kj < N)
+        idx = tl.load(IDX + qi * N + kj, mask=inside, other=0)
+        bias = tl.load(TABLE + idx * s_tr + head * s_th, mask=inside, other=0.0).to(tl.float32) * log2e
+    else:
+        bias = tl.zeros([BLOCK_R, P], dtype=tl.float32)
+    out = tl.where(ok, bias, float("-inf"))
+    base = OUT + (c * tl.num_programs(1) + head) * P * P
+    tl.store(base + rows[:, None] * P + cols[None, :], out.to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def _htwa_bias_grad_kernel(
+    PART, PAIRS, RPTR, DTABLE, n_split, s_split, s_head, NH,
+    BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """``DTABLE[r, h] = sum over splits s and pairs f of row r: PART[s, h, f]`` in a fixed order (per lane: splits,
+    then the pairs in order; then one tree sum), so the table gradient is bitwise repeatable. PART ``(splits, heads,
+    P, P)`` fp32 partials of the dense gradient; PAIRS: the flat ``i * P + j`` of the pairs with relative-position
+    row r, at ``RPTR[r]:RPTR[r + 1]``."""
+    r = tl.program_id(0)
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = hs < NH
+    lo = tl.load(RPTR + r)
+    hi = tl.load(RPTR + r + 1)
+    acc = tl.zeros([BLOCK_F, BLOCK_H], dtype=tl.float32)
+    for sp in range(0, n_split):
+        base = PART + tl.cast(sp, tl.int64) * s_split + hs[None, :].to(tl.int64) * s_head
+        for f0 in range(lo, hi, BLOCK_F):
+            offs = f0 + tl.arange(0, BLOCK_F)
+            fmask = offs < hi
+            f = tl.load(PAIRS + offs, mask=fmask, other=0)
+            acc += tl.load(base + f[:, None], mask=fmask[:, None] & hmask[None, :], other=0.0)
+    tl.store(DTABLE + r * NH + hs, tl.sum(acc, 0), mask=hmask)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Geometry, tiles and configs (torch, once per call; the geometry is cached per (grid, window, shift, device))
 # ----------------------------------------------------------------------------------------------------------------------
@@ -499,6 +556,61 @@ def _tiles(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype):
     return tile.to(dtype).contiguous()
 
 
+def _rel_tables(geo: dict, window) -> dict:
+    """Per geometry, cached in ``geo``: the relative-position index ``(N, N)`` int32 and its pairs grouped by table
+    row (``pairs``: flat ``i * P + j`` sorted by row, stable; ``rptr``: rows + 1 offsets), on the geometry's device."""
+    if "rel_index" not in geo:
+        N, P = geo["N"], geo["P"]
+        index = relative_position_index(window).reshape(-1)  # CPU, (N * N,)
+        order = torch.sort(index, stable=True).indices
+        counts = torch.bincount(index, minlength=bias_table_rows(window))
+        device = geo["tok"].device
+        geo["rel_index"] = index.to(torch.int32).to(device)
+        geo["pairs"] = ((order // N) * P + order % N).to(torch.int32).to(device)
+        geo["rptr"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32).to(device)
+    return geo
+
+
+def _tile(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype, transpose: bool = False):
+    """:func:`_tiles` computed by ``_htwa_tile_kernel`` (one read of the table, one write of the tile; equal bit for
+    bit), or its ``(classes, heads, key, query)`` transpose for the fused backward; None without bias or mask."""
+    allowed, P = geo["allowed"], geo["P"]
+    if table is None:  # a mask alone: none without a shift or padding (one device sync per geometry, not per call)
+        if "all_allowed" not in geo:
+            geo["all_allowed"] = bool(allowed.all())
+        if geo["all_allowed"]:
+            return None
+    heads = 1 if table is None else table.shape[1]
+    out = torch.empty((allowed.shape[0], heads, P, P), dtype=dtype, device=allowed.device)
+    rel = _rel_tables(geo, window)
+    block_r = max(1, min(P, 4096 // P))
+    t = table.detach() if table is not None else out
+    _htwa_tile_kernel[(allowed.shape[0], heads, P // block_r)](
+        t, rel["rel_index"], allowed.view(torch.uint8), out,
+        t.stride(0) if table is not None else 0, t.stride(1) if table is not None else 0, geo["N"], LOG2E,
+        P=P, BLOCK_R=block_r, HAS_TABLE=table is not None, TRANSPOSE=transpose, num_warps=4,
+    )
+    return out
+
+
+def _bias_grad(partials: torch.Tensor, geo: dict, window) -> torch.Tensor:
+    """The table gradient ``(rows, heads)`` fp32 from the dense partials ``(splits, heads, P, P)``: one pass of
+    ``_htwa_bias_grad_kernel`` (fixed order; no atomics)."""
+    rel = _rel_tables(geo, window)
+    if partials.shape[0] > _FOLD_MAX_SPLITS:  # many small partials (the fused backward's groups): one contiguous
+        partials = partials.sum(0, keepdim=True)  # fixed-order sum first, not a gather per group and pair
+    splits, nh = partials.shape[:2]
+    rows = rel["rptr"].numel() - 1
+    out = torch.empty((rows, nh), dtype=torch.float32, device=partials.device)
+    block_h = min(32, triton.next_power_of_2(nh))
+    block_f = min(64, triton.next_power_of_2(-(-rel["pairs"].numel() // rows)))  # about a row's mean pair count
+    _htwa_bias_grad_kernel[(rows, triton.cdiv(nh, block_h))](
+        partials, rel["pairs"], rel["rptr"], out, splits, partials.stride(0), partials.stride(1), nh,
+        BLOCK_F=block_f, BLOCK_H=block_h, num_warps=max(1, min(4, block_f * block_h // 256)),
+    )
+    return out
+
+
 def _groups(geo: dict, B: int, heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the class-ordered items (``order[j]``, batch ``b``) = item ``j * B + b`` into groups of one class.
 
@@ -557,7 +669,7 @@ def _launch_fwd(q, k, v, table, window, shift, scale):
     geo = _geometry((T, H, W), window, shift, q.device)
     P = geo["P"]
     cfg = _blocks(P, hd)
-    tile = _tiles(geo, table, window, q.dtype)
+    tile = _tile(geo, table, window, q.dtype)
     gstart, gcls = _groups(geo, B, nh, q.device)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, T, H, W, nh), dtype=torch.float32, device=q.device)
@@ -592,31 +704,6 @@ def _num_splits(n_items: int, programs_per_split: int, warps: int, partial_bytes
     return max(1, min(n_items, want, budget // max(1, partial_bytes)))
 
 
-def _bias_grad_from_dense(dense: torch.Tensor, window) -> torch.Tensor:
-    """Fold the dense bias gradient ``(heads, N, N)`` onto the table ``(R, heads)``, in a fixed order.
-
-    Table row ``(dt, dh, dw)`` (offsets query minus key) sums the pairs with those offsets. The offsets separate by
-    axis, so each axis is reduced along its diagonals in turn: gathers and sums, no scatter, no atomics.
-    """
-    wt, wh, ww = window
-    nh = dense.shape[0]
-
-    def diagonals(x, w):  # (..., w, w) indexed (a, b) -> (..., 2w-1) indexed a - b + w - 1
-        d = torch.arange(-(w - 1), w, device=x.device)
-        a = torch.arange(w, device=x.device)
-        b = a[None, :] - d[:, None]  # (2w-1, w)
-        ok = (b >= 0) & (b < w)
-        idx = b.clamp(0, w - 1).expand(*x.shape[:-2], 2 * w - 1, w).unsqueeze(-1)
-        y = torch.gather(x.unsqueeze(-3).expand(*x.shape[:-2], 2 * w - 1, w, w), -1, idx).squeeze(-1)
-        return (y * ok).sum(-1)
-
-    x = dense.reshape(nh, wt, wh, ww, wt, wh, ww)
-    x = diagonals(x.permute(0, 2, 3, 5, 6, 1, 4), wt)  # (nh, ah, aw, bh, bw, Dt)
-    x = diagonals(x.permute(0, 2, 4, 5, 1, 3), wh)  # (nh, aw, bw, Dt, Dh)
-    x = diagonals(x.permute(0, 3, 4, 1, 2), ww)  # (nh, Dt, Dh, Dw)
-    return x.reshape(nh, -1).t().contiguous()
-
-
 def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True):
     """dq, dk, dv and the table gradient (an empty tensor without a table, or with ``bias_grad=False``)."""
     B, T, H, W, nh, hd = q.shape
@@ -634,16 +721,16 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     bias_grad = bias_grad and table is not None
-    tile = _tiles(geo, table, window, q.dtype)
+    fused = cfg["bwd"] == "fused"
+    tile = _tile(geo, table, window, q.dtype, transpose=fused)  # fused: (class, head, key, query)
     common = dict(HD=hd, BLOCK_D=BLOCK_D, P=P, HAS_TILE=tile is not None, DOT_PREC=_dot_precision(q.dtype),
                   I64=_needs_i64(q, k, v, do, lse), num_stages=2)
     in_strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     n_tok = T * H * W
 
-    if cfg["bwd"] == "fused":
-        tile_t = None if tile is None else tile.transpose(-1, -2).contiguous()  # (class, head, key, query)
-        tile_arg = q if tile is None else tile_t
-        s_tile = (0, 0) if tile is None else (tile_t.stride(0), tile_t.stride(1) if tile_t.shape[1] > 1 else 0)
+    if fused:
+        tile_arg = q if tile is None else tile
+        s_tile = (0, 0) if tile is None else (tile.stride(0), tile.stride(1) if tile.shape[1] > 1 else 0)
         gstart, gcls = _groups(geo, B, nh, q.device)
         n_groups = gcls.numel()
         partials = (torch.empty((n_groups, nh, P, P), dtype=torch.float32, device=q.device) if bias_grad else q)
@@ -679,9 +766,7 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
     if not bias_grad:
         dtable = q.new_empty(0)
     else:
-        N = geo["N"]
-        dense = partials.sum(0)[:, :N, :N]  # (heads, N, N), fixed-order reduction over groups / splits
-        dtable = _bias_grad_from_dense(dense, window).to(table.dtype)
+        dtable = _bias_grad(partials, geo, window).to(table.dtype)  # over groups / splits and pairs, fixed order
     return dq, dk, dv, dtable
 
 

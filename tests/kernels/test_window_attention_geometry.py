@@ -99,3 +99,52 @@ def test_groups_cover_items_once_within_one_class(B, heads, group):
         assert bool((win_class[items // B] == gcls[g]).all()), f"group {g} mixes classes"
         if group is not None:
             assert items.numel() <= group
+
+
+@pytest.mark.parametrize("grid, window, shift", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tile_kernel_equals_the_torch_tiles(grid, window, shift, dtype):
+    """``_htwa_tile_kernel`` (what the launchers use) builds the same tile as the torch ``_tiles``, bit for bit, and
+    its transpose for the fused backward; also without a table (mask alone) and from a bf16 table. bf16: Triton's
+    interpreter rounds fp32 -> bf16 toward zero (compiled code rounds to nearest even, as torch does), so there the
+    kernel's tile is compared in fp32 and its bf16 cast within one bf16 step (tests/kernels/test_window_attention_gpu.py
+    checks the compiled bf16 tile bit for bit)."""
+    geo = fused._geometry(grid, window, shift, torch.device("cpu"))
+    for table in (torch.randn(bias_table_rows(window), 3), torch.randn(bias_table_rows(window), 2).bfloat16(), None):
+        want = fused._tiles(geo, table, window, dtype)
+        got = fused._tile(geo, table, window, dtype)
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == dtype and got.shape == want.shape
+        got_t = fused._tile(geo, table, window, dtype, transpose=True)
+        if dtype == torch.bfloat16 and fused.interpreting():
+            assert torch.equal(fused._tile(geo, table, window, torch.float32), fused._tiles(geo, table, window,
+                                                                                           torch.float32))
+            assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+            finite = ~torch.isneginf(want)
+            step = want[finite].float().abs() * 2.0**-7 + 1e-30
+            assert bool(((got[finite].float() - want[finite].float()).abs() <= step).all())
+            assert torch.equal(got_t, got.transpose(-1, -2))
+        else:
+            assert torch.equal(got, want)
+            assert torch.equal(got_t, want.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("window, splits, heads", [((2, 3, 5), 3, 2), ((2, 3, 5), 1, 40), ((3, 2, 3), 2, 3)])
+def test_bias_grad_kernel_folds_partials_onto_the_table(window, splits, heads):
+    """``_htwa_bias_grad_kernel``: the table gradient is the sum over splits and over every pair of a table row of the
+    dense partials (the gradient of the gather ``table[index]``), and bitwise repeatable. The fold depends on the
+    window alone; 40 heads take two head blocks."""
+    geo = fused._geometry(window, window, (0, 0, 0), torch.device("cpu"))
+    N, P = geo["N"], geo["P"]
+    partials = torch.randn(splits, heads, P, P)
+    partials[..., N:, :] = float("nan")  # padded rows and columns are never read
+    partials[..., :, N:] = float("nan")
+    got = fused._bias_grad(partials, geo, window)
+    dense = partials[..., :N, :N].double().sum(0).reshape(heads, N * N)  # (heads, N * N)
+    want = torch.zeros(bias_table_rows(window), heads, dtype=torch.float64)
+    want.index_add_(0, relative_position_index(window).reshape(-1), dense.t())
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * math.sqrt(N * splits))
+    assert torch.equal(fused._bias_grad(partials, geo, window), got)

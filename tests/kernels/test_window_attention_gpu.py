@@ -67,3 +67,17 @@ def test_full_shape_deterministic(grid, heads, window, shift, dtype):
     second = _run(window_attention, q, k, v, table, window, shift, grad_out, impl="triton")
     for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), first, second):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("grid, heads, window, shift", LFVILA_LAYERS)
+def test_compiled_tile_equals_the_torch_tiles(grid, heads, window, shift):
+    """The compiled ``_htwa_tile_kernel`` rounds like torch (bf16 included, which the CPU interpreter cannot check:
+    it truncates), and its transpose is the transposed tile."""
+    from lfvila_kernels import _window_attention_triton as fused
+
+    geo = fused._geometry(grid, window, shift, torch.device("cuda"))
+    table = torch.randn(bias_table_rows(window), heads, device="cuda")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        want = fused._tiles(geo, table, window, dtype)
+        assert torch.equal(fused._tile(geo, table, window, dtype), want)
+        assert torch.equal(fused._tile(geo, table, window, dtype, transpose=True), want.transpose(-1, -2))
