@@ -471,19 +471,32 @@ def _chained_warps(rows: int) -> int:
     return max(1, min(8, rows // 16))
 
 
-def _blocks(P: int, head_dim: int) -> dict:
+def _blocks(P: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Default tiles for a window of ``P`` padded tokens; ``override_config`` sets others.
 
-    LF-VILA's windows hold 30, 60, 120, 240, 480 tokens: P = 32, 64, 128, 256, 512. Up to 128 the forward takes the
-    whole window as one tile (its bias + mask tile then stays in registers) and the backward is the fused kernel;
-    beyond, 128 x 64 forward tiles and the split backward."""
-    if P <= _FUSED_MAX:
+    LF-VILA's windows hold 30, 60, 120, 240, 480 tokens: P = 32, 64, 128, 256, 512. Half precision (tensor cores):
+    up to 128 the forward takes the whole window as one tile (its bias + mask tile then stays in registers) and the
+    backward is the fused kernel; beyond, 128 x 128 forward tiles and the split backward, 2 pipeline stages.
+
+    fp32 (IEEE products on FFMA: both operands of every dot live in registers) has its own table, chosen with the
+    compiled-code yardstick (``benchmarks.kernel_resources --issue-floor --dtype fp32``; sm_90): the half tiles make
+    ptxas fall back to 32 registers and spill 8-11 KB a thread from P = 128 on. One pipeline stage, 64-row forward
+    tiles and 32 x 32 split-backward tiles (32 x 16 at head_dim 64) spill at most 16 bytes; the fused backward is
+    kept for P <= 32 only (at P = 64 it spills 1.6 KB). Summed issue floor of lfvila-base's 24 blocks at B = 16,
+    T = 32, head_dim 32: 42 ms with the half tiles, 25 ms with these (benchmarks/NOTES-window-attention.md)."""
+    if dtype == torch.float32:
+        fwd_m = min(P, 64 if head_dim <= 64 else 32)
+        cfg = dict(fwd_m=fwd_m, fwd_n=P if P <= 32 else (32 if P == 128 else min(P, 64)),
+                   bwd="fused" if P <= 32 else "split", fused_qb=P if P <= 32 else 32,
+                   dkdv_m=min(P, 32), dkdv_n=min(P, 32 if head_dim <= 32 else 16), dq_m=min(P, 32),
+                   dq_n=P if P <= 32 else (32 if head_dim <= 32 else 16), stages=1)
+    elif P <= _FUSED_MAX:
         cfg = dict(fwd_m=P, fwd_n=P, bwd="fused", fused_qb=min(P, 64), dkdv_m=min(P, 64), dkdv_n=min(P, 64),
-                   dq_m=min(P, 64), dq_n=P)
+                   dq_m=min(P, 64), dq_n=P, stages=2)
     else:
         wide = head_dim <= 64
         cfg = dict(fwd_m=128 if wide else 64, fwd_n=128 if wide else 64, bwd="split", fused_qb=64, dkdv_m=64,
-                   dkdv_n=64, dq_m=64, dq_n=64)
+                   dkdv_n=64, dq_m=64, dq_n=64, stages=2)
     if _config_override:
         cfg.update({k: v for k, v in _config_override.items() if k not in ("split", "group", "i64")})
     if cfg["bwd"] == "fused" and (P > _FUSED_MAX or P not in (cfg["fused_qb"] * n for n in (1, 2, 4))):
@@ -668,7 +681,7 @@ def _launch_fwd(q, k, v, table, window, shift, scale):
     q, k, v = (_token_strided(x) for x in (q, k, v))
     geo = _geometry((T, H, W), window, shift, q.device)
     P = geo["P"]
-    cfg = _blocks(P, hd)
+    cfg = _blocks(P, hd, q.dtype)
     tile = _tile(geo, table, window, q.dtype)
     gstart, gcls = _groups(geo, B, nh, q.device)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -682,7 +695,7 @@ def _launch_fwd(q, k, v, table, window, shift, scale):
         B, nh, T * H * W, scale * LOG2E,
         HD=hd, BLOCK_D=_pow2(hd), P=P, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], HAS_TILE=tile is not None,
         DOT_PREC=_dot_precision(q.dtype), I64=_needs_i64(q, k, v, o, lse), num_warps=_chained_warps(cfg["fwd_m"]),
-        num_stages=2,
+        num_stages=cfg["stages"],
     )
     return o, lse
 
@@ -710,7 +723,7 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
     q, k, v = (_token_strided(x) for x in (q, k, v))
     geo = _geometry((T, H, W), window, shift, q.device)
     P = geo["P"]
-    cfg = _blocks(P, hd)
+    cfg = _blocks(P, hd, q.dtype)
     do = do.contiguous()
     BLOCK_D = _pow2(hd)
     n_rows = o.numel() // hd
@@ -724,7 +737,7 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
     fused = cfg["bwd"] == "fused"
     tile = _tile(geo, table, window, q.dtype, transpose=fused)  # fused: (class, head, key, query)
     common = dict(HD=hd, BLOCK_D=BLOCK_D, P=P, HAS_TILE=tile is not None, DOT_PREC=_dot_precision(q.dtype),
-                  I64=_needs_i64(q, k, v, do, lse), num_stages=2)
+                  I64=_needs_i64(q, k, v, do, lse), num_stages=cfg["stages"])
     in_strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     n_tok = T * H * W
 

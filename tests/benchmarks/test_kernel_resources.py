@@ -16,9 +16,11 @@ from benchmarks import sass_model as sm
 @pytest.mark.parametrize(
     "op, dtype, extra, cases, kernels",
     [
-        # windows <= 128 tokens: forward, delta, fused backward; longer: forward, delta, dk/dv, dq
-        ("window_attention", "bf16", ["--head-dim", "32"], "layer0,layer3", 3 + 4),
-        ("window_attention", "fp32", ["--head-dim", "64"], "layer2", 3),
+        # every window attention: the tile (forward), then delta, the transposed or plain tile and the bias-gradient
+        # fold (backward). bf16 windows <= 128 tokens: forward, fused backward; longer: forward, dk/dv, dq.
+        ("window_attention", "bf16", ["--head-dim", "32"], "layer0,layer3", (2 + 4) + (2 + 5)),
+        # fp32 windows > 32 tokens take the split backward (the fused one spills on FFMA)
+        ("window_attention", "fp32", ["--head-dim", "64"], "layer2", 2 + 5),
         ("contrastive", "bf16", [], "d512,d2048", 3 * 2),
         ("contrastive", "fp32", [], "d256", 3),
     ],
@@ -33,8 +35,11 @@ def test_kernels_compile_for_sm90(op, dtype, extra, cases, kernels):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[4].isdigit() and int(cells[4]) > 0, row  # registers were read from the cubin
-        if "delta" not in cells[1]:  # half types use the tensor cores; fp32 keeps IEEE products (no tf32)
+        if not any(name in cells[1] for name in ("delta", "tile_kernel", "bias_grad")):  # elementwise / gathers
+            # half types use the tensor cores; fp32 keeps IEEE products (no tf32)
             assert cells[7] in (("FFMA only",) if dtype == "fp32" else ("HMMA", "HGMMA")), row
+        if op == "window_attention":  # the config tables keep every kernel out of local memory
+            assert int(cells[5]) <= 16, row
 
 
 def test_issue_floor_json(tmp_path):
@@ -55,7 +60,9 @@ def test_issue_floor_json(tmp_path):
     for r in kernels:
         assert r["kernel"].startswith("_htwa_") and r["programs"] == math.prod(r["grid"]) > 0, r
         assert r["warps"] > 0 and r["registers"] > 0 and 1 <= r["ctas_per_sm"] <= 32, r
-        assert r["straight_instr"] > 0 and r["main_loop_instr"] > 0 and r["loop_instr_per_elem"] > 0, r
+        assert r["straight_instr"] > 0 and r["main_loop_instr"] > 0, r
+        if r["kernel"] == "_htwa_fwd_kernel":  # the tile kernel is elementwise: no score elements
+            assert r["loop_instr_per_elem"] > 0, r
     total = totals[0]
     assert total["issue_floor_us"] == pytest.approx(sum(r["issue_floor_us"] for r in kernels), abs=1e-2)
     assert total["useful_tflops_bound"] > 0 and total["torch_ops_us"] >= 0
