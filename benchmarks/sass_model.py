@@ -209,14 +209,23 @@ def _window(launch: Launch) -> int:
     return launch["N"] if "N" in launch else launch["P"]
 
 
-def _items_per_program(launch: Launch) -> float:
-    """v2 kernels that take a group of (batch, window) items: items / groups, the mean trip count of
-    ``range(start, end)`` (exact for the sum over programs, which is all the floor needs)."""
-    return launch["B"] * launch["WIN"].shape[0] / (launch["GSTART"].shape[0] - 1)
+def _group_trips(launch: Launch) -> list:
+    """v2 kernels that take a group of (window, batch) items (``GRP`` rows ``(j0, nj, b0, nb, class)``, see
+    ``_groups``): the mean trip counts of the window loop and of the batch loop inside it, from the shapes alone
+    (``GRP`` may be a meta tensor). Groups are whole windows with every batch (then ``groups <= windows``) or one
+    window and a batch range; either way the trips summed over programs are exact, which is all the floor needs.
+    Earlier v2 kernels (``GSTART``): one item loop."""
+    windows = launch["WIN"].shape[0]
+    if "GSTART" in launch:
+        return [launch["B"] * windows / (launch["GSTART"].shape[0] - 1)]
+    groups, batch = launch["GRP"].shape[0], launch["Q"].shape[0]
+    if groups <= windows:
+        return [windows / groups, batch]
+    return [1, windows * batch / groups]
 
 
 def _htwa_fwd(launch: Launch) -> dict:
-    items = [_items_per_program(launch)] if "GSTART" in launch else []  # v1: one item per program
+    items = _group_trips(launch) if ("GSTART" in launch or "GRP" in launch) else []  # v1: one item per program
     return {"elements": launch["BLOCK_M"] * launch["BLOCK_N"], "useful": 1.0,
             "trips": [*items, Static(_cdiv(_window(launch), launch["BLOCK_N"]))]}
 
@@ -290,7 +299,7 @@ KERNEL_MODELS: dict[str, Callable[[Launch], dict]] = {
     "_htwa_bwd_dq_kernel": _htwa_dq,
     # v2, windows of <= 128 padded tokens: all five GEMMs of an item's P x P scores per trip of the item loop
     "_htwa_bwd_fused_kernel": lambda launch: {
-        "elements": launch["P"] * launch["P"], "useful": 1.0, "trips": [_items_per_program(launch)]},
+        "elements": launch["P"] * launch["P"], "useful": 1.0, "trips": _group_trips(launch)},
     # contrastive loss: see _cl_fwd / _cl_bwd
     "_cl_fwd_kernel": lambda launch: _cl_fwd(launch),
     "_cl_bwd_kernel": lambda launch: _cl_bwd(launch),

@@ -9,15 +9,20 @@ is computed once per call in torch, on tensors of a few KB to a few MB, and read
   addresses with one load per row of a tile.
 * Mask classes: windows whose positions have the same pattern of (valid, wrapped-by-the-shift on each axis) share a
   class. LF-VILA's spatial-only shifts give at most 4 classes, a 3-D shift 8 (27 at most, with partial windows).
-* ``tile`` ``(classes, heads, P, P)`` in the compute dtype: ``bias * log2(e)`` where the pair is allowed, ``-inf``
-  where it is not (cross-region pairs, keys outside the grid, padded keys). One add per score element replaces the
-  region compare, the validity masks and the bias gather. Rows of query positions outside the grid allow every
-  valid key, so no row is all ``-inf`` (those rows are never stored).
-* Work items are (batch, window) pairs ordered by class; a program takes a *group* of consecutive items of one class
-  and one head, so it reads the tile once (and, when a window fits one tile, keeps it in registers across items).
+* ``tile`` ``(classes, heads, P, P)`` in the compute dtype: ``bias / scale`` (the bias in units of raw scores
+  ``q . k``) where the pair is allowed, ``-inf`` where it is not (cross-region pairs, keys outside the grid, padded
+  keys). One add per score element replaces the region compare, the validity masks and the bias gather; where a
+  window is one tile (P <= 128, half types) the tile is the accumulator input of the QK^T MMA, so the add is free.
+  Rows of query positions outside the grid allow every valid key, so no row is all ``-inf`` (those rows are never
+  stored).
+* Work items are (window, batch) pairs ordered by class; a program takes a *group* of one class and one head: whole
+  windows with every batch item, or one window and a batch range (``_groups``). It computes a window's token offsets
+  once and steps through its batch items by the batch stride; it reads the tile once (and, when a window fits one
+  tile, keeps it in registers across the group).
 
-Scores are kept in the log2 domain (``exp2``); the forward saves the per-row log-sum-exp ``lse`` ``(B, T, H, W,
-heads)`` fp32. Backward:
+Scores stay raw until the exponent, where the scale and the row max meet in one FMA, ``exp2(s * scale * log2(e) -
+m * scale * log2(e))``, as FlashAttention-2 does; compiled, the row sum's reciprocal and log2 are one MUFU each. The
+forward saves the per-row log-sum-exp ``lse`` (log2 units) ``(B, T, H, W, heads)`` fp32. Backward:
 
 * windows of at most ``_FUSED_MAX`` (128) padded tokens, 18 of lfvila-base's 24 blocks: one fused kernel. A program
   owns all keys of its window (keys are the tile's rows, so warps split keys and no warpgroup repeats another's work),
@@ -42,6 +47,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .dispatch import interpreting
 from .reference import bias_table_rows, relative_position_index
@@ -66,81 +72,103 @@ def _rows(TOK, win, offs, P: tl.constexpr, I64: tl.constexpr):
 
 
 @triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    """1 / x for x >= 1 (a softmax row sum): one MUFU.RCP compiled, the exact quotient in the interpreter."""
+    if FAST:
+        return libdevice.fast_dividef(1.0, x)
+    return 1.0 / x
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2(x) for x >= 1: one MUFU.LG2 compiled (``lg2.approx``, error ~2^-22), libm's in the interpreter."""
+    if FAST:
+        return libdevice.fast_log2f(x)
+    return tl.math.log2(x)
+
+
+@triton.jit
 def _htwa_fwd_kernel(
-    Q, K, V, TILE, TOK, WIN, GSTART, GCLS, O, LSE,
+    Q, K, V, TILE, TOK, WIN, GRP, O, LSE,
     s_qb, s_qx, s_qn,  # q strides (elements): batch, token (w; t and h are multiples of it), head
     s_kb, s_kx, s_kn,
     s_vb, s_vx, s_vn,
     s_ob, s_ox, s_on,
     s_tc, s_th,  # tile strides: class, head (rows of P)
-    B, NH, n_tok,  # n_tok = T * H * W
+    NH, n_tok,  # n_tok = T * H * W
     qk_scale,  # softmax scale * log2(e)
     HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
+    HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr, FAST: tl.constexpr,
 ):
-    """One program: a group of (batch, window) items of one class, one head, one block of BLOCK_M query rows."""
+    """One program: a group of (window, batch) items of one class (see ``_groups``), one head, one block of BLOCK_M
+    query rows. Scores stay in raw units (q.k + tile, the tile holding bias / scale) until the exponent, where the
+    scale and the row max meet in one FMA: ``exp2(s * qk_scale - m * qk_scale)``, as FlashAttention-2 does."""
     g = tl.program_id(0)
     head = tl.program_id(1)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    start = tl.load(GSTART + g)
-    end = tl.load(GSTART + g + 1)
-    tile_base = TILE + tl.load(GCLS + g) * s_tc + head * s_th
+    j0 = tl.load(GRP + g * 5)
+    nj = tl.load(GRP + g * 5 + 1)
+    b0 = tl.load(GRP + g * 5 + 2)
+    nb = tl.load(GRP + g * 5 + 3)
+    tile_base = TILE + tl.load(GRP + g * 5 + 4) * s_tc + head * s_th
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HD
     if HAS_TILE:
         if BLOCK_N == P:  # the whole key range is one tile: keep the bias + mask in registers across the group
             resident = tl.load(tile_base + offs_m[:, None] * P + tl.arange(0, BLOCK_N)[None, :]).to(tl.float32)
 
-    j = start // B  # item = j * B + b: window order[j], batch b; stepped, not divided, per item
-    b_next = start - j * B
-    for _ in range(start, end):
-        b = b_next.to(tl.int64) if I64 else b_next
-        win = tl.load(WIN + j)
-        b_next += 1
-        j = tl.where(b_next == B, j + 1, j)
-        b_next = tl.where(b_next == B, 0, b_next)
+    for jj in range(j0, j0 + nj):
+        # token offsets of this window, computed once for its nb batch items
+        win = tl.load(WIN + jj)
         tq = _rows(TOK, win, offs_m, P, I64)
         vq = tq >= 0
-        q = tl.load(Q + b * s_qb + head * s_qn + tq[:, None] * s_qx + offs_d[None, :],
-                    mask=vq[:, None] & dmask[None, :], other=0.0)
-        if BLOCK_N == P:  # the whole window in one tile: a plain softmax, no running max or rescaling
+        qmask = vq[:, None] & dmask[None, :]
+        q_off = head * s_qn + tq[:, None] * s_qx + offs_d[None, :]
+        o_off = head * s_on + tq[:, None] * s_ox + offs_d[None, :]
+        lse_off = tq * NH + head
+        if BLOCK_N == P:
             tk = tq if BLOCK_M == P else _rows(TOK, win, tl.arange(0, BLOCK_N), P, I64)
             kmask = (tk >= 0)[:, None] & dmask[None, :]
-            k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask, other=0.0)
-            v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            if HAS_TILE:
-                s += resident
-            m_i = tl.max(s, 1)  # finite: every row allows at least one key (see _geometry)
-            p = tl.math.exp2(s - m_i[:, None])
-            l_i = tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        else:
-            m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile must not give NaN
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            for start_n in range(0, P, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                tk = _rows(TOK, win, offs_n, P, I64)
-                kmask = (tk >= 0)[:, None] & dmask[None, :]
-                k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask,
-                            other=0.0)
-                v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask,
-                            other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            k_off = head * s_kn + tk[:, None] * s_kx + offs_d[None, :]
+            v_off = head * s_vn + tk[:, None] * s_vx + offs_d[None, :]
+        for bb in range(b0, b0 + nb):
+            b = tl.cast(bb, tl.int64) if I64 else bb
+            q = tl.load(Q + b * s_qb + q_off, mask=qmask, other=0.0)
+            if BLOCK_N == P:  # the whole window in one tile: a plain softmax, no running max or rescaling
+                k = tl.load(K + b * s_kb + k_off, mask=kmask, other=0.0)
+                v = tl.load(V + b * s_vb + v_off, mask=kmask, other=0.0)
                 if HAS_TILE:
-                    s += tl.load(tile_base + offs_m[:, None] * P + offs_n[None, :]).to(tl.float32)
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-                m_i = m_new
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc * tl.fdiv(1.0, l_safe, ieee_rounding=False)[:, None]  # one rcp per row, not a divide each
-        tl.store(O + b * s_ob + head * s_on + tq[:, None] * s_ox + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=vq[:, None] & dmask[None, :])
-        tl.store(LSE + (b * n_tok + tq) * NH + head, m_i + tl.math.log2(l_safe), mask=vq)
+                    s = tl.dot(q, tl.trans(k), resident, input_precision=DOT_PREC)
+                else:
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                m_i = tl.max(s, 1)  # finite: every row allows at least one key (see _geometry)
+                p = tl.math.exp2(s * qk_scale - (m_i * qk_scale)[:, None])
+                l_i = tl.sum(p, 1)
+                acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            else:
+                m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile must not give NaN
+                l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+                for start_n in range(0, P, BLOCK_N):
+                    offs_n = start_n + tl.arange(0, BLOCK_N)
+                    tk = _rows(TOK, win, offs_n, P, I64)
+                    kmask = (tk >= 0)[:, None] & dmask[None, :]
+                    k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask,
+                                other=0.0)
+                    v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask,
+                                other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                    if HAS_TILE:
+                        s += tl.load(tile_base + offs_m[:, None] * P + offs_n[None, :]).to(tl.float32)
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    alpha = tl.math.exp2((m_i - m_new) * qk_scale)
+                    p = tl.math.exp2(s * qk_scale - (m_new * qk_scale)[:, None])
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+                    m_i = m_new
+            # l_i >= 1: the row max contributes exp2(0)
+            tl.store(O + b * s_ob + o_off, (acc * _rcp(l_i, FAST)[:, None]).to(O.dtype.element_ty), mask=qmask)
+            tl.store(LSE + b * (n_tok * NH) + lse_off, m_i * qk_scale + _log2(l_i, FAST), mask=vq)
 
 
 @triton.jit
@@ -156,34 +184,34 @@ def _htwa_bwd_delta_kernel(O, DO, DELTA, n_rows, HD: tl.constexpr, BLOCK_R: tl.c
 
 @triton.jit
 def _fused_bwd_queries(
-    k, v, dk, dv, db, resident, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, q_start,
+    k, v, dk, dv, db, resident, tq, Q, DO, LSE, DELTA, DQ, tile_base, b, head, q_start,
     s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, QB: tl.constexpr,
-    HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
+    HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One sub-block of QB queries against all P keys of the window, in the transposed (keys x queries) orientation:
-    accumulates dk, dv and the bias-gradient partial ``db`` (keys x queries), writes dq of these queries."""
-    offs_q = q_start + tl.arange(0, QB)
+    """One sub-block of QB queries (flat tokens ``tq``, -1 outside the grid) against all P keys of the window, in
+    the transposed (keys x queries) orientation: accumulates dk, dv and the bias-gradient partial ``db`` (keys x
+    queries), writes dq of these queries. Scores in raw units until the exponent (see ``_htwa_fwd_kernel``)."""
     offs_k = tl.arange(0, P)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HD
-    tq = _rows(TOK, win, offs_q, P, I64)
     vq = tq >= 0
-    qmask = vq[:, None] & dmask[None, :]
+    qmask = vq[:, None] & (offs_d < HD)[None, :]
     q = tl.load(Q + b * s_qb + head * s_qn + tq[:, None] * s_qx + offs_d[None, :], mask=qmask, other=0.0)
     o_off = b * s_ob + head * s_on + tq[:, None] * s_ox + offs_d[None, :]
     do = tl.load(DO + o_off, mask=qmask, other=0.0)
-    row = (b * n_tok + tq) * NH + head
+    row = b * (n_tok * NH) + tq * NH + head
     lse = tl.load(LSE + row, mask=vq, other=0.0)
     delta = tl.load(DELTA + row, mask=vq, other=0.0)
 
-    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (P, QB): scores transposed
     if HAS_TILE:  # the backward's tile is stored transposed: (class, head, key, query)
-        if QB == P:
-            st += resident  # loaded once per group by the caller
+        if QB == P:  # loaded once per group by the caller: the MMA's accumulator input
+            st = tl.dot(k, tl.trans(q), resident, input_precision=DOT_PREC)  # (P, QB): scores transposed
         else:
-            st += tl.load(tile_base + offs_k[:, None] * P + offs_q[None, :]).to(tl.float32)
-    pt = tl.math.exp2(st - lse[None, :])
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+            st += tl.load(tile_base + offs_k[:, None] * P + (q_start + tl.arange(0, QB))[None, :]).to(tl.float32)
+    else:
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+    pt = tl.math.exp2(st * qk_scale - lse[None, :])
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dst = pt * (dpt - delta[None, :])
@@ -195,22 +223,25 @@ def _fused_bwd_queries(
 
 @triton.jit
 def _htwa_bwd_fused_kernel(
-    Q, K, V, DO, LSE, DELTA, TILE_T, TOK, WIN, GSTART, GCLS, DQ, DK, DV, DBP,  # DBP (groups, heads, P, P) fp32
+    Q, K, V, DO, LSE, DELTA, TILE_T, TOK, WIN, GRP, DQ, DK, DV, DBP,  # DBP (groups, heads, P, P) fp32
     s_qb, s_qx, s_qn,
     s_kb, s_kx, s_kn,
     s_vb, s_vx, s_vn,
     s_ob, s_ox, s_on,  # strides shared by DO, DQ, DK, DV (contiguous like O)
     s_tc, s_th,
-    B, NH, n_tok, qk_scale, sm_scale,
+    NH, n_tok, qk_scale, sm_scale,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, QB: tl.constexpr,
     HAS_TILE: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
 ):
-    """One program: a group of (batch, window) items of one class and one head; all P keys of a window at once."""
+    """One program: a group of (window, batch) items of one class (see ``_groups``) and one head; all P keys of a
+    window at once."""
     g = tl.program_id(0)
     head = tl.program_id(1)
-    start = tl.load(GSTART + g)
-    end = tl.load(GSTART + g + 1)
-    tile_base = TILE_T + tl.load(GCLS + g) * s_tc + head * s_th
+    j0 = tl.load(GRP + g * 5)
+    nj = tl.load(GRP + g * 5 + 1)
+    b0 = tl.load(GRP + g * 5 + 2)
+    nb = tl.load(GRP + g * 5 + 3)
+    tile_base = TILE_T + tl.load(GRP + g * 5 + 4) * s_tc + head * s_th
     offs_k = tl.arange(0, P)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HD
@@ -224,41 +255,41 @@ def _htwa_bwd_fused_kernel(
     db2 = tl.zeros([P, QB], dtype=tl.float32)
     db3 = tl.zeros([P, QB], dtype=tl.float32)
 
-    j = start // B  # item = j * B + b: window order[j], batch b; stepped, not divided, per item
-    b_next = start - j * B
-    for _ in range(start, end):
-        b = b_next.to(tl.int64) if I64 else b_next
-        win = tl.load(WIN + j)
-        b_next += 1
-        j = tl.where(b_next == B, j + 1, j)
-        b_next = tl.where(b_next == B, 0, b_next)
+    for jj in range(j0, j0 + nj):
+        # key offsets of this window, computed once for its nb batch items
+        win = tl.load(WIN + jj)
         tk = _rows(TOK, win, offs_k, P, I64)
         kmask = (tk >= 0)[:, None] & dmask[None, :]
-        k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask, other=0.0)
-        dk = tl.zeros([P, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([P, BLOCK_D], dtype=tl.float32)
-        dk, dv, db0 = _fused_bwd_queries(
-            k, v, dk, dv, db0, resident, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 0,
-            s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
-            HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
-        if P >= 2 * QB:
-            dk, dv, db1 = _fused_bwd_queries(
-                k, v, dk, dv, db1, resident, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, QB,
+        k_off = head * s_kn + tk[:, None] * s_kx + offs_d[None, :]
+        v_off = head * s_vn + tk[:, None] * s_vx + offs_d[None, :]
+        out_off = head * s_on + tk[:, None] * s_ox + offs_d[None, :]
+        for bb in range(b0, b0 + nb):
+            b = tl.cast(bb, tl.int64) if I64 else bb
+            k = tl.load(K + b * s_kb + k_off, mask=kmask, other=0.0)
+            v = tl.load(V + b * s_vb + v_off, mask=kmask, other=0.0)
+            dk = tl.zeros([P, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([P, BLOCK_D], dtype=tl.float32)
+            tq = tk if QB == P else _rows(TOK, win, tl.arange(0, QB), P, I64)
+            dk, dv, db0 = _fused_bwd_queries(
+                k, v, dk, dv, db0, resident, tq, Q, DO, LSE, DELTA, DQ, tile_base, b, head, 0,
                 s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
-                HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
-        if P == 4 * QB:
-            dk, dv, db2 = _fused_bwd_queries(
-                k, v, dk, dv, db2, resident, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 2 * QB,
-                s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
-                HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
-            dk, dv, db3 = _fused_bwd_queries(
-                k, v, dk, dv, db3, resident, Q, DO, LSE, DELTA, DQ, tile_base, TOK, win, b, head, 3 * QB,
-                s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
-                HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, I64)
-        out_off = b * s_ob + head * s_on + tk[:, None] * s_ox + offs_d[None, :]
-        tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
-        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask)
+                HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC)
+            if P >= 2 * QB:
+                dk, dv, db1 = _fused_bwd_queries(
+                    k, v, dk, dv, db1, resident, _rows(TOK, win, QB + tl.arange(0, QB), P, I64), Q, DO, LSE,
+                    DELTA, DQ, tile_base, b, head, QB, s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale,
+                    sm_scale, HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC)
+            if P == 4 * QB:
+                dk, dv, db2 = _fused_bwd_queries(
+                    k, v, dk, dv, db2, resident, _rows(TOK, win, 2 * QB + tl.arange(0, QB), P, I64), Q, DO, LSE,
+                    DELTA, DQ, tile_base, b, head, 2 * QB, s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale,
+                    sm_scale, HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC)
+                dk, dv, db3 = _fused_bwd_queries(
+                    k, v, dk, dv, db3, resident, _rows(TOK, win, 3 * QB + tl.arange(0, QB), P, I64), Q, DO, LSE,
+                    DELTA, DQ, tile_base, b, head, 3 * QB, s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale,
+                    sm_scale, HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC)
+            tl.store(DK + b * s_ob + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
+            tl.store(DV + b * s_ob + out_off, dv.to(DV.dtype.element_ty), mask=kmask)
 
     if BIAS_GRAD:  # the group's partial, written once: DBP[g, head, query, key]
         base = DBP + (g * NH + head).to(tl.int64) * (P * P) + offs_k[:, None] + tl.arange(0, QB)[None, :] * P
@@ -309,10 +340,10 @@ def _htwa_bwd_dkdv_kernel(
         row = (b * n_tok + tq) * NH + head
         lse = tl.load(LSE + row, mask=vq, other=0.0)
         delta = tl.load(DELTA + row, mask=vq, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if HAS_TILE:
             s += tl.load(tile_base + offs_m[:, None] * P + offs_n[None, :]).to(tl.float32)
-        p = tl.math.exp2(s - lse[:, None])
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -365,10 +396,10 @@ def _htwa_bwd_dq_kernel(
             kmask = (tk >= 0)[:, None] & dmask[None, :]
             k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask, other=0.0)
             v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             if HAS_TILE:
                 s += tl.load(tile_base + offs_m[:, None] * P + offs_n[None, :]).to(tl.float32)
-            p = tl.math.exp2(s - lse[:, None])
+            p = tl.math.exp2(s * qk_scale - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -387,10 +418,10 @@ def _htwa_bwd_dq_kernel(
 
 @triton.jit
 def _htwa_tile_kernel(
-    TABLE, IDX, ALLOWED, OUT, s_tr, s_th, N, log2e,
+    TABLE, IDX, ALLOWED, OUT, s_tr, s_th, N, factor,
     P: tl.constexpr, BLOCK_R: tl.constexpr, HAS_TABLE: tl.constexpr, TRANSPOSE: tl.constexpr,
 ):
-    """The bias + mask tile of one (class, head) and BLOCK_R rows: ``table[IDX[i, j], head] * log2e`` where
+    """The bias + mask tile of one (class, head) and BLOCK_R rows: ``table[IDX[i, j], head] * factor`` where
     ``ALLOWED[class, i, j]``, ``-inf`` where not, 0 where allowed outside the N x N window (or without a table).
     OUT ``(classes, heads, P, P)``, rows i (queries) or, with TRANSPOSE, rows j (keys: the fused backward's tile);
     stores are row-contiguous either way. IDX ``(N, N)`` int32, ALLOWED ``(classes, P, P)`` uint8."""
@@ -406,7 +437,7 @@ def _htwa_tile_kernel(
     if HAS_TABLE:
         inside = (qi < N) & (kj < N)
         idx = tl.load(IDX + qi * N + kj, mask=inside, other=0)
-        bias = tl.load(TABLE + idx * s_tr + head * s_th, mask=inside, other=0.0).to(tl.float32) * log2e
+        bias = tl.load(TABLE + idx * s_tr + head * s_th, mask=inside, other=0.0).to(tl.float32) * factor
     else:
         bias = tl.zeros([BLOCK_R, P], dtype=tl.float32)
     out = tl.where(ok, bias, float("-inf"))
@@ -480,13 +511,14 @@ def _blocks(P: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
 
     fp32 (IEEE products on FFMA: both operands of every dot live in registers) has its own table, chosen with the
     compiled-code yardstick (``benchmarks.kernel_resources --issue-floor --dtype fp32``; sm_90): the half tiles make
-    ptxas fall back to 32 registers and spill 8-11 KB a thread from P = 128 on. One pipeline stage, 64-row forward
-    tiles and 32 x 32 split-backward tiles (32 x 16 at head_dim 64) spill at most 16 bytes; the fused backward is
+    ptxas fall back to 32 registers and spill 8-11 KB a thread from P = 128 on. One pipeline stage, 64 x 32 forward
+    tiles (64 x 16 at head_dim 64: the forward keeps a window's q and o offsets in registers across its batch
+    items) and 32 x 32 split-backward tiles (32 x 16 at head_dim 64) spill at most 16 bytes; the fused backward is
     kept for P <= 32 only (at P = 64 it spills 1.6 KB). Summed issue floor of lfvila-base's 24 blocks at B = 16,
     T = 32, head_dim 32: 42 ms with the half tiles, 25 ms with these (benchmarks/NOTES-window-attention.md)."""
     if dtype == torch.float32:
         fwd_m = min(P, 64 if head_dim <= 64 else 32)
-        cfg = dict(fwd_m=fwd_m, fwd_n=P if P <= 32 else (32 if P == 128 else min(P, 64)),
+        cfg = dict(fwd_m=fwd_m, fwd_n=min(P, 32 if head_dim <= 32 else 16),
                    bwd="fused" if P <= 32 else "split", fused_qb=P if P <= 32 else 32,
                    dkdv_m=min(P, 32), dkdv_n=min(P, 32 if head_dim <= 32 else 16), dq_m=min(P, 32),
                    dq_n=P if P <= 32 else (32 if head_dim <= 32 else 16), stages=1)
@@ -553,10 +585,10 @@ def _geometry(grid, window, shift, device) -> dict:
     return geo
 
 
-def _tiles(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype):
-    """``(classes, heads, P, P)`` in ``dtype``: ``bias * log2(e)`` where allowed, ``-inf`` elsewhere; ``None`` when
-    there is neither a bias nor a mask. A function of the table, so its gradient flows through the kernels' dtable
-    output, not through this tensor (built from ``table.detach()``)."""
+def _tiles(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype, scale: float):
+    """``(classes, heads, P, P)`` in ``dtype``: ``bias / scale`` (the bias in units of raw scores ``q . k``) where
+    allowed, ``-inf`` elsewhere; ``None`` when there is neither a bias nor a mask. A function of the table, so its
+    gradient flows through the kernels' dtable output, not through this tensor (built from ``table.detach()``)."""
     allowed, N, P = geo["allowed"], geo["N"], geo["P"]
     if table is None and bool(allowed.all()):
         return None
@@ -564,7 +596,8 @@ def _tiles(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype):
     bias = torch.zeros((heads, P, P), dtype=torch.float32, device=allowed.device)
     if table is not None:
         index = relative_position_index(window, allowed.device)
-        bias[:, :N, :N] = table.detach().float()[index.reshape(-1)].reshape(N, N, heads).permute(2, 0, 1) * LOG2E
+        rows = table.detach().float()[index.reshape(-1)]
+        bias[:, :N, :N] = rows.reshape(N, N, heads).permute(2, 0, 1) * (1.0 / scale)
     tile = torch.where(allowed[:, None], bias[None], float("-inf"))
     return tile.to(dtype).contiguous()
 
@@ -584,7 +617,7 @@ def _rel_tables(geo: dict, window) -> dict:
     return geo
 
 
-def _tile(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype, transpose: bool = False):
+def _tile(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype, scale: float, transpose: bool = False):
     """:func:`_tiles` computed by ``_htwa_tile_kernel`` (one read of the table, one write of the tile; equal bit for
     bit), or its ``(classes, heads, key, query)`` transpose for the fused backward; None without bias or mask."""
     allowed, P = geo["allowed"], geo["P"]
@@ -600,7 +633,7 @@ def _tile(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype, tra
     t = table.detach() if table is not None else out
     _htwa_tile_kernel[(allowed.shape[0], heads, P // block_r)](
         t, rel["rel_index"], allowed.view(torch.uint8), out,
-        t.stride(0) if table is not None else 0, t.stride(1) if table is not None else 0, geo["N"], LOG2E,
+        t.stride(0) if table is not None else 0, t.stride(1) if table is not None else 0, geo["N"], 1.0 / scale,
         P=P, BLOCK_R=block_r, HAS_TABLE=table is not None, TRANSPOSE=transpose, num_warps=4,
     )
     return out
@@ -624,12 +657,14 @@ def _bias_grad(partials: torch.Tensor, geo: dict, window) -> torch.Tensor:
     return out
 
 
-def _groups(geo: dict, B: int, heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split the class-ordered items (``order[j]``, batch ``b``) = item ``j * B + b`` into groups of one class.
+def _groups(geo: dict, B: int, heads: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Split the (window, batch) items into groups of one class: whole windows (``order[j0:j0 + nj]``, every batch)
+    when a group holds at least ``B`` items, else one window and a batch range ``b0:b0 + nb``. A program walks its
+    group's windows and, inside, the batches, so a window's token offsets are computed once for its batch items.
 
     Group size: enough programs (groups x heads) for about 4 per SM, a function of shapes and the device only, so
-    the bias-gradient summation order is the same on every run. Returns ``gstart (groups + 1,)`` and ``gcls
-    (groups,)``, int32 on ``device``."""
+    the bias-gradient summation order is the same on every run. Returns ``grp (groups, 5)`` int32 on ``device``,
+    rows ``(j0, nj, b0, nb, class)``, and the groups' largest item count."""
     n_items = geo["n_win"] * B
     sms = _sm_count(device)
     if _config_override and "group" in _config_override:
@@ -638,15 +673,16 @@ def _groups(geo: dict, B: int, heads: int, device: torch.device) -> tuple[torch.
         size = 2  # the interpreter: several items per program and several programs, at test sizes
     else:
         size = max(1, math.ceil(n_items * heads / (4 * sms)))
-    starts, classes = [], []
+    rows = []
     bounds = geo["class_start"]
     for c in range(len(bounds) - 1):
-        for s in range(bounds[c] * B, bounds[c + 1] * B, size):
-            starts.append(s)
-            classes.append(c)
-    starts.append(n_items)
-    return (torch.tensor(starts, dtype=torch.int32, device=device),
-            torch.tensor(classes, dtype=torch.int32, device=device))
+        if size >= B:
+            per = size // B
+            rows += [(j, min(per, bounds[c + 1] - j), 0, B, c) for j in range(bounds[c], bounds[c + 1], per)]
+        else:
+            rows += [(j, 1, b, min(size, B - b), c) for j in range(bounds[c], bounds[c + 1]) for b in range(0, B, size)]
+    grp = torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, 5)
+    return grp, max(nj * nb for _, nj, _, nb, _ in rows)
 
 
 def _token_strided(x: torch.Tensor) -> torch.Tensor:
@@ -682,20 +718,20 @@ def _launch_fwd(q, k, v, table, window, shift, scale):
     geo = _geometry((T, H, W), window, shift, q.device)
     P = geo["P"]
     cfg = _blocks(P, hd, q.dtype)
-    tile = _tile(geo, table, window, q.dtype)
-    gstart, gcls = _groups(geo, B, nh, q.device)
+    tile = _tile(geo, table, window, q.dtype, scale)
+    grp, _ = _groups(geo, B, nh, q.device)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, T, H, W, nh), dtype=torch.float32, device=q.device)
     tile_arg = q if tile is None else tile
     s_tc, s_th = (0, 0) if tile is None else (tile.stride(0), tile.stride(1) if tile.shape[1] > 1 else 0)
-    grid = (gcls.numel(), nh, P // cfg["fwd_m"])
+    grid = (grp.shape[0], nh, P // cfg["fwd_m"])
     _htwa_fwd_kernel[grid](
-        q, k, v, tile_arg, geo["tok"], geo["order"], gstart, gcls, o, lse,
+        q, k, v, tile_arg, geo["tok"], geo["order"], grp, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), s_tc, s_th,
-        B, nh, T * H * W, scale * LOG2E,
+        nh, T * H * W, scale * LOG2E,
         HD=hd, BLOCK_D=_pow2(hd), P=P, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], HAS_TILE=tile is not None,
-        DOT_PREC=_dot_precision(q.dtype), I64=_needs_i64(q, k, v, o, lse), num_warps=_chained_warps(cfg["fwd_m"]),
-        num_stages=cfg["stages"],
+        DOT_PREC=_dot_precision(q.dtype), I64=_needs_i64(q, k, v, o, lse), FAST=not interpreting(),
+        num_warps=_chained_warps(cfg["fwd_m"]), num_stages=cfg["stages"],
     )
     return o, lse
 
@@ -735,7 +771,7 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     bias_grad = bias_grad and table is not None
     fused = cfg["bwd"] == "fused"
-    tile = _tile(geo, table, window, q.dtype, transpose=fused)  # fused: (class, head, key, query)
+    tile = _tile(geo, table, window, q.dtype, scale, transpose=fused)  # fused: (class, head, key, query)
     common = dict(HD=hd, BLOCK_D=BLOCK_D, P=P, HAS_TILE=tile is not None, DOT_PREC=_dot_precision(q.dtype),
                   I64=_needs_i64(q, k, v, do, lse), num_stages=cfg["stages"])
     in_strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
@@ -744,12 +780,12 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
     if fused:
         tile_arg = q if tile is None else tile
         s_tile = (0, 0) if tile is None else (tile.stride(0), tile.stride(1) if tile.shape[1] > 1 else 0)
-        gstart, gcls = _groups(geo, B, nh, q.device)
-        n_groups = gcls.numel()
+        grp, _ = _groups(geo, B, nh, q.device)
+        n_groups = grp.shape[0]
         partials = (torch.empty((n_groups, nh, P, P), dtype=torch.float32, device=q.device) if bias_grad else q)
         _htwa_bwd_fused_kernel[(n_groups, nh)](
-            q, k, v, do, lse, delta, tile_arg, geo["tok"], geo["order"], gstart, gcls, dq, dk, dv, partials,
-            *in_strides, *s_tile, B, nh, n_tok, scale * LOG2E, scale,
+            q, k, v, do, lse, delta, tile_arg, geo["tok"], geo["order"], grp, dq, dk, dv, partials,
+            *in_strides, *s_tile, nh, n_tok, scale * LOG2E, scale,
             QB=cfg["fused_qb"], BIAS_GRAD=bias_grad, num_warps=_chained_warps(P), **common,
         )
     else:

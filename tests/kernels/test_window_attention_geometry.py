@@ -71,34 +71,37 @@ def test_tiles_hold_scaled_bias_and_mask(dtype):
     grid, window, shift, heads = (5, 7, 11), (2, 3, 5), (1, 1, 2), 3
     geo = fused._geometry(grid, window, shift, torch.device("cpu"))
     table = torch.randn(bias_table_rows(window), heads)
-    tile = fused._tiles(geo, table, window, dtype)
+    scale = 32**-0.5
+    tile = fused._tiles(geo, table, window, dtype, scale)
     N, P = geo["N"], geo["P"]
     assert tile.shape == (len(geo["class_start"]) - 1, heads, P, P) and tile.dtype == dtype
-    bias = table[relative_position_index(window).reshape(-1)].reshape(N, N, heads).permute(2, 0, 1) * math.log2(math.e)
+    bias = table[relative_position_index(window).reshape(-1)].reshape(N, N, heads).permute(2, 0, 1) * (1.0 / scale)
     allowed = geo["allowed"][:, None, :N, :N].expand(-1, heads, -1, -1)
     assert torch.equal(tile[:, :, :N, :N][allowed], bias.to(dtype)[None].expand_as(allowed)[allowed])
     assert bool(torch.isneginf(tile[:, :, :N, :N][~allowed]).all())
     assert bool(torch.isneginf(tile[:, :, :, N:]).all())
     # without a table, a shift or padded keys there is nothing to add; padded keys alone need the tile
     plain = fused._geometry((2, 8, 8), (1, 4, 4), (0, 0, 0), torch.device("cpu"))
-    assert fused._tiles(plain, None, (1, 4, 4), dtype) is None
+    assert fused._tiles(plain, None, (1, 4, 4), dtype, scale) is None
     padded = fused._geometry((4, 6, 10), (2, 3, 5), (0, 0, 0), torch.device("cpu"))
-    assert bool(torch.isneginf(fused._tiles(padded, None, (2, 3, 5), dtype)[..., 30:]).all())
+    assert bool(torch.isneginf(fused._tiles(padded, None, (2, 3, 5), dtype, scale)[..., 30:]).all())
 
 
 @pytest.mark.parametrize("B, heads, group", [(1, 2, None), (3, 1, 4), (2, 5, 1)])
 def test_groups_cover_items_once_within_one_class(B, heads, group):
     geo = fused._geometry((5, 7, 11), (2, 3, 5), (1, 1, 2), torch.device("cpu"))
     with fused.override_config(**({} if group is None else {"group": group})):
-        gstart, gcls = fused._groups(geo, B, heads, torch.device("cpu"))
-    starts = gstart.tolist()
-    assert starts[0] == 0 and starts[-1] == geo["n_win"] * B and starts == sorted(set(starts))
-    win_class = geo["cls"][geo["order"].long()]
-    for g in range(gcls.numel()):
-        items = torch.arange(starts[g], starts[g + 1])
-        assert bool((win_class[items // B] == gcls[g]).all()), f"group {g} mixes classes"
+        grp, largest = fused._groups(geo, B, heads, torch.device("cpu"))
+    win_class = geo["cls"][geo["order"].long()].tolist()
+    seen = []
+    for g, (j0, nj, b0, nb, cls) in enumerate(grp.tolist()):
+        assert nj >= 1 and nb >= 1 and (nj == 1 or (b0, nb) == (0, B)), f"group {g}: not whole windows or one window"
+        seen += [(j, b) for j in range(j0, j0 + nj) for b in range(b0, b0 + nb)]
+        assert all(win_class[j] == cls for j in range(j0, j0 + nj)), f"group {g} mixes classes"
         if group is not None:
-            assert items.numel() <= group
+            assert nj * nb <= group
+        assert nj * nb <= largest
+    assert seen == [(j, b) for j in range(geo["n_win"]) for b in range(B)]  # every item once, in item order
 
 
 @pytest.mark.parametrize("grid, window, shift", GEOMETRIES)
@@ -111,16 +114,16 @@ def test_tile_kernel_equals_the_torch_tiles(grid, window, shift, dtype):
     checks the compiled bf16 tile bit for bit)."""
     geo = fused._geometry(grid, window, shift, torch.device("cpu"))
     for table in (torch.randn(bias_table_rows(window), 3), torch.randn(bias_table_rows(window), 2).bfloat16(), None):
-        want = fused._tiles(geo, table, window, dtype)
-        got = fused._tile(geo, table, window, dtype)
+        want = fused._tiles(geo, table, window, dtype, 0.3)
+        got = fused._tile(geo, table, window, dtype, 0.3)
         if want is None:
             assert got is None
             continue
         assert got.dtype == dtype and got.shape == want.shape
-        got_t = fused._tile(geo, table, window, dtype, transpose=True)
+        got_t = fused._tile(geo, table, window, dtype, 0.3, transpose=True)
         if dtype == torch.bfloat16 and fused.interpreting():
-            assert torch.equal(fused._tile(geo, table, window, torch.float32), fused._tiles(geo, table, window,
-                                                                                           torch.float32))
+            assert torch.equal(fused._tile(geo, table, window, torch.float32, 0.3),
+                               fused._tiles(geo, table, window, torch.float32, 0.3))
             assert torch.equal(torch.isneginf(got), torch.isneginf(want))
             finite = ~torch.isneginf(want)
             step = want[finite].float().abs() * 2.0**-7 + 1e-30

@@ -78,6 +78,6 @@ def test_compiled_tile_equals_the_torch_tiles(grid, heads, window, shift):
     geo = fused._geometry(grid, window, shift, torch.device("cuda"))
     table = torch.randn(bias_table_rows(window), heads, device="cuda")
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        want = fused._tiles(geo, table, window, dtype)
-        assert torch.equal(fused._tile(geo, table, window, dtype), want)
-        assert torch.equal(fused._tile(geo, table, window, dtype, transpose=True), want.transpose(-1, -2))
+        want = fused._tiles(geo, table, window, dtype, 32**-0.5)
+        assert torch.equal(fused._tile(geo, table, window, dtype, 32**-0.5), want)
+        assert torch.equal(fused._tile(geo, table, window, dtype, 32**-0.5, transpose=True), want.transpose(-1, -2))
