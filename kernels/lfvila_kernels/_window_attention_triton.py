@@ -184,14 +184,18 @@ def _htwa_bwd_delta_kernel(O, DO, DELTA, n_rows, HD: tl.constexpr, BLOCK_R: tl.c
 
 @triton.jit
 def _fused_bwd_queries(
-    k, v, dk, dv, db, resident, tq, Q, DO, LSE, DELTA, DQ, tile_base, b, head, q_start,
-    s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
+    k, v, dk, dv, db, resident, tq, Q, O, DO, LSE, DELTA, DQ, tile_base, b, head, q_start,
+    s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, log2_sm_scale,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, QB: tl.constexpr,
-    HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr, DELTA_HERE: tl.constexpr,
 ):
     """One sub-block of QB queries (flat tokens ``tq``, -1 outside the grid) against all P keys of the window, in
-    the transposed (keys x queries) orientation: accumulates dk, dv and the bias-gradient partial ``db`` (keys x
-    queries), writes dq of these queries. Scores in raw units until the exponent (see ``_htwa_fwd_kernel``)."""
+    the transposed (keys x queries) orientation: accumulates dv / scale, dk, and the bias-gradient partial ``db``
+    (keys x queries) times the scale, writes dq of these queries. Scores in raw units until the exponent (see
+    ``_htwa_fwd_kernel``); the softmax scale rides in the exponent, ``exp2(s * qk_scale - lse + log2(scale))`` =
+    ``scale * p``, so dq and dk need no multiply (dv and db, once per window or group, divide it out).
+    ``DELTA_HERE``: delta = rowsum(o * do) is computed here, from the o and do rows this sub-block reads anyway
+    (windows of one sub-block; with two or more the registers it takes make ptxas spill), else read from DELTA."""
     offs_k = tl.arange(0, P)
     offs_d = tl.arange(0, BLOCK_D)
     vq = tq >= 0
@@ -200,8 +204,12 @@ def _fused_bwd_queries(
     o_off = b * s_ob + head * s_on + tq[:, None] * s_ox + offs_d[None, :]
     do = tl.load(DO + o_off, mask=qmask, other=0.0)
     row = b * (n_tok * NH) + tq * NH + head
-    lse = tl.load(LSE + row, mask=vq, other=0.0)
-    delta = tl.load(DELTA + row, mask=vq, other=0.0)
+    if DELTA_HERE:
+        o = tl.load(O + o_off, mask=qmask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    else:
+        delta = tl.load(DELTA + row, mask=vq, other=0.0)
+    lse = tl.load(LSE + row, mask=vq, other=0.0) - log2_sm_scale
 
     if HAS_TILE:  # the backward's tile is stored transposed: (class, head, key, query)
         if QB == P:  # loaded once per group by the caller: the MMA's accumulator input
@@ -211,23 +219,23 @@ def _fused_bwd_queries(
             st += tl.load(tile_base + offs_k[:, None] * P + (q_start + tl.arange(0, QB))[None, :]).to(tl.float32)
     else:
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-    pt = tl.math.exp2(st * qk_scale - lse[None, :])
+    pt = tl.math.exp2(st * qk_scale - lse[None, :])  # scale * p
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    dst = pt * (dpt - delta[None, :])
+    dst = pt * (dpt - delta[None, :])  # scale * dS
     dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
     dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC)
-    tl.store(DQ + o_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
+    tl.store(DQ + o_off, dq.to(DQ.dtype.element_ty), mask=qmask)
     return dk, dv, db + dst
 
 
 @triton.jit
 def _htwa_bwd_fused_kernel(
-    Q, K, V, DO, LSE, DELTA, TILE_T, TOK, WIN, GRP, DQ, DK, DV, DBP,  # DBP (groups, heads, P, P) fp32
+    Q, K, V, O, DO, LSE, DELTA, TILE_T, TOK, WIN, GRP, DQ, DK, DV, DBP,  # DBP (groups, heads, P, P) fp32
     s_qb, s_qx, s_qn,
     s_kb, s_kx, s_kn,
     s_vb, s_vx, s_vn,
-    s_ob, s_ox, s_on,  # strides shared by DO, DQ, DK, DV (contiguous like O)
+    s_ob, s_ox, s_on,  # strides shared by O, DO, DQ, DK, DV (contiguous)
     s_tc, s_th,
     NH, n_tok, qk_scale, sm_scale,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, QB: tl.constexpr,
@@ -254,51 +262,56 @@ def _htwa_bwd_fused_kernel(
     db1 = tl.zeros([P, QB], dtype=tl.float32)
     db2 = tl.zeros([P, QB], dtype=tl.float32)
     db3 = tl.zeros([P, QB], dtype=tl.float32)
+    log2_sm_scale = tl.math.log2(sm_scale)
+    inv_scale = 1.0 / sm_scale
 
     for jj in range(j0, j0 + nj):
         # key offsets of this window, computed once for its nb batch items
         win = tl.load(WIN + jj)
         tk = _rows(TOK, win, offs_k, P, I64)
         kmask = (tk >= 0)[:, None] & dmask[None, :]
-        k_off = head * s_kn + tk[:, None] * s_kx + offs_d[None, :]
-        v_off = head * s_vn + tk[:, None] * s_vx + offs_d[None, :]
-        out_off = head * s_on + tk[:, None] * s_ox + offs_d[None, :]
+        # per-row offsets only: full (P, BLOCK_D) offset tiles held across the batch loop cost registers that the
+        # five GEMMs' operands need (ptxas spills at P = 128)
+        k_row = head * s_kn + tk * s_kx
+        v_row = head * s_vn + tk * s_vx
+        out_row = head * s_on + tk * s_ox
         for bb in range(b0, b0 + nb):
             b = tl.cast(bb, tl.int64) if I64 else bb
-            k = tl.load(K + b * s_kb + k_off, mask=kmask, other=0.0)
-            v = tl.load(V + b * s_vb + v_off, mask=kmask, other=0.0)
+            k = tl.load(K + (b * s_kb + k_row)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
+            v = tl.load(V + (b * s_vb + v_row)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
+            out_off = (b * s_ob + out_row)[:, None] + offs_d[None, :]
             dk = tl.zeros([P, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([P, BLOCK_D], dtype=tl.float32)
             tq = tk if QB == P else _rows(TOK, win, tl.arange(0, QB), P, I64)
             dk, dv, db0 = _fused_bwd_queries(
-                k, v, dk, dv, db0, resident, tq, Q, DO, LSE, DELTA, DQ, tile_base, b, head, 0,
-                s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, sm_scale,
-                HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC)
+                k, v, dk, dv, db0, resident, tq, Q, O, DO, LSE, DELTA, DQ, tile_base, b, head, 0,
+                s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale, log2_sm_scale,
+                HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, QB == P)
             if P >= 2 * QB:
                 dk, dv, db1 = _fused_bwd_queries(
-                    k, v, dk, dv, db1, resident, _rows(TOK, win, QB + tl.arange(0, QB), P, I64), Q, DO, LSE,
+                    k, v, dk, dv, db1, resident, _rows(TOK, win, QB + tl.arange(0, QB), P, I64), Q, O, DO, LSE,
                     DELTA, DQ, tile_base, b, head, QB, s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale,
-                    sm_scale, HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC)
+                    log2_sm_scale, HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, QB == P)
             if P == 4 * QB:
                 dk, dv, db2 = _fused_bwd_queries(
-                    k, v, dk, dv, db2, resident, _rows(TOK, win, 2 * QB + tl.arange(0, QB), P, I64), Q, DO, LSE,
-                    DELTA, DQ, tile_base, b, head, 2 * QB, s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale,
-                    sm_scale, HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC)
+                    k, v, dk, dv, db2, resident, _rows(TOK, win, 2 * QB + tl.arange(0, QB), P, I64), Q, O, DO,
+                    LSE, DELTA, DQ, tile_base, b, head, 2 * QB, s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale,
+                    log2_sm_scale, HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, QB == P)
                 dk, dv, db3 = _fused_bwd_queries(
-                    k, v, dk, dv, db3, resident, _rows(TOK, win, 3 * QB + tl.arange(0, QB), P, I64), Q, DO, LSE,
-                    DELTA, DQ, tile_base, b, head, 3 * QB, s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale,
-                    sm_scale, HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC)
-            tl.store(DK + b * s_ob + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
-            tl.store(DV + b * s_ob + out_off, dv.to(DV.dtype.element_ty), mask=kmask)
+                    k, v, dk, dv, db3, resident, _rows(TOK, win, 3 * QB + tl.arange(0, QB), P, I64), Q, O, DO,
+                    LSE, DELTA, DQ, tile_base, b, head, 3 * QB, s_qb, s_qx, s_qn, s_ob, s_ox, s_on, NH, n_tok, qk_scale,
+                    log2_sm_scale, HD, BLOCK_D, P, QB, HAS_TILE, DOT_PREC, QB == P)
+            tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kmask)
+            tl.store(DV + out_off, (dv * inv_scale).to(DV.dtype.element_ty), mask=kmask)
 
     if BIAS_GRAD:  # the group's partial, written once: DBP[g, head, query, key]
         base = DBP + (g * NH + head).to(tl.int64) * (P * P) + offs_k[:, None] + tl.arange(0, QB)[None, :] * P
-        tl.store(base, db0)
+        tl.store(base, db0 * inv_scale)
         if P >= 2 * QB:
-            tl.store(base + QB * P, db1)
+            tl.store(base + QB * P, db1 * inv_scale)
         if P == 4 * QB:
-            tl.store(base + 2 * QB * P, db2)
-            tl.store(base + 3 * QB * P, db3)
+            tl.store(base + 2 * QB * P, db2 * inv_scale)
+            tl.store(base + 3 * QB * P, db3 * inv_scale)
 
 
 @triton.jit
@@ -760,20 +773,22 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
     geo = _geometry((T, H, W), window, shift, q.device)
     P = geo["P"]
     cfg = _blocks(P, hd, q.dtype)
-    do = do.contiguous()
+    do, o = do.contiguous(), o.contiguous()
     BLOCK_D = _pow2(hd)
-    n_rows = o.numel() // hd
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    _htwa_bwd_delta_kernel[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, HD=hd, BLOCK_R=64, BLOCK_D=BLOCK_D)
+    fused = cfg["bwd"] == "fused"
+    delta = None
+    if not fused or cfg["fused_qb"] < P:  # else the fused kernel computes delta itself
+        n_rows = o.numel() // hd
+        delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+        _htwa_bwd_delta_kernel[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, HD=hd, BLOCK_R=64, BLOCK_D=BLOCK_D)
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     bias_grad = bias_grad and table is not None
-    fused = cfg["bwd"] == "fused"
     tile = _tile(geo, table, window, q.dtype, scale, transpose=fused)  # fused: (class, head, key, query)
     common = dict(HD=hd, BLOCK_D=BLOCK_D, P=P, HAS_TILE=tile is not None, DOT_PREC=_dot_precision(q.dtype),
-                  I64=_needs_i64(q, k, v, do, lse), num_stages=cfg["stages"])
+                  I64=_needs_i64(q, k, v, o, do, lse), num_stages=cfg["stages"])
     in_strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     n_tok = T * H * W
 
@@ -783,8 +798,9 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
         grp, _ = _groups(geo, B, nh, q.device)
         n_groups = grp.shape[0]
         partials = (torch.empty((n_groups, nh, P, P), dtype=torch.float32, device=q.device) if bias_grad else q)
-        _htwa_bwd_fused_kernel[(n_groups, nh)](
-            q, k, v, do, lse, delta, tile_arg, geo["tok"], geo["order"], grp, dq, dk, dv, partials,
+        _htwa_bwd_fused_kernel[(n_groups, nh)](  # o shares do's strides (both contiguous)
+            q, k, v, o, do, lse, lse if delta is None else delta, tile_arg, geo["tok"], geo["order"], grp,
+            dq, dk, dv, partials,
             *in_strides, *s_tile, nh, n_tok, scale * LOG2E, scale,
             QB=cfg["fused_qb"], BIAS_GRAD=bias_grad, num_warps=_chained_warps(P), **common,
         )
