@@ -49,6 +49,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ._window_geometry import geometry as _geometry
+from ._window_geometry import pow2 as _pow2
 from .dispatch import interpreting
 from .reference import bias_table_rows, relative_position_index
 
@@ -505,10 +507,6 @@ def override_config(**cfg):
         _config_override = previous
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def _chained_warps(rows: int) -> int:
     """Warps for a tile whose scores feed a second GEMM: Triton then puts every warp on the rows (16 each on both
     mma.sync and wgmma), so more than rows / 16 warps would repeat each other's work."""
@@ -553,49 +551,6 @@ def _blocks(P: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
 def _sm_count(device: torch.device) -> int | None:
     """Streaming multiprocessors of a CUDA device (None elsewhere): the work split depends on it alone."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
-
-
-_GEOMETRY_CACHE: dict = {}
-
-
-def _geometry(grid, window, shift, device) -> dict:
-    """Everything the kernels need that depends on the geometry only: see the module docstring.
-
-    Returns ``tok (n_win, P) int32``, ``cls (n_win,) int32`` (class of each window), ``order (n_win,) int32``
-    (windows sorted by class, stable), ``class_start`` (list, ``classes + 1``: where each class begins in ``order``),
-    ``allowed (classes, P, P) bool`` and ``N``, ``P``, ``n_win``."""
-    key = (tuple(grid), tuple(window), tuple(shift), str(device))
-    if key in _GEOMETRY_CACHE:
-        return _GEOMETRY_CACHE[key]
-    T, H, W = grid
-    wt, wh, ww = window
-    N = wt * wh * ww
-    P = _pow2(N)
-    cpu = torch.device("cpu")
-    n_t, n_h, n_w = -(-T // wt), -(-H // wh), -(-W // ww)
-    win = torch.arange(n_t * n_h * n_w, device=cpu)
-    pos = torch.arange(P, device=cpu)
-    lt, lh, lw = pos // (wh * ww), (pos // ww) % wh, pos % ww
-    it = (win // (n_h * n_w))[:, None] * wt + lt[None, :]  # rolled coordinates (n_win, P)
-    ih = ((win // n_w) % n_h)[:, None] * wh + lh[None, :]
-    iw = (win % n_w)[:, None] * ww + lw[None, :]
-    valid = (pos < N)[None, :] & (it < T) & (ih < H) & (iw < W)
-    st, sh, sw = shift
-    tok = (((it + st) % T) * H + (ih + sh) % H) * W + (iw + sw) % W
-    tok = torch.where(valid, tok, -1).to(torch.int32)
-    region = (it >= T - st).long() * 4 + (ih >= H - sh).long() * 2 + (iw >= W - sw).long()
-    region = torch.where(valid, region, -1)
-    patterns, cls = torch.unique(region, dim=0, return_inverse=True)  # (classes, P), (n_win,)
-    pv = patterns >= 0
-    # a valid query sees the valid keys of its region; a position outside the grid sees every valid key (never stored)
-    allowed = pv[:, None, :] & ((patterns[:, :, None] == patterns[:, None, :]) | ~pv[:, :, None])
-    order = torch.sort(cls, stable=True).indices
-    counts = torch.bincount(cls, minlength=patterns.shape[0])
-    class_start = [0] + torch.cumsum(counts, 0).tolist()
-    geo = dict(tok=tok.to(device), cls=cls.to(torch.int32).to(device), order=order.to(torch.int32).to(device),
-               class_start=class_start, allowed=allowed.to(device), N=N, P=P, n_win=win.numel())
-    _GEOMETRY_CACHE[key] = geo
-    return geo
 
 
 def _tiles(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype, scale: float):

@@ -4,7 +4,9 @@
 on a ``(B, T, H, W)`` token grid without any roll/pad/partition/reverse copies. The Triton kernels live in
 ``_window_attention_triton.py``; this file holds the argument checks, the ``torch.library`` registration (so
 ``torch.compile(fullgraph=True)`` sees one opaque op with a fake implementation and an autograd formula) and the
-dispatch between the fused path and ``reference.window_attention_reference``.
+dispatch between the fused path and the torch paths: ``_window_attention_torch`` (the same geometry and bias + mask
+tiles through ``scaled_dot_product_attention``) for geometries with a shift mask or partial windows, where it is
+faster, else ``reference.window_attention_reference`` (also the oracle, and what ``torch.compile`` traces).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._window_attention_torch import takes_masked_path, window_attention_torch
 from .dispatch import select_impl
 from .reference import bias_table_rows, window_attention_reference
 
@@ -102,6 +105,9 @@ def window_attention(q, k, v, window, shift=(0, 0, 0), rel_pos_bias=None, scale=
     """
     window, shift, scale = check_window_attention_args(q, k, v, window, shift, rel_pos_bias, scale)
     if select_impl(impl, q.device, q.dtype, TRITON_DTYPES) == "torch":
+        # under torch.compile the plan's data-dependent setup would break the graph: the reference's static ops
+        if not torch.compiler.is_compiling() and takes_masked_path(q.shape[1:4], window, shift, q.device):
+            return window_attention_torch(q, k, v, window, shift, rel_pos_bias, scale)
         return window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale)
     from . import _window_attention_triton as fused
 

@@ -8,6 +8,7 @@ import torch
 import lfvila_kernels.dispatch as dispatch
 from lfvila_kernels import _window_attention_triton as fused
 from lfvila_kernels import window_attention, window_attention_reference
+from lfvila_kernels._window_attention_torch import window_attention_torch
 from lfvila_kernels.reference import bias_table_rows
 
 SHAPE, WINDOW = (1, 4, 6, 5, 2, 16), (2, 3, 5)
@@ -56,7 +57,8 @@ def test_auto_on_cpu_takes_the_torch_path(monkeypatch):
     monkeypatch.setattr(fused, "_launch_fwd", _never)
     q, k, v = qkv()
     out = window_attention(q, k, v, WINDOW, (0, 1, 2))
-    assert torch.equal(out, window_attention_reference(q, k, v, WINDOW, (0, 1, 2)))
+    assert torch.equal(out, window_attention_torch(q, k, v, WINDOW, (0, 1, 2), None, q.shape[-1] ** -0.5))
+    torch.testing.assert_close(out, window_attention_reference(q, k, v, WINDOW, (0, 1, 2)), atol=1e-5, rtol=1e-5)
 
 
 def test_environment_forces_triton(monkeypatch):
