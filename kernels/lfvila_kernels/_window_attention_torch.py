@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._window_geometry import geometry
-from .reference import relative_position_index
+from .reference import relative_position_bias
 
 
 def _plan(geo: dict, B: int, n_tok: int) -> dict:
@@ -64,21 +64,23 @@ def _class_masks(geo: dict, table: torch.Tensor | None, window, dtype: torch.dty
     ``table``."""
     N = geo["N"]
     allowed = geo["allowed"][:, :N, :N]
-    if "all_allowed_each" not in geo:
-        geo["all_allowed_each"] = allowed.flatten(1).all(1).tolist()
-    bias = None
-    if table is not None:
-        index = relative_position_index(window, table.device)
-        bias = table[index.reshape(-1)].view(N, N, table.shape[1]).permute(2, 0, 1).to(dtype)[None]  # (1, nh, N, N)
+    bias = None if table is None else relative_position_bias(table, window).to(dtype)[None]  # (1, nh, N, N)
     masks = []
-    for c, whole in enumerate(geo["all_allowed_each"]):
-        if whole:
+    for c, masked in enumerate(_class_masked(geo)):
+        if not masked:
             masks.append(bias)
         else:
-            zero = torch.zeros((), dtype=dtype, device=allowed.device)
-            fill = torch.where(allowed[c], zero, float("-inf"))[None, None]  # (1, 1, N, N)
+            fill = torch.zeros((1, 1, N, N), dtype=dtype, device=allowed.device).masked_fill(~allowed[c], float("-inf"))
             masks.append(fill if bias is None else bias + fill)
     return masks
+
+
+def _class_masked(geo: dict) -> list[bool]:
+    """Per class, whether it masks a pair of real window positions; cached in ``geo`` (one host sync a geometry)."""
+    if "class_masked" not in geo:
+        N = geo["N"]
+        geo["class_masked"] = (~geo["allowed"][:, :N, :N]).flatten(1).any(1).tolist()
+    return geo["class_masked"]
 
 
 def takes_masked_path(grid, window, shift, device) -> bool:
@@ -87,11 +89,7 @@ def takes_masked_path(grid, window, shift, device) -> bool:
     reference, ms: shifted L0 43 vs 112, L1 17 vs 30, L2 17 vs 24, L3 19 vs 31; unshifted (one class) L0 98 vs 33,
     L1-L5 within noise: torch's CPU flash kernel is slow on many 30-token windows, and without a mask the reference
     has no extra pass to save. The mask is per class of windows, so one class can still hold one."""
-    geo = geometry(tuple(grid), tuple(window), tuple(shift), device)
-    if "any_masked" not in geo:
-        N = geo["N"]
-        geo["any_masked"] = not bool(geo["allowed"][:, :N, :N].all())
-    return geo["any_masked"]
+    return any(_class_masked(geometry(tuple(grid), tuple(window), tuple(shift), device)))
 
 
 def window_attention_torch(q, k, v, window, shift, rel_pos_bias, scale: float) -> torch.Tensor:

@@ -52,7 +52,7 @@ from triton.language.extra import libdevice
 from ._window_geometry import geometry as _geometry
 from ._window_geometry import pow2 as _pow2
 from .dispatch import interpreting
-from .reference import bias_table_rows, relative_position_index
+from .reference import bias_table_rows, relative_position_bias, relative_position_index
 
 LOG2E = 1.4426950408889634
 _MAX_GRID_YZ = 65535
@@ -563,9 +563,7 @@ def _tiles(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype, sc
     heads = 1 if table is None else table.shape[1]
     bias = torch.zeros((heads, P, P), dtype=torch.float32, device=allowed.device)
     if table is not None:
-        index = relative_position_index(window, allowed.device)
-        rows = table.detach().float()[index.reshape(-1)]
-        bias[:, :N, :N] = rows.reshape(N, N, heads).permute(2, 0, 1) * (1.0 / scale)
+        bias[:, :N, :N] = relative_position_bias(table.detach().float(), window) * (1.0 / scale)
     tile = torch.where(allowed[:, None], bias[None], float("-inf"))
     return tile.to(dtype).contiguous()
 

@@ -46,6 +46,14 @@ def relative_position_index(window, device=None) -> torch.Tensor:
     return _DEVICE_INDEX_CACHE[key]
 
 
+def relative_position_bias(table: torch.Tensor, window) -> torch.Tensor:
+    """The bias of every (query, key) pair of a ``(wt, wh, ww)`` window: ``(heads, N, N)`` read from the table
+    ``((2wt-1)(2wh-1)(2ww-1), heads)`` through :func:`relative_position_index` (differentiable in ``table``)."""
+    N = window[0] * window[1] * window[2]
+    index = relative_position_index(window, table.device)
+    return table[index.reshape(-1)].reshape(N, N, table.shape[1]).permute(2, 0, 1)
+
+
 def bias_table_rows(window) -> int:
     """Rows of the relative-position bias table of a ``(wt, wh, ww)`` window: ``(2wt-1)(2wh-1)(2ww-1)``."""
     wt, wh, ww = window
@@ -90,8 +98,7 @@ def window_attention_reference(q, k, v, window, shift=(0, 0, 0), rel_pos_bias=No
     qw, kw, vw = to_windows(q), to_windows(k), to_windows(v)
     scores = torch.matmul(qw * scale, kw.transpose(-1, -2))  # (B, nWin, nh, N, N)
     if rel_pos_bias is not None:
-        index = relative_position_index(window, q.device)
-        bias = rel_pos_bias[index.reshape(-1)].reshape(N, N, nh).permute(2, 0, 1)  # (nh, N, N)
+        bias = relative_position_bias(rel_pos_bias, window)  # (nh, N, N)
         scores = scores + bias.to(scores.dtype)
 
     if any(shift) or any(pads):
