@@ -7,18 +7,23 @@ Backends (by name through :func:`get_decoder`): ``pyav`` (CPU, any codec FFmpeg 
 Output: uint8 ``(T, H, W, 3)`` RGB in the requested order (any order, repeats allowed): numpy, or a CUDA torch tensor
 from ``dali`` on a GPU (float32 when it normalises).
 
+Stream rule (every backend, and ``lfvila.data.prepare``): the video stream FFmpeg's best-stream rule picks
+(:func:`video_stream`; decord, the official code's decoder, picks the same), not necessarily the first. DALI cannot be
+told which stream to decode, so ``dali`` refuses files with more than one video stream (``auto`` takes the next
+backend).
+
 Frame index rule (every backend): frame ``i`` is the packet with the ``i``-th smallest timestamp among those the
-demuxer reads from the first video stream (edit-list "discard" packets excluded): the ``i``-th frame in presentation
-order. The table is built once per file by demuxing without decoding (cached per process), so variable-frame-rate
-files index exactly and ``num_frames`` is known where the container omits it (WebM). Times: :func:`frame_times`.
+demuxer reads from that stream (edit-list "discard" packets excluded): the ``i``-th frame in presentation order. The
+table is built once per file by demuxing without decoding (cached per process), so variable-frame-rate files index
+exactly and ``num_frames`` is known where the container omits it (WebM). Times: :func:`frame_times`.
 
 Bad input raises :class:`DecodeError` naming the file: missing, empty, unreadable or truncated file, no video stream,
-fewer readable packets than the container declares, index out of range, a frame the decoder rejected. A decoder error
-taints the later frames up to the next keyframe (their references are gone): asking for one raises rather than
-returning concealed garbage. Damage a codec cannot detect (flipped bits in a slice that still parses) decodes as the
-codec makes it; packets the demuxer resyncs over (a lost WebM cluster) are not part of the stream. A deadline
-(``timeout`` s, checked per packet and given to FFmpeg's I/O) bounds every decode. :class:`SkipCounter`: logged,
-counted skips under ``on_error="skip"``.
+fewer readable packets than the container declares (:func:`truncation`), index out of range, a frame the decoder
+rejected. A decoder error taints the later frames up to the next keyframe (their references are gone): asking for one
+raises rather than returning concealed garbage. Damage a codec cannot detect (flipped bits in a slice that still
+parses) decodes as the codec makes it; packets the demuxer resyncs over (a lost WebM cluster) are not part of the
+stream. A deadline (``timeout`` s, checked per packet and given to FFmpeg's I/O) bounds every decode.
+:class:`SkipCounter`: logged, counted skips under ``on_error="skip"``.
 """
 
 from __future__ import annotations
@@ -110,7 +115,9 @@ class SkipCounter:
 class VideoInfo:
     """What :func:`probe` knows about a video. ``fps``: average frames per second (``num_frames / duration``, or the
     container's exact rate when they agree); ``duration`` in seconds from the first frame to the end of the last;
-    ``codec``: FFmpeg's codec name (``h264``, ``hevc``, ``vp9``, ``av1``, ...); ``vfr``: frame steps differ."""
+    ``codec``: FFmpeg's codec name (``h264``, ``hevc``, ``vp9``, ``av1``, ...); ``vfr``: frame steps differ. All of
+    it describes the stream :func:`video_stream` picks: ``stream`` is its container index, ``video_streams`` how many
+    video streams the file has."""
 
     num_frames: int
     fps: float
@@ -122,6 +129,8 @@ class VideoInfo:
     pix_fmt: str = ""
     vfr: bool = False
     path: str = ""
+    stream: int = 0
+    video_streams: int = 1
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,35 @@ def _ffmpeg_msg(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e)
 
 
+def video_stream(container, path):
+    """The video stream of an open PyAV ``container`` that every backend and ``prepare`` read: the one FFmpeg's
+    best-stream rule picks (``av_find_best_stream`` after probing, as decord and ffplay use it; decord also passes
+    over streams FFmpeg has no decoder for. The ``ffmpeg`` command line's default mapping, the highest resolution, is
+    another rule). In order: a stream flagged ``default`` (and not for the hearing or visually impaired), then more
+    frames decoded while the file was probed (counting up to 5), then the higher bit rate the demuxer reports, then
+    more probed frames; remaining ties go to the lowest index. So a file with two video streams may be read from its
+    second. :class:`DecodeError` naming ``path`` when there is no video stream."""
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise DecodeError(path, f"no video stream (streams: {', '.join(kinds)})")
+    return container.streams.best("video")
+
+
+def is_flush_packet(packet) -> bool:
+    """The empty packet PyAV's ``demux`` yields at the end of a stream (to drain the decoder): not a frame."""
+    return packet.size == 0 and packet.pts is None and packet.dts is None
+
+
+def truncation(stream, readable: int) -> str | None:
+    """Why a stream is cut short: its header declares more frames (``stream.frames``, e.g. MP4's sample table) than
+    the ``readable`` packets the demuxer gave (flush packets not counted); None when it is not, or declares nothing
+    (Matroska / WebM). A file cut after its header (an MP4 with the index first) then demuxes cleanly and ends early.
+    The rule both the decoders' index and ``prepare`` apply."""
+    if (declared := stream.frames or 0) > readable:
+        return f"container declares {declared} frames but {readable} can be read: truncated"
+    return None
+
+
 def _stream_index(path) -> _StreamIndex:
     path = os.fspath(path)
     try:
@@ -168,17 +206,14 @@ def _build_index(path: str, size: int, mtime_ns: int) -> _StreamIndex:
     except (av.FFmpegError, OSError) as e:
         raise DecodeError(path, f"cannot open ({_ffmpeg_msg(e)}): truncated, corrupt or not a media file") from e
     with container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise DecodeError(path, f"no video stream (streams: {', '.join(kinds)})")
-        stream = container.streams.video[0]
+        stream = video_stream(container, path)
         pts, key, durations, total = [], [], [], 0
         try:
             for packet in container.demux(stream):
-                ts = packet.pts if packet.pts is not None else packet.dts
-                if packet.size == 0 and ts is None:
-                    continue  # the demuxer's end-of-stream flush packet
+                if is_flush_packet(packet):
+                    continue
                 total += 1
+                ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is None or packet.is_discard:
                     continue
                 pts.append(ts), key.append(packet.is_keyframe), durations.append(packet.duration or 0)
@@ -188,8 +223,8 @@ def _build_index(path: str, size: int, mtime_ns: int) -> _StreamIndex:
             raise DecodeError(path, f"demuxing failed after {total} packets ({_ffmpeg_msg(e)}): corrupt") from e
         if not pts:
             raise DecodeError(path, "video stream has no frames")
-        if (stream.frames or 0) > total:
-            raise DecodeError(path, f"container declares {stream.frames} frames but {total} can be read: truncated")
+        if (why := truncation(stream, total)) is not None:
+            raise DecodeError(path, why)
         order = np.argsort(np.asarray(pts, np.int64), kind="stable")
         pts_arr = np.asarray(pts, np.int64)[order]
         if np.any(np.diff(pts_arr) == 0):
@@ -208,12 +243,12 @@ def _build_index(path: str, size: int, mtime_ns: int) -> _StreamIndex:
         bits = max((c.bits for c in fmt.components), default=8) if fmt is not None else 8
         info = VideoInfo(num_frames=n, fps=fps, duration=duration, width=cc.width, height=cc.height,
                          codec=cc.codec.canonical_name, bit_depth=bits, pix_fmt=fmt.name if fmt is not None else "",
-                         vfr=bool(vfr), path=path)
+                         vfr=bool(vfr), path=path, stream=stream.index, video_streams=len(container.streams.video))
     return _StreamIndex(pts_arr, keys, tb, info)
 
 
 def probe(path) -> VideoInfo:
-    """Frame count, rate, duration, size and codec of the first video stream (:class:`DecodeError` if unreadable)."""
+    """Frame count, rate, duration, size and codec of the :func:`video_stream` (:class:`DecodeError` if unreadable)."""
     return _stream_index(path).info
 
 
@@ -281,7 +316,8 @@ def _gpu_refusal(backend: str, device: str) -> str | None:
 # ---------------------------------------------------------------------------------------------------- backends
 class Decoder:
     """A backend. ``decode(path, indices)`` -> uint8 ``(T, H, W, 3)``; ``supports(codec, device, bit_depth)`` -> None,
-    or why it cannot decode that codec there; ``available(device)`` -> the same for the backend as a whole."""
+    or why it cannot decode that codec there; ``refuses(info, device)`` -> the same for a probed file (codec, bit depth
+    and anything else about it); ``available(device)`` -> the same for the backend as a whole."""
 
     name = "base"
 
@@ -296,6 +332,10 @@ class Decoder:
     def supports(cls, codec: str, device="cpu", bit_depth: int = 8) -> str | None:
         return cls.available(device)
 
+    @classmethod
+    def refuses(cls, info: VideoInfo, device="cpu") -> str | None:
+        return cls.supports(info.codec, device, info.bit_depth)
+
     def probe(self, path) -> VideoInfo:
         return probe(path)
 
@@ -306,8 +346,8 @@ class Decoder:
         """``[decode(path, indices) for path, indices in items]``; batched where the backend can."""
         return [self.decode(path, indices) for path, indices in items]
 
-    def _check_codec(self, path, info: VideoInfo) -> None:
-        if (reason := self.supports(info.codec, self.device, info.bit_depth)) is not None:
+    def _check(self, path, info: VideoInfo) -> None:
+        if (reason := self.refuses(info, self.device)) is not None:
             raise DecodeError(path, f"{self.name} cannot decode it: {reason}")
 
 
@@ -340,13 +380,13 @@ class PyAVDecoder(Decoder):
     def decode(self, path, indices) -> np.ndarray:
         """uint8 ``(T, H, W, 3)`` RGB frames ``indices`` of ``path`` (numpy, host memory)."""
         index = _stream_index(path := os.fspath(path))
-        self._check_codec(path, info := index.info)
+        self._check(path, info := index.info)
         idx = _as_indices(path, indices, info.num_frames)
         wanted, got, bad, errors = set(idx.tolist()), {}, set(), []
         deadline = time.monotonic() + self.timeout
         try:
             with self._open(path) as container:
-                stream = container.streams.video[0]
+                stream = container.streams[info.stream]  # the one video_stream() picked when indexing
                 self._configure(stream)
                 frames, pos = None, -1
                 for target in sorted(wanted):
@@ -441,7 +481,14 @@ class DaliDecoder(Decoder):
     order too). ``cuda:N``: the ``mixed`` backend (NVDEC), output a CUDA torch tensor; ``cpu``: DALI's CPU backend
     (VP8/VP9/MJPEG only), output numpy. ``size``: resize frames to ``(H, W)`` on the device; ``mean``/``std`` (per
     channel, 0-255 scale): float32 ``(x - mean) / std``. :meth:`decode_many` runs ``batch_size`` videos at once.
-    ``timeout`` bounds the PyAV indexing that vets each file first; DALI's own decoding cannot be interrupted."""
+    ``timeout`` bounds the PyAV indexing that vets each file first; DALI's own decoding cannot be interrupted.
+
+    Stream: DALI's video decoder (and ``fn.readers.video``) has no argument choosing the stream. Its source calls
+    ``av_find_best_stream`` on a container it has not probed, so frames seen while probing play no part and ties go
+    to the first stream: on a file with two video streams it can decode another stream than :func:`video_stream`
+    (DALI 2.4, CPU backend: two VP9 streams, neither flagged default, 3 and 10 frames; FFmpeg's rule after probing,
+    which PyAV and decord apply, takes the second, DALI the first). So :meth:`refuses` files with more than one video
+    stream: ``auto`` decodes them with the next backend (``pyav-nvdec``, ``pyav``), the DALI loader skips or raises."""
 
     name = "dali"
     CPU_CODECS = ("vp8", "vp9", "mjpeg")
@@ -470,6 +517,15 @@ class DaliDecoder(Decoder):
             return None if codec in cls.CPU_CODECS else (
                 f"DALI's CPU backend decodes only {'/'.join(cls.CPU_CODECS)}, not {codec} (H.264/HEVC/AV1 need NVDEC)")
         return nvdec_refusal(codec, bit_depth, _cuda_capability(_cuda_index(_device(device))))
+
+    @classmethod
+    def refuses(cls, info: VideoInfo, device="cpu") -> str | None:
+        if (reason := super().refuses(info, device)) is not None:
+            return reason
+        if info.video_streams > 1:
+            return (f"{info.video_streams} video streams: DALI cannot be told to decode stream {info.stream} (FFmpeg's "
+                    "best stream) and may decode another")
+        return None
 
     def _build(self):
         import nvidia.dali.fn as fn
@@ -502,7 +558,7 @@ class DaliDecoder(Decoder):
         prepared = []
         for path, indices in items:
             info = probe(path := os.fspath(path))
-            self._check_codec(path, info)
+            self._check(path, info)
             prepared.append((path, _as_indices(path, indices, info.num_frames)))
         out = []
         for b in range(0, len(prepared), self.batch_size):
@@ -546,8 +602,9 @@ _KWARGS = {"pyav": {"threads"}, "pyav-nvdec": {"threads"}, "dali": {"batch_size"
 
 
 class AutoDecoder(Decoder):
-    """Per file, the first backend of ``AUTO_ORDER[device kind]`` that supports its codec and bit depth. On a GPU, a
-    file NVDEC cannot decode (AV1, 10-bit H.264 on Hopper) goes to ``pyav`` on the CPU with a warning.
+    """Per file, the first backend of ``AUTO_ORDER[device kind]`` that does not refuse it (:meth:`Decoder.refuses`:
+    codec and bit depth; ``dali``: one video stream only). On a GPU, a file NVDEC cannot decode (AV1, 10-bit H.264 on
+    Hopper) goes to ``pyav`` on the CPU with a warning; one with several video streams goes to ``pyav-nvdec``.
     ``backend_kwargs`` go to each backend that takes them."""
 
     name = "auto"
@@ -560,7 +617,7 @@ class AutoDecoder(Decoder):
         """The backend for a probed video; :class:`DecodeError` listing every refusal when none fits."""
         refused = {}
         for name in AUTO_ORDER[self.kind]:
-            if (reason := BACKENDS[name].supports(info.codec, self.device, info.bit_depth)) is None:
+            if (reason := BACKENDS[name].refuses(info, self.device)) is None:
                 if self.kind == "cuda" and name == "pyav":
                     warnings.warn(f"no GPU decoder for {info.bit_depth}-bit {info.codec} ("
                                   f"{'; '.join(f'{k}: {v}' for k, v in refused.items())}); decoding on the CPU "

@@ -4,16 +4,20 @@
     python -m lfvila.data.prepare SRC DST --fps 3 --gop 8 --max-height 240 [--codec h264] [--workers N]
 
 Every video under SRC (recursively, by extension) becomes ``DST/<same relative path>.mp4`` (``.webm`` for
-``--codec vp9``). Per video: decode with PyAV -> resample to ``fps`` by timestamps (output frame k, at ``k / fps`` s
-after the first frame, is the latest source frame shown at that time; frames are repeated when the source is slower)
--> scale to ``max-height`` keeping the aspect ratio (area filter; even width and height; never upscaled) -> encode
-with a keyframe every ``gop`` frames (:func:`lfvila.data.encode.write_video`). Videos run in parallel processes.
+``--codec vp9``). Per video: decode with PyAV the video stream the decoders read (FFmpeg's best stream,
+:func:`lfvila.data.decode.video_stream`; with several video streams not necessarily the first) -> resample to ``fps``
+by timestamps (output frame k, at ``k / fps`` s after the first frame, is the latest source frame shown at that time;
+frames are repeated when the source is slower) -> scale to ``max-height`` keeping the aspect ratio (area filter; even
+width and height; never upscaled) -> encode with a keyframe every ``gop`` frames
+(:func:`lfvila.data.encode.write_video`). Videos run in parallel processes.
 
 Resumable: outputs are written under a temporary name and renamed when complete, so an existing output that probes
 is skipped (``--force`` redoes it). A JSON-lines report (``DST/prepare_report.jsonl`` unless ``--report``) gets one row
 per video: path, output, status (ok / skipped / failed), reason, in_frames, out_frames, seconds. Bad inputs (corrupt,
-truncated, audio-only, decoder errors, over ``--timeout`` seconds) are reported, never crash the batch; the exit code is
-1 when any video failed.
+truncated, audio-only, decoder errors, over ``--timeout`` seconds) are reported, never crash the batch, and write no
+output; the exit code is 1 when any video failed. Truncated includes a file cut after its header (an MP4 with its index
+first), which demuxes cleanly but ends before the frames the header declares: it fails by the rule that makes the
+decoders refuse it (:func:`lfvila.data.decode.truncation`).
 """
 
 from __future__ import annotations
@@ -56,10 +60,24 @@ def scaled_size(height: int, width: int, max_height: int | None) -> tuple[int, i
     return max(2, int(height) // 2 * 2), max(2, int(round(width / 2)) * 2)
 
 
+def _decoded(container, stream, packets: list):
+    """The frames of ``stream`` in presentation order; ``packets[0]`` counts its demuxed packets (flush packets not
+    counted, as :func:`lfvila.data.decode.truncation` wants them)."""
+    from lfvila.data.decode import is_flush_packet
+
+    for packet in container.demux(stream):
+        packets[0] += not is_flush_packet(packet)
+        yield from packet.decode()  # the flush packet drains the decoder
+
+
 def _frames(src: str, fps: float, max_height: int | None, deadline: float, counts: dict):
-    """Yield uint8 ``(H, W, 3)`` RGB frames of ``src`` resampled to ``fps`` and scaled; counts in/out frames."""
+    """Yield uint8 ``(H, W, 3)`` RGB frames of ``src``'s :func:`~lfvila.data.decode.video_stream` resampled to ``fps``
+    and scaled; counts in/out frames. :class:`BadInput` (possibly after some frames) when it cannot be read to the end,
+    or ends before the frames its header declares (the decoders' :func:`~lfvila.data.decode.truncation` rule)."""
     import av
     from av.video.reformatter import Interpolation
+
+    from lfvila.data.decode import DecodeError, truncation, video_stream
 
     # area averaging (anti-aliased downscaling), full-resolution chroma, accurate rounding
     area = Interpolation.AREA | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
@@ -68,15 +86,15 @@ def _frames(src: str, fps: float, max_height: int | None, deadline: float, count
     except (av.FFmpegError, OSError) as e:
         raise BadInput(f"cannot open ({getattr(e, 'strerror', None) or e}): truncated, corrupt or not a video") from e
     with container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise BadInput(f"no video stream (streams: {', '.join(kinds)})")
-        stream = container.streams.video[0]
+        try:
+            stream = video_stream(container, src)
+        except DecodeError as e:
+            raise BadInput(e.reason) from e
         stream.codec_context.thread_type = "AUTO"
         size = None
         t0 = prev = prev_rgb = prev_t = prev_dur = None
-        k = 0
-        frames = container.decode(stream)
+        k, packets = 0, [0]
+        frames = _decoded(container, stream, packets)
         while True:
             if time.monotonic() > deadline:
                 raise BadInput(f"timed out after {counts['in_frames']} frames")
@@ -102,6 +120,8 @@ def _frames(src: str, fps: float, max_height: int | None, deadline: float, count
             if prev is not None and prev_t is not None and t > prev_t:
                 prev_dur = t - prev_t
             prev, prev_rgb, prev_t = frame, None, t
+        if (why := truncation(stream, packets[0])) is not None:
+            raise BadInput(why)  # write_video then deletes its temporary file: no output
         if prev is None:
             raise BadInput("video stream has no decodable frames")
         last = float(prev.duration * prev.time_base) if prev.duration and prev.time_base else 0.0

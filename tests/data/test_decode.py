@@ -77,6 +77,7 @@ def test_probe(videos, kind, codec):
     assert (info.num_frames, info.width, info.height, info.codec) == (N, W, H, codec)
     assert info.fps == pytest.approx(3.0) and info.duration == pytest.approx(N / 3, abs=1e-3)
     assert not info.vfr and info.bit_depth == 8 and info.path == str(videos[kind])
+    assert (info.stream, info.video_streams) == (0, 1)  # two-stream files: test_best_stream.py
     np.testing.assert_allclose(D.frame_times(videos[kind]), np.arange(N) / 3, atol=1e-3)
 
 

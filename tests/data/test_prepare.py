@@ -1,6 +1,7 @@
 """prepare: re-encoding a folder to 3 fps with short keyframe intervals, in parallel, resumable, with a report."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -8,10 +9,11 @@ import av
 import numpy as np
 import pytest
 
+from lfvila.data import decode as D
 from lfvila.data.decode import decode, probe
 from lfvila.data.encode import write_video
 from lfvila.data.framecode import draw_index, read_index
-from lfvila.data.prepare import find_videos, main, scaled_size
+from lfvila.data.prepare import find_videos, main, prepare_one, scaled_size
 
 H, W, CELL = 96, 128, 16  # the code's 16-pixel cells become 8-pixel cells at max height 48
 
@@ -98,3 +100,32 @@ def test_prepare_reports_bad_inputs(tmp_path):
     assert rows["one.mp4"]["status"] == "ok" and rows["one.mp4"]["out_frames"] == 1
     assert rows["good.mp4"]["status"] == "ok" and rows["good.mp4"]["out_frames"] == 12
     assert all(r["reason"] for r in rows.values() if r["status"] == "failed")
+
+
+def test_prepare_fails_a_file_cut_after_its_header(tmp_path, capsys):
+    """An MP4 with its index first, cut in half, demuxes cleanly but ends early: the decoders refuse it as truncated
+    and prepare reports it failed by the same rule, leaving no output (its annotations would point past its end)."""
+    root = tmp_path / "src"
+    root.mkdir()
+    with av.open(str(tmp_path / "full.mp4"), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=3)
+        s.width, s.height, s.pix_fmt, s.options = W, H, "yuv420p", {"preset": "ultrafast", "g": "4"}
+        for i, f in enumerate(coded(24)):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts = i
+            c.mux(s.encode(frame))
+        c.mux(s.encode(None))
+    data = (tmp_path / "full.mp4").read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")  # the header (with all 24 frames' sample table) survives the cut
+    (root / "cut.mp4").write_bytes(data[: len(data) // 2])
+    with pytest.raises(D.DecodeError, match=r"cut.mp4: container declares 24 frames but \d+ can be read: truncated"):
+        probe(root / "cut.mp4")
+    dst = tmp_path / "dst"
+    assert main([str(root), str(dst), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "1 videos: 0 ok, 0 skipped, 1 failed" in out and "failed cut.mp4: container declares 24 frames" in out
+    row = report(dst / "prepare_report.jsonl")["cut.mp4"]
+    assert row["status"] == "failed" and re.search(r"container declares 24 frames but \d+ can be read: truncated",
+                                                   row["reason"])
+    assert not (dst / "cut.mp4").exists() and not list(dst.rglob(".*tmp*"))
+    assert prepare_one(tmp_path / "full.mp4", dst / "full.mp4")["status"] == "ok"  # the whole file is fine
