@@ -86,7 +86,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Annotations (``format``: a ``lfvila.data.datasets`` registry name) and the loader (``lfvila.data.loader``)."""
+    """Annotations (``format``: a ``lfvila.data.datasets`` registry name) and the loader (``lfvila.data.loader``).
+    ``on_error``: ``raise``, ``skip`` or ``replace`` (training samples replaced, evaluation skipped; ``train.data``)."""
 
     format: str = "activitynet_captions"
     video_root: str = ""
@@ -110,8 +111,8 @@ class DataConfig:
     def __post_init__(self):
         if self.backend not in ("pyav", "dali", "auto"):
             raise ConfigError(f"backend: must be pyav, dali or auto, got {self.backend!r}")
-        if self.on_error not in ("raise", "skip"):
-            raise ConfigError(f"on_error: must be raise or skip, got {self.on_error!r}")
+        if self.on_error not in ("raise", "skip", "replace"):
+            raise ConfigError(f"on_error: must be raise, skip or replace, got {self.on_error!r}")
 
 
 @dataclass

@@ -71,18 +71,26 @@ class EpochSampler(Sampler[int]):
 
 
 def loader_config(cfg: Config, train: bool) -> LoaderConfig:
+    """The loader settings of the training (``train``) or evaluation loaders. ``data.on_error``: ``raise``, ``skip``
+    or ``replace`` (the pretraining configs' default: a bad training sample is replaced by another, deterministically,
+    so the batch keeps its size; ``lfvila.data.loader``). Evaluation never replaces: under ``replace`` its loaders
+    skip and count (a duplicate would bias the metrics)."""
     d = cfg.data
+    on_error = "skip" if d.on_error == "replace" and not train else d.on_error
     return LoaderConfig(size=tuple(d.size), clips=d.clips, frames_per_clip=d.frames_per_clip, sentences=d.sentences,
                         max_len=d.max_len, sampling=d.sampling, flip=d.flip, train=train, backend="pyav",
-                        on_error=d.on_error, max_skip_fraction=d.max_skip_fraction, seed=cfg.train.seed)
+                        on_error=on_error, max_skip_fraction=d.max_skip_fraction, seed=cfg.train.seed)
 
 
 def annotations(cfg: Config, split: str):
-    """The annotation dataset of ``split`` (``train`` / ``val`` / ``test``), or a ValueError naming the config key."""
+    """The annotation dataset of ``split`` (``train`` / ``val`` / ``test``), or a ValueError naming the config key.
+    Bad annotation rows follow ``data.on_error`` (``replace`` skips them: they are dropped when the file is read,
+    so no batch loses a sample)."""
     path = getattr(cfg.data, split, None)
     if not path:
         raise ValueError(f"data.{split}: no annotation file configured")
-    return build_dataset(cfg.data.format, path, cfg.data.video_root, on_error=cfg.data.on_error,
+    on_error = "skip" if cfg.data.on_error == "replace" else cfg.data.on_error
+    return build_dataset(cfg.data.format, path, cfg.data.video_root, on_error=on_error,
                          max_skip_fraction=cfg.data.max_skip_fraction, **cfg.data.format_kwargs)
 
 

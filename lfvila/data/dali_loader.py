@@ -13,10 +13,23 @@ It yields what ``loader.build_loader`` + ``loader.to_model_input`` yield::
 Augmentation matches the official one: train RandomResizedCrop to ``size`` (area 0.8-1, aspect 3/4-4/3, the same box
 for every frame of a video) and a horizontal flip with p = 0.5 (DALI's own random generators, seeded per rank: the
 draws differ from the DataLoader path's, the distribution is the same); eval resize 240x428, centre crop 216x385,
-resize to ``size``. Rows with one file per clip (official pretraining rows) need the DataLoader path.
+resize to ``size``.
+
+Rows with one file per clip (official pretraining rows, ``lfvila_pretrain``) take the DataLoader path's clip window
+(``loader.plan_clips``: the same start, files, frame indices and sentences for the same ``(seed, epoch, index)``);
+the pipeline then has one input per clip position, decodes each clip file and concatenates them along time (the clips
+must share one frame size), and every meta also carries ``clip_start`` and ``clips``. A loader serves one kind of
+row, the kind of its first annotation sample.
+
+Bad videos follow ``cfg.on_error`` as in the DataLoader path (``loader`` module docstring): ``"replace"`` fills the
+slot of a bad sample with the replacement :func:`~lfvila.data.loader.replacement_index` picks, planned with
+:func:`~lfvila.data.loader.replacement_rng`, the DataLoader path's choice, and marks it ``meta["replaced"]``.
 """
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,12 +37,26 @@ from torch.utils.data import DistributedSampler
 
 from . import decode as decoding
 from .datasets import AnnotationDataset, shard
-from .loader import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig, plan_frames
-from .sampling import merge_segments
+from .loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LoaderConfig,
+    fetch_sample,
+    plan_clips,
+    plan_frames,
+    replacement_index,
+    replacement_rng,
+    sample_rng,
+)
+from .sampling import Segment, merge_segments
 from .text import tokenize_paragraph
 
+log = logging.getLogger(__name__)
 
-def _pipeline(cfg: LoaderConfig, batch_size: int, device: str, num_threads: int, seed: int):
+
+def _pipeline(cfg: LoaderConfig, batch_size: int, device: str, num_threads: int, seed: int, files: int = 1):
+    """The pipeline; ``files`` encoded inputs per sample (``encoded{k}`` / ``frames{k}``), decoded and concatenated
+    along time (a row with one file per clip has ``cfg.clips``)."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import Pipeline
@@ -38,9 +65,12 @@ def _pipeline(cfg: LoaderConfig, batch_size: int, device: str, num_threads: int,
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=gpu, seed=seed,
                     prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
     with pipe:
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
-        video = fn.decoders.video(encoded, frames=frames, device="cpu" if gpu is None else "mixed")  # (T, H, W, C)
+        parts = []
+        for k in range(files):
+            encoded = fn.external_source(name=f"encoded{k}", dtype=types.UINT8, ndim=1)
+            frames = fn.external_source(name=f"frames{k}", dtype=types.INT32, ndim=1)
+            parts.append(fn.decoders.video(encoded, frames=frames, device="cpu" if gpu is None else "mixed"))
+        video = parts[0] if files == 1 else fn.cat(*parts, axis=0)  # (T, H, W, C)
         if cfg.train:
             video = fn.random_resized_crop(video, size=list(cfg.size), random_area=[0.8, 1.0],
                                            random_aspect_ratio=[3 / 4, 4 / 3])
@@ -59,13 +89,34 @@ def _pipeline(cfg: LoaderConfig, batch_size: int, device: str, num_threads: int,
     return pipe
 
 
+@dataclass
+class _Plan:
+    """One sample to decode: ``files`` (paths) with their ``data`` (bytes) and ``frames`` (indices), one entry per
+    pipeline input; ``frames_meta`` the meta's ``frames`` (a flat list, or one list per clip); ``extra`` more meta."""
+
+    index: int
+    sample: dict
+    segments: list[Segment]
+    files: list[str]
+    frames: list[list[int]]
+    data: list[np.ndarray]
+    frames_meta: list
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """What an error names: the file, or a clip row's files."""
+        return self.files[0] if len(set(self.files)) == 1 else ", ".join(dict.fromkeys(self.files))
+
+
 class DaliLoader:
     """Iterate batches of ``annotations`` for rank ``rank`` of ``world_size`` through a DALI pipeline on ``device``.
 
     Sharding and order are the DataLoader path's: training shuffles with ``DistributedSampler`` (``set_epoch``),
-    evaluation gives each rank a disjoint ordered part. Frame indices are planned with ``loader.plan_frames`` and
-    ``(seed, epoch, index)`` as in the DataLoader path. A video that cannot be read is skipped and counted under
-    ``cfg.on_error="skip"`` (the batch is smaller) or raises a ``DecodeError`` naming it.
+    evaluation gives each rank a disjoint ordered part. Frame indices (and clip windows) are planned with
+    ``loader.plan_frames`` (``loader.plan_clips``) and ``(seed, epoch, index)`` as in the DataLoader path. A video
+    that cannot be read is skipped and counted under ``cfg.on_error="skip"`` (the batch is smaller), replaced under
+    ``"replace"`` (module docstring) or raises a ``DecodeError`` naming it.
 
     ``sampler``: any iterable of annotation indices for this rank (the training loop passes its resumable
     ``EpochSampler``) instead of the default ones. ``set_epoch`` reseeds DALI's generators from ``(seed, rank, epoch)``:
@@ -83,7 +134,9 @@ class DaliLoader:
         self.annotations, self.tokenizer, self.cfg = annotations, tokenizer, cfg
         self.batch_size, self.device, self.rank, self.num_threads = batch_size, device, rank, num_threads
         self.epoch = 0
-        self.skips = decoding.SkipCounter(cfg.on_error, cfg.max_skip_fraction)
+        self.skips = decoding.SkipCounter("skip" if cfg.on_error == "replace" else cfg.on_error, cfg.max_skip_fraction)
+        self.clip_rows = bool(len(annotations) and annotations[0].get("clips"))  # the kind of row served
+        self.files = cfg.clips if self.clip_rows else 1  # pipeline inputs per sample
         if sampler is not None:
             self.sampler = sampler
         elif cfg.train:
@@ -109,34 +162,48 @@ class DaliLoader:
     def _rebuild(self) -> None:
         """A failed DALI pipeline is no longer usable: build a fresh one."""
         self._pipe = _pipeline(self.cfg, self.batch_size, self.device, self.num_threads,
-                               seed=self.cfg.seed * 1000 + self.rank + 7919 * self.epoch)
+                               seed=self.cfg.seed * 1000 + self.rank + 7919 * self.epoch, files=self.files)
 
-    def _plan(self, index: int):
-        """``(index, sample, merged segments, frame indices, file bytes)``, or None for a skipped video."""
-        sample = self.annotations[index]
-        if sample.get("clips"):
-            raise ValueError(f"{sample['source']}: rows with one file per clip need the DataLoader path")
-        segments = merge_segments(sample["segments"], self.cfg.sentences)
-        rng = np.random.default_rng((self.cfg.seed, self.epoch, index))
+    def _plan(self, index: int, rng: np.random.Generator | None = None) -> _Plan | None:
+        """What to decode for sample ``index`` (random draws from ``rng``, default ``loader.sample_rng``: the
+        DataLoader path's frames and, for clip rows, its clip window), or None for a skipped video (counted)."""
+        sample = fetch_sample(self.annotations, index, self.skips)
+        if sample is None:
+            return None
+        rng = sample_rng(self.cfg.seed, self.epoch, index) if rng is None else rng
         try:
-            frames = plan_frames(sample["video"], segments, self.cfg, rng)
-            refusal = decoding.DaliDecoder.supports(decoding.probe(sample["video"]).codec, self.device)
-            if refusal:
-                raise decoding.DecodeError(sample["video"], refusal)
-            data = np.fromfile(sample["video"], dtype=np.uint8)
+            clip_row = bool(sample.get("clips"))
+            if clip_row != self.clip_rows:
+                raise ValueError(f"{sample['source']}: a row {'with' if clip_row else 'without'} one file per clip "
+                                 f"in a loader of rows {'without' if clip_row else 'with'} (its first sample's kind)")
+            if clip_row:
+                cp = plan_clips(sample, self.cfg, rng)
+                segments, files, frames, frames_meta = cp.segments, cp.files, cp.frames, cp.frames
+                extra = {"clip_start": cp.start, "clips": cp.files}
+            else:
+                segments = merge_segments(sample["segments"], self.cfg.sentences)
+                frames_meta = plan_frames(sample["video"], segments, self.cfg, rng)
+                files, frames, extra = [sample["video"]], [frames_meta], {}
+            data = {}
+            for path in dict.fromkeys(files):
+                refusal = decoding.DaliDecoder.refuses(decoding.probe(path), self.device)  # codec, video streams
+                if refusal:
+                    raise decoding.DecodeError(path, refusal)
+                data[path] = np.fromfile(path, dtype=np.uint8)
         except (decoding.DecodeError, OSError, ValueError) as e:
             self.skips.skip(sample["video"], e)
             return None
-        return index, sample, segments, frames, data
+        return _Plan(index, sample, segments, files, frames, [data[f] for f in files], frames_meta, extra)
 
-    def _run(self, plans) -> torch.Tensor:
-        self._pipe.feed_input("encoded", [p[4] for p in plans])
-        self._pipe.feed_input("frames", [np.asarray(p[3], dtype=np.int32) for p in plans])
+    def _run(self, plans: list[_Plan]) -> torch.Tensor:
+        for k in range(self.files):
+            self._pipe.feed_input(f"encoded{k}", [p.data[k] for p in plans])
+            self._pipe.feed_input(f"frames{k}", [np.asarray(p.frames[k], dtype=np.int32) for p in plans])
         try:
             (video,) = self._pipe.run()
         except RuntimeError as e:
             self._rebuild()
-            raise decoding.DecodeError(plans[0][1]["video"] if len(plans) == 1 else f"one of {len(plans)} videos",
+            raise decoding.DecodeError(plans[0].name if len(plans) == 1 else f"one of {len(plans)} videos",
                                        f"DALI: {' '.join(str(e).split())[:300]}") from e
         out = torch.empty((len(plans), *video[0].shape()), dtype=torch.float32, device=self.device)  # (B, C, T, H, W)
         if self.device == "cpu":
@@ -151,26 +218,45 @@ class DaliLoader:
         stream.synchronize()  # DALI reuses its output buffers on the next run
         return out
 
-    def _decode(self, plans) -> tuple[torch.Tensor | None, list]:
-        """Decode a batch; if DALI fails on it, retry video by video so the bad file is named (and maybe skipped)."""
+    def _decode_one(self, plan: _Plan) -> torch.Tensor | None:
+        """Decode one sample alone; None (counted as a skip) when DALI fails on it."""
+        try:
+            video = self._run([plan])
+        except decoding.DecodeError as e:
+            self.skips.skip(plan.sample["video"], e)
+            return None
+        self.skips.ok()
+        return video
+
+    def _decode(self, plans: list[_Plan]) -> list[torch.Tensor | None]:
+        """Decode a batch, one ``(1, C, T, H, W)`` video per plan; if DALI fails on the batch, retry video by video so
+        the bad file is named (and maybe skipped: its entry is None)."""
         try:
             video = self._run(plans)
         except decoding.DecodeError:
-            video = None
-        if video is not None:
-            for _ in plans:
-                self.skips.ok()
-            return video, plans
-        kept, videos = [], []
-        for plan in plans:
-            try:
-                videos.append(self._run([plan]))
-            except decoding.DecodeError as e:
-                self.skips.skip(plan[1]["video"], e)
-                continue
+            return [self._decode_one(p) for p in plans]
+        for _ in plans:
             self.skips.ok()
-            kept.append(plan)
-        return (torch.cat(videos) if videos else None), kept
+        return list(video.split(1))
+
+    def _replace(self, index: int) -> tuple[_Plan, torch.Tensor] | None:
+        """The DataLoader path's replacement of bad sample ``index`` (``on_error="replace"``), planned and decoded
+        alone; None when every attempt failed (each failure counted)."""
+        where = getattr(self.annotations, "annotation_path", "annotations")
+        for attempt in range(1, self.cfg.replace_attempts + 1):
+            other = replacement_index(len(self.annotations), index, self.cfg.seed, self.epoch, attempt)
+            if other is None:
+                break
+            plan = self._plan(other, replacement_rng(self.cfg.seed, self.epoch, other, index))
+            video = None if plan is None else self._decode_one(plan)
+            if video is not None:
+                plan.extra["replaced"] = index
+                log.warning("%s: index %d (epoch %d) replaced by index %d (attempt %d)", where, index, self.epoch,
+                            other, attempt)
+                return plan, video
+        log.warning("%s: index %d (epoch %d): no replacement loaded in %d attempt(s); dropped from its batch",
+                    where, index, self.epoch, self.cfg.replace_attempts)
+        return None
 
     def __iter__(self):
         order = list(iter(self.sampler))
@@ -178,17 +264,27 @@ class DaliLoader:
             chunk = order[b : b + self.batch_size]
             if self.cfg.train and len(chunk) < self.batch_size:
                 break
-            plans = [p for p in (self._plan(i) for i in chunk) if p is not None]
-            video, plans = self._decode(plans) if plans else (None, [])
-            if video is None:
+            plans = [self._plan(i) for i in chunk]
+            decoded = iter(self._decode([p for p in plans if p is not None]) if any(plans) else [])
+            kept = []  # (plan, video) per slot of the chunk, in order
+            for index, plan in zip(chunk, plans):
+                video = None if plan is None else next(decoded)
+                if video is not None:
+                    kept.append((plan, video))
+                elif self.cfg.on_error == "replace" and (replaced := self._replace(index)) is not None:
+                    kept.append(replaced)
+            if not kept:
                 continue
-            texts = [tokenize_paragraph(self.tokenizer, p[2], self.cfg.sentences, self.cfg.max_len) for p in plans]
+            plans = [p for p, _ in kept]
+            video = torch.cat([v for _, v in kept])  # (B, C, T, H, W) float32, normalised
+            texts = [tokenize_paragraph(self.tokenizer, p.segments, self.cfg.sentences, self.cfg.max_len)
+                     for p in plans]
             yield {
-                "video": video,  # (B, C, T, H, W) float32, normalised
+                "video": video,
                 "text_ids": torch.stack([t["ids"] for t in texts]).to(self.device),
                 "text_mask": torch.stack([t["mask"] for t in texts]).to(self.device),
                 "sentence_real": torch.stack([t["real"] for t in texts]).to(self.device),
-                "index": torch.tensor([p[0] for p in plans], dtype=torch.int64, device=self.device),
-                "meta": [{"video_id": p[1]["video_id"], "video": p[1]["video"], "frames": p[3],
-                          "source": p[1]["source"]} for p in plans],
+                "index": torch.tensor([p.index for p in plans], dtype=torch.int64, device=self.device),
+                "meta": [{"video_id": p.sample["video_id"], "video": p.sample["video"], "frames": p.frames_meta,
+                          "source": p.sample["source"], **p.extra} for p in plans],
             }

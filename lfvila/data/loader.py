@@ -5,6 +5,14 @@ jittered; ``sampling="clips"``: clip i inside sentence i's span, the sentences f
 sentence i stay paired), the frames decoded exactly (``decode``), the official augmentation on uint8 frames, and the
 text tokenised to ``M`` segments of ``L`` tokens (``text``).
 
+Rows with one file per clip (``lfvila_pretrain``: clip k's file and clip k's own transcript): a window of ``clips``
+consecutive clips is taken, the official pretraining rule (:func:`plan_clips`): train a start drawn uniformly from
+every valid start (``sampling.consecutive_clip_start``; the official ``range(len - clips)`` never drew the last one),
+eval start 0, and the clip files and their sentences are cut with the same ``[start:start + clips]``, so sentence i is
+the transcript of the clip whose frames sit at position i. Each clip gives ``frames_per_clip`` frames (eval uniform,
+train jittered). A row with fewer clips than ``clips`` takes all of them, repeats its last clip's frames to fill the
+positions and pads the sentences. ``meta["clip_start"]`` is the window's start, ``meta["clips"]`` the files decoded.
+
 ``LoaderConfig.mode`` picks what the text is (``"auto"``: from the annotation samples, see :func:`sample_mode`):
 
 * ``"paragraph"`` (pre-training, retrieval): the paragraph, merged to ``M`` sentences. Batch on the CPU (pinned
@@ -38,12 +46,29 @@ jittered), whatever ``sampling`` says: the clip-aligned rule pairs clips with pa
 not. The span labels use the sampled frames' true display times (the official code assumed 3 fps).
 
 ``to_model_input(batch, device)`` moves it to the device and returns the normalised float video ``(B, C, T, H, W)``
-(ImageNet mean/std) there. A bad video is skipped and counted under ``on_error="skip"`` (its sample is dropped from
-the batch, never replaced by another) or raises naming the file; ``max_skip_fraction`` stops a run with too many.
+(ImageNet mean/std) there.
+
+A bad video (missing, corrupt or truncated file, clips of different sizes, ...) is handled by ``on_error``:
+
+* ``"raise"`` (default): a :class:`~lfvila.data.decode.DecodeError` naming the file.
+* ``"skip"``: logged (file and reason) and counted (``dataset.skips``); its sample is dropped from the batch, which
+  is then smaller (``None`` when nothing is left).
+* ``"replace"`` (training only; the pretraining configs' default): logged and counted as a skip, then replaced, as the
+  official pretraining dataset does, by another sample so that the batch keeps its size. The replacement of index
+  ``i`` is drawn from ``(seed, epoch, i, attempt)`` alone (:func:`replacement_index`), never from what was loaded
+  before, so it is the same in every worker, with any ``num_workers`` and in a resumed run; its jitter / crop / flip
+  / clip window come from their own stream (:func:`replacement_rng`), so it is not a copy of that index's own
+  sample. ``meta["replaced"]`` is the index it replaces (``index`` is its own); every failed attempt is another
+  counted skip; after ``replace_attempts`` failed attempts the sample is dropped as under ``"skip"``. Evaluation
+  never replaces (a duplicate would bias the metrics): ``LoaderConfig`` refuses ``"replace"`` without ``train``.
+
+``max_skip_fraction`` stops a run with too many skips (:class:`~lfvila.data.decode.TooManySkipsError`; counted per
+process, i.e. per DataLoader worker).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,13 +78,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from . import decode as decoding
 from .datasets import AnnotationDataset, shard
-from .sampling import clip_indices, jittered_indices, merge_segments, uniform_indices
+from .sampling import Segment, clip_indices, consecutive_clip_start, jittered_indices, merge_segments, uniform_indices
 from .text import encode_sentences, tokenize_paragraph
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("auto", "paragraph", "multichoice", "classification")
+ON_ERROR = ("raise", "skip", "replace")
+_REPLACE_INDEX, _REPLACE_DRAWS = 0x5E1EC7, 0x4EF111  # non-zero tags: seed streams of their own (module docstring)
 _QA_KEYS = {"answer": torch.int64, "label": torch.int64, "span_labels": torch.int64, "span_weights": torch.float32}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,7 +95,9 @@ class LoaderConfig:
     """What a loader produces. ``sampling``: ``"uniform"`` (the retrieval rule: eval uniform, train jittered over the
     whole video) or ``"clips"`` (``clips`` x ``frames_per_clip``, clip i inside sentence i's span; paragraph mode
     only). ``mode``: ``"auto"``, ``"paragraph"``, ``"multichoice"`` or ``"classification"`` (module docstring);
-    ``sentences`` is M, the number of text segments, in every mode."""
+    ``sentences`` is M, the number of text segments, in every mode. ``on_error``: ``"raise"``, ``"skip"`` or
+    ``"replace"`` (training only), ``replace_attempts`` the replacements tried for one bad sample (module
+    docstring)."""
 
     size: tuple[int, int] = (192, 320)
     clips: int = 4
@@ -81,6 +111,7 @@ class LoaderConfig:
     backend: str = "pyav"
     on_error: str = "raise"
     max_skip_fraction: float = 0.05
+    replace_attempts: int = 3
     seed: int = 0
     mode: str = "auto"
 
@@ -89,6 +120,14 @@ class LoaderConfig:
             raise ValueError(f"sampling must be 'uniform' or 'clips', got {self.sampling!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.on_error == "replace" and not self.train:
+            raise ValueError("on_error='replace' is for training only: evaluation must not replace samples (a "
+                             "duplicate would bias the metrics); use 'skip' or 'raise'")
+        if isinstance(self.replace_attempts, bool) or int(self.replace_attempts) != self.replace_attempts \
+                or self.replace_attempts < 1:
+            raise ValueError(f"replace_attempts must be a positive integer, got {self.replace_attempts!r}")
 
     @property
     def frames(self) -> int:
@@ -163,6 +202,76 @@ def plan_frames(path, segments, cfg: LoaderConfig, rng: np.random.Generator) -> 
     return _whole_video(info.num_frames, cfg, rng)
 
 
+@dataclass(frozen=True)
+class ClipPlan:
+    """What to decode for one row with a file per clip (:func:`plan_clips`). ``start``: index of the window's first
+    clip in the row; ``files`` / ``frames``: ``cfg.clips`` clip files and each one's frame indices, position i being
+    clip ``start + i`` (a row with fewer clips repeats its last file and frames); ``segments``: the window's
+    sentences merged / padded to ``cfg.sentences`` (sentence i is clip ``start + i``'s own text)."""
+
+    start: int
+    files: list[str]
+    frames: list[list[int]]
+    segments: list[Segment]
+
+
+def plan_clips(sample: dict, cfg: LoaderConfig, rng: np.random.Generator) -> ClipPlan:
+    """The clip window and frame indices of an official pretraining row (``sample["clips"]``, one file per clip,
+    ``sample["segments"]`` one sentence per clip), the rule of the official ``PreTrainDataset.__getitem__``: train a
+    random start (:func:`~lfvila.data.sampling.consecutive_clip_start`, every valid start), eval start 0; clips and
+    sentences cut with the same ``[start:start + cfg.clips]``. Each window clip is probed for its length and gives
+    ``cfg.frames_per_clip`` indices (eval uniform, train jittered). Draws from ``rng`` in this order: the start (only
+    when the row has more than ``cfg.clips`` clips), then each clip's jitter. Shared by the DataLoader and DALI paths.
+    A clip that cannot be probed raises its :class:`~lfvila.data.decode.DecodeError`."""
+    clips, segments = list(sample["clips"]), list(sample["segments"])
+    if len(segments) != len(clips):
+        raise ValueError(f"{sample['source']}: {len(clips)} clip files but {len(segments)} sentences (one per clip)")
+    start = consecutive_clip_start(len(clips), cfg.clips, rng, train=cfg.train)
+    window = clips[start : start + cfg.clips]
+    frames = []
+    for path in window:
+        n = decoding.probe(path).num_frames
+        frames.append(jittered_indices(n, cfg.frames_per_clip, rng) if cfg.train
+                      else uniform_indices(n, cfg.frames_per_clip))
+    pad = cfg.clips - len(window)  # fewer clip files than clips: repeat the last one (documented)
+    return ClipPlan(start, window + [window[-1]] * pad, frames + [frames[-1]] * pad,
+                    merge_segments(segments[start : start + cfg.clips], cfg.sentences))
+
+
+def fetch_sample(annotations, index: int, skips: decoding.SkipCounter) -> dict | None:
+    """``annotations[index]``, or ``None`` (counted by ``skips``, logged) for a stored row that cannot be parsed when
+    it is read (a ValueError such as the ``AnnotationError`` of a bad LMDB row, naming it); under
+    ``on_error="raise"`` that error propagates unchanged."""
+    try:
+        return annotations[index]
+    except ValueError as e:
+        if skips.on_error == "raise":
+            raise
+        skips.skip(f"{getattr(annotations, 'annotation_path', 'annotations')} (index {index})", e)
+        return None
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of sample ``index``'s random draws (jitter, crop, flip, clip window) in ``epoch``."""
+    return np.random.default_rng((seed, epoch, index))
+
+
+def replacement_index(n: int, index: int, seed: int, epoch: int, attempt: int) -> int | None:
+    """The index that replaces bad sample ``index`` of a dataset of ``n`` at ``attempt`` (1, 2, ...) in ``epoch``
+    (``on_error="replace"``): uniform over the other ``n - 1`` indices, drawn from ``(seed, epoch, index, attempt)``
+    only, so every worker, loader and resumed run picks the same one. ``None`` when there is no other index."""
+    if n < 2:
+        return None
+    r = int(np.random.default_rng((seed, epoch, index, _REPLACE_INDEX, attempt)).integers(0, n - 1))
+    return r + (r >= index)
+
+
+def replacement_rng(seed: int, epoch: int, index: int, replaced: int) -> np.random.Generator:
+    """The generator of the random draws of sample ``index`` loaded as the replacement of ``replaced``: a stream of
+    its own (not :func:`sample_rng`), so the replacement is not a copy of ``index``'s own sample of the epoch."""
+    return np.random.default_rng((seed, epoch, index, _REPLACE_DRAWS, replaced))
+
+
 def sample_mode(sample: dict) -> str:
     """What an annotation sample is for: ``"multichoice"`` (it has candidate ``answers``), ``"classification"`` (a
     ``label``) or ``"paragraph"``."""
@@ -204,15 +313,17 @@ def span_targets(span: tuple[float, float] | None, starts, ends) -> tuple[torch.
 class VideoTextDataset(Dataset):
     """Decoded, augmented, tokenised samples of an :class:`AnnotationDataset` (see the module docstring).
 
-    ``__getitem__`` returns the sample dict, or ``None`` for a video skipped under ``on_error="skip"``. Randomness
-    (jitter, crop, flip) is drawn from ``(seed, epoch, index)``, so a sample is reproducible whatever the worker.
+    ``__getitem__`` returns the sample dict, or ``None`` for a video skipped under ``on_error="skip"`` (or under
+    ``"replace"`` when no replacement loaded either). Randomness (jitter, crop, flip, clip window) is drawn from
+    ``(seed, epoch, index)`` (:func:`sample_rng`), and a replacement from ``(seed, epoch, index, attempt)``, so a
+    sample is reproducible whatever the worker. ``skips`` counts the videos loaded and skipped in this process.
     ``mode`` is the resolved ``cfg.mode`` (``"auto"``: the mode of the first annotation sample).
     """
 
     def __init__(self, annotations: AnnotationDataset, tokenizer, cfg: LoaderConfig):
         self.annotations, self.tokenizer, self.cfg = annotations, tokenizer, cfg
         self.epoch = 0
-        self.skips = decoding.SkipCounter(cfg.on_error, cfg.max_skip_fraction)
+        self.skips = decoding.SkipCounter("skip" if cfg.on_error == "replace" else cfg.on_error, cfg.max_skip_fraction)
         mode = cfg.mode
         if mode == "auto":
             mode = sample_mode(annotations[0]) if len(annotations) else "paragraph"
@@ -227,22 +338,18 @@ class VideoTextDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _frames(self, sample: dict, segments, rng) -> tuple[torch.Tensor, list]:
-        cfg = self.cfg
-        if sample.get("clips"):  # official pretraining rows: one file per clip, frames_per_clip from each
-            parts, picks = [], []
-            for path in sample["clips"][: cfg.clips]:
-                n = decoding.probe(path).num_frames
-                idx = jittered_indices(n, cfg.frames_per_clip, rng) if cfg.train else \
-                    uniform_indices(n, cfg.frames_per_clip)
-                parts.append(decoding.decode(path, idx, backend=cfg.backend))
-                picks.append(idx)
-            while len(parts) < cfg.clips:  # fewer clip files than clips: repeat the last one (documented)
-                parts.append(parts[-1])
-                picks.append(picks[-1])
-            return torch.cat([torch.as_tensor(p) for p in parts]), picks
-        idx = plan_frames(sample["video"], segments, cfg, rng)
-        return torch.as_tensor(decoding.decode(sample["video"], idx, backend=cfg.backend)), idx
+    def _clip_frames(self, sample: dict, rng) -> tuple[torch.Tensor, ClipPlan]:
+        """Official pretraining rows (one file per clip): the window's frames, clip-major, and its plan."""
+        plan = plan_clips(sample, self.cfg, rng)
+        parts: dict[tuple, torch.Tensor] = {}
+        keys = [(path, tuple(idx)) for path, idx in zip(plan.files, plan.frames)]
+        for path, idx in keys:
+            if (path, idx) not in parts:  # a short row repeats its last clip: decoded once
+                parts[path, idx] = torch.as_tensor(decoding.decode(path, list(idx), backend=self.cfg.backend))
+        if len({tuple(p.shape[1:]) for p in parts.values()}) > 1:
+            raise ValueError(f"{sample['source']}: the clips differ in size: "
+                             + ", ".join(f"{path} {tuple(p.shape[1:3])}" for (path, _), p in parts.items()))
+        return torch.cat([parts[k] for k in keys]), plan
 
     def _qa_frames(self, sample: dict, rng) -> tuple[torch.Tensor, list, dict]:
         """QA: ``cfg.frames`` frames over the whole video, and the span targets (multiple choice)."""
@@ -280,23 +387,52 @@ class VideoTextDataset(Dataset):
                 "real": real.reshape(shape), **target}
 
     def __getitem__(self, index: int) -> dict | None:
-        sample = self.annotations[index]
         cfg = self.cfg
-        rng = np.random.default_rng((cfg.seed, self.epoch, index))
+        out = self._load(index, sample_rng(cfg.seed, self.epoch, index))
+        if out is not None or cfg.on_error != "replace":
+            return out
+        where = getattr(self.annotations, "annotation_path", "annotations")
+        for attempt in range(1, cfg.replace_attempts + 1):
+            other = replacement_index(len(self), index, cfg.seed, self.epoch, attempt)
+            if other is None:
+                break
+            out = self._load(other, replacement_rng(cfg.seed, self.epoch, other, index))
+            if out is not None:
+                out["meta"]["replaced"] = index
+                log.warning("%s: index %d (epoch %d) replaced by index %d (attempt %d)", where, index, self.epoch,
+                            other, attempt)
+                return out
+        log.warning("%s: index %d (epoch %d): no replacement loaded in %d attempt(s); dropped from its batch",
+                    where, index, self.epoch, cfg.replace_attempts)
+        return None
+
+    def _load(self, index: int, rng: np.random.Generator) -> dict | None:
+        """Sample ``index`` with its random draws from ``rng``; ``None`` for a skipped video or row (counted)."""
+        sample = fetch_sample(self.annotations, index, self.skips)
+        if sample is None:
+            return None
+        cfg = self.cfg
         qa = self.mode != "paragraph"
         if qa and sample_mode(sample) != self.mode:
             raise ValueError(f"{sample['source']}: a {sample_mode(sample)} sample in a {self.mode} loader "
                              f"(LoaderConfig.mode)")
         if qa and sample.get("clips"):
             raise ValueError(f"{sample['source']}: QA samples need a single video file, not clip files")
-        segments = None if qa else merge_segments(sample["segments"], cfg.sentences)  # clip i <-> sentence i
         path = sample["video"]
         extra: dict = {}
+        meta: dict = {}
         try:
             if qa:
+                segments = None
                 video, picks, extra = self._qa_frames(sample, rng)
+            elif sample.get("clips"):  # one file per clip: a window of consecutive clips, clip i <-> sentence i
+                video, plan = self._clip_frames(sample, rng)
+                segments, picks = plan.segments, plan.frames
+                meta = {"clip_start": plan.start, "clips": plan.files}
             else:
-                video, picks = self._frames(sample, segments, rng)
+                segments = merge_segments(sample["segments"], cfg.sentences)  # clip i <-> sentence i
+                picks = plan_frames(path, segments, cfg, rng)
+                video = torch.as_tensor(decoding.decode(path, picks, backend=cfg.backend))
         except (decoding.DecodeError, OSError, ValueError) as e:
             self.skips.skip(path, e)  # raises under on_error="raise" (or when too many were skipped)
             return None
@@ -317,7 +453,8 @@ class VideoTextDataset(Dataset):
             "sentence_real": text["real"],
             "index": index,
             **extra,
-            "meta": {"video_id": sample["video_id"], "video": path, "frames": picks, "source": sample["source"]},
+            "meta": {"video_id": sample["video_id"], "video": path, "frames": picks, "source": sample["source"],
+                     **meta},
         }
 
 

@@ -1,8 +1,10 @@
-"""The DALI loading path on DALI's CPU backend (VP9): same frames, layout and normalisation as the DataLoader path."""
+"""The DALI loading path on DALI's CPU backend (VP9): same frames, layout and normalisation as the DataLoader path;
+for rows with one file per clip, the same clip windows, sentences and replacements."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,9 +12,11 @@ import torch
 from lfvila.data import decode as decoding
 from lfvila.data.dali_loader import DaliLoader
 from lfvila.data.datasets import build_dataset
-from lfvila.data.loader import LoaderConfig, build_loader, to_model_input
+from lfvila.data.loader import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig, build_loader, to_model_input
 from lfvila.data.synthetic import make_dataset
 from lfvila.data.text import load_tokenizer
+
+from ._clip_rows import FRAME, clip_file, clip_of_grey, sentence_words, write_rows
 
 pytest.importorskip("nvidia.dali")
 SIZE = (64, 96)
@@ -74,3 +78,65 @@ def test_codec_the_backend_cannot_decode_raises_or_is_skipped(synthetic):
                                                                         max_skip_fraction=1.0), 4, device="cpu")
     n = sum(b["video"].shape[0] for b in loader)
     assert n == len(_ann(synthetic, "mixed.json")) - 1 and loader.skips.skipped == 1
+
+
+# ------------------------------------------------------------------------- rows with one file per clip (pretraining)
+@pytest.fixture(scope="module")
+def clip_rows(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cliprows")
+    path = write_rows(root, [4, 5, 9, 2, 5, 6], codec="vp9")
+    return root, path
+
+
+def _clip_loaders(clip_rows, **kw):
+    root, path = clip_rows
+    tok = load_tokenizer(root / "vocab.txt")
+    cfg = LoaderConfig(size=FRAME, frames_per_clip=2, max_len=8, **kw)
+    ann = build_dataset("lfvila_pretrain", path, root / "videos")
+    return (DaliLoader(ann, tok, cfg, batch_size=2, device="cpu"),
+            build_loader(build_dataset("lfvila_pretrain", path, root / "videos"), tok, cfg, batch_size=2), tok)
+
+
+def _grey_clips(video: torch.Tensor) -> list[int]:
+    """The clip of each frame of a normalised ``(C, T, H, W)`` video, from its grey level below the frame code."""
+    h, w = video.shape[-2:]
+    level = (video[0, :, int(0.6 * h) : int(0.9 * h), w // 4 : 3 * w // 4].mean((-2, -1)) * IMAGENET_STD[0]
+             + IMAGENET_MEAN[0]) * 255
+    return [clip_of_grey(float(v)) for v in level]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_clip_rows_take_the_dataloader_paths_window_frames_and_sentences(clip_rows, train):
+    dali, torch_loader, tok = _clip_loaders(clip_rows, train=train)
+    for epoch in (0, 1):
+        dali.set_epoch(epoch)
+        torch_loader.set_epoch(epoch)
+        starts = []
+        for d, t in zip(dali, torch_loader, strict=True):
+            assert torch.equal(d["index"], t["index"]) and torch.equal(d["text_ids"], t["text_ids"])
+            assert d["meta"] == t["meta"]  # frames, clip_start, clips
+            assert d["video"].shape == (2, 3, 8, *FRAME)
+            for b, meta in enumerate(d["meta"]):
+                start, words = meta["clip_start"], sentence_words(tok, d["text_ids"][b])
+                clips = _grey_clips(d["video"][b])[::2]  # one frame per clip position
+                assert [w for w in words if w] == [f"clip{k}" for k in sorted(set(clips))]
+                assert all(w == f"clip{k}" for w, k in zip(words, clips) if w)  # sentence i <-> clip at position i
+                assert clips[0] == start
+                starts.append(start)
+            if not train:  # eval: the same frames up to the resize kernels
+                assert (d["video"] - to_model_input(t, "cpu")["video"]).abs().mean() < 0.1
+        assert (set(starts) == {0}) != train
+
+
+def test_clip_rows_replace_a_corrupt_clip_as_the_dataloader_path(clip_rows, tmp_path):
+    root, path = clip_rows
+    shutil.copytree(root, tmp_path / "copy")
+    bad = clip_file(tmp_path / "copy", 1, 1, codec="vp9")
+    bad.write_bytes(b"\x00" * 300)
+    dali, torch_loader, _ = _clip_loaders((tmp_path / "copy", tmp_path / "copy" / "rows.jsonl"), train=True,
+                                          on_error="replace", max_skip_fraction=1.0)
+    d_batches, t_batches = list(dali), list(torch_loader)
+    assert [len(b["index"]) for b in d_batches] == [len(b["index"]) for b in t_batches] == [2, 2, 2]
+    for d, t in zip(d_batches, t_batches, strict=True):
+        assert torch.equal(d["index"], t["index"]) and d["meta"] == t["meta"]
+    assert sum("replaced" in m for b in d_batches for m in b["meta"]) == 1 and dali.skips.skipped == 1
