@@ -27,6 +27,7 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "lmdb>=1.4",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-randomly>=3.15", "pytest-xdist>=3.5", "ruff>=0.5", "nvidia-dali-cuda130>=2.0",

@@ -50,19 +50,6 @@ def _read_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def read_lines(path) -> Iterator[tuple[str, str | RowError]]:
-    """Non-blank lines of a text file as ``("line N", text)``, N from 1; a line that is not UTF-8 comes as
-    ``("line N", RowError)`` so that one bad line costs one row."""
-    for n, raw in enumerate(_read_bytes(Path(path)).split(b"\n"), start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield f"line {n}", RowError("non-utf8", f"non-UTF-8 bytes at byte {err.start} of the line ({err.reason})")
-            continue
-        if text.strip():
-            yield f"line {n}", text
-
-
 def read_text(path, lenient: bool) -> tuple[str, bool]:
     """A whole file as text. Not UTF-8: raise an :class:`AnnotationError` naming the first bad line, or with
     ``lenient`` decode the bad bytes as U+FFFD and return ``(text, True)`` so the caller can refuse the rows that

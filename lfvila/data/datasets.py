@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from torch.utils.data import Dataset
 
+from lfvila.data import rowstore
 from lfvila.data.annotations import (
     AnnotationError,
     ErrorPolicy,
@@ -38,7 +39,6 @@ from lfvila.data.annotations import (
     parse_span_text,
     question_span,
     read_csv_rows,
-    read_lines,
     safe_relpath,
     timed_segments,
 )
@@ -105,61 +105,143 @@ class AnnotationDataset(Dataset):
     needs_text: ClassVar[bool] = True  # False for QA: the question carries the text, subtitles may be absent
 
     def __init__(self, annotation_path, video_root, *, on_error: str = "raise", max_skip_fraction: float = 0.05,
-                 check_files: bool = False, video_exts=VIDEO_EXTS):
+                 check_files: bool = False, video_exts=VIDEO_EXTS, cache_dir=None):
         self.annotation_path = Path(annotation_path)
         self.video_root = Path(video_root)
         self.video_exts = tuple(video_exts)
         if not self.video_exts or not all(isinstance(e, str) and e.startswith(".") for e in self.video_exts):
             raise ValueError(f"video_exts must be extensions like '.mp4', got {video_exts!r}")
         self.check_files = check_files
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.dropped_segments: Counter = Counter()
         self.clamped_segments: Counter = Counter()
+        self.cached = False  # True when the row index came from cache_dir
+        self._root = "" if str(self.video_root) == "." else str(self.video_root).rstrip("/") + "/"
         self._policy = ErrorPolicy(self.annotation_path, on_error, max_skip_fraction)
-        self._samples: list[dict] = []
-        self._stems: list[tuple[str, ...]] = []
-        self._load()
+        self._loading = True
+        if self.annotation_path.is_dir() and (self.annotation_path / "data.mdb").is_file() and self.reads_lmdb:
+            self._store = rowstore.LmdbRows(self.annotation_path, self.lmdb_rows)
+        elif self.annotation_path.is_dir():
+            raise AnnotationError(self.annotation_path, "file", "a folder, not an annotation file"
+                                  + (" or an LMDB (no data.mdb in it)" if self.reads_lmdb else ""), "bad file")
+        elif self.lines:
+            self._store = self._load_lines()
+        else:
+            self._store = self._load_rows()
+        self._loading = False
 
     # -- subclass interface --------------------------------------------------------------------------------
+    lines: ClassVar[bool] = False  # True: one row per line (jsonl): rows are indexed and parsed again on access
+    reads_lmdb: ClassVar[bool] = False  # True: ``annotation_path`` may be an LMDB folder (rows read on access)
+    lmdb_rows: int | None = None
+
     def _rows(self) -> Iterator[tuple[str, object]]:
-        """Yield ``(row label, raw row)``; a raw row that is a RowError is a bad row found by the reader."""
+        """Formats whose rows are not lines: yield ``(row label, raw row)``; a raw row that is a RowError is a bad
+        row found by the reader."""
         raise NotImplementedError
+
+    def parse_line(self, text: str):
+        """Line formats: one line's text -> the raw row given to :meth:`_parse` (RowError when malformed)."""
+        return parse_json(text)
 
     def _parse(self, raw) -> dict:
         """Turn one raw row into a sample (via :meth:`_make`); raise RowError for a bad row."""
         raise NotImplementedError
 
     # -- shared machinery ----------------------------------------------------------------------------------
-    def _jsonl_rows(self, parse=parse_json) -> Iterator[tuple[str, object]]:
-        for row, text in read_lines(self.annotation_path):
-            if isinstance(text, RowError):
-                yield row, text
-                continue
-            try:
-                yield row, parse(text)
-            except RowError as err:
-                yield row, err
+    @property
+    def _counts(self) -> tuple[Counter, Counter]:
+        """The dropped / clamped segment counters while loading; throwaway ones when a row is parsed again."""
+        return (self.dropped_segments, self.clamped_segments) if self._loading else (Counter(), Counter())
 
-    def _load(self) -> None:
+    def _sample(self, raw, row: str) -> dict:
+        """A parsed, checked sample of one raw row (RowError when the row is bad)."""
+        if isinstance(raw, RowError):
+            raise raw
+        sample = self._parse(raw)
+        if self.needs_text and not sample["text"]:
+            raise RowError("empty paragraph", "empty paragraph (no non-empty sentence with a valid span)")
+        if self.check_files and self._loading:
+            for path in sample["clips"] or [self._resolve(sample["video"], sample["_stems"])]:
+                if not os.path.isfile(path):
+                    raise RowError("missing video", f"video file not found: {path}")
+        sample["source"] = f"{self.annotation_path}: {row}"
+        return sample
+
+    def _line_sample(self, data: bytes, row: str) -> dict:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RowError("non-utf8", f"non-UTF-8 bytes at byte {err.start} of the line ({err.reason})") from None
+        return self._sample(self.parse_line(text), row)
+
+    def _bad(self, row: str, err: RowError) -> None:
+        self._policy.bad(AnnotationError(self.annotation_path, row, str(err), err.reason))
+
+    def _load_lines(self) -> rowstore.LineIndex:
+        if not self.annotation_path.is_file():
+            raise FileNotFoundError(f"annotation file not found: {self.annotation_path}")
+        key = self._cache_fields()
+        if key is not None:
+            hit = rowstore.load_index(self.cache_dir, self.format_name, key, self.annotation_path)
+            if hit is not None:
+                index, stats = hit
+                self._restore(stats)
+                self.cached = True
+                self._policy.finish()
+                return index
+        stamp = rowstore.file_stamp(self.annotation_path)
+        builder = rowstore.LineIndexBuilder()
+        for n, offset, data in rowstore.iter_lines(self.annotation_path):
+            try:
+                self._line_sample(data, f"line {n}")
+            except RowError as err:
+                self._bad(f"line {n}", err)
+                continue
+            builder.add(offset, len(data), n)
+            self._policy.kept += 1
+        if rowstore.file_stamp(self.annotation_path) != stamp:
+            raise AnnotationError(self.annotation_path, "file", "the file changed while it was read", "bad file")
+        self._policy.finish()
+        index = builder.build(self.annotation_path, stamp)
+        if key is not None:
+            rowstore.save_index(self.cache_dir, self.format_name, key, index, self._stats())
+        return index
+
+    def _load_rows(self) -> rowstore.PackedRows:
+        packed = rowstore.PackedRows()
         for row, raw in self._rows():
             try:
-                if isinstance(raw, RowError):
-                    raise raw
-                sample = self._parse(raw)
-                if self.needs_text and not sample["text"]:
-                    raise RowError("empty paragraph", "empty paragraph (no non-empty sentence with a valid span)")
-                stems = sample.pop("_stems")
-                if self.check_files:
-                    for path in sample["clips"] or [self._resolve(sample["video"], stems)]:
-                        if not os.path.isfile(path):
-                            raise RowError("missing video", f"video file not found: {path}")
+                sample = self._sample(raw, row)
             except RowError as err:
-                self._policy.bad(AnnotationError(self.annotation_path, row, str(err), err.reason))
+                self._bad(row, err)
                 continue
-            sample["source"] = f"{self.annotation_path}: {row}"
-            self._samples.append(sample)
-            self._stems.append(stems)
+            packed.add(sample)
             self._policy.kept += 1
         self._policy.finish()
+        return packed.freeze()
+
+    def _cache_fields(self) -> dict | None:
+        """What a cached index is keyed by (besides the file's size and mtime, checked on load): the format, its
+        version, the file and every option of this dataset. ``None`` (no caching) without ``cache_dir``, or under
+        ``check_files`` (the answer depends on other files)."""
+        if self.cache_dir is None or self.check_files:
+            return None
+        skip = {"dropped_segments", "clamped_segments", "cache_dir", "cached", "annotation_path"}
+        options = {k: repr(v) for k, v in sorted(vars(self).items()) if not k.startswith("_") and k not in skip}
+        return {"format": self.format_name, "version": rowstore.INDEX_VERSION,
+                "path": str(self.annotation_path.resolve()), "on_error": self._policy.on_error, "options": options}
+
+    def _stats(self) -> dict:
+        p = self._policy
+        return {"kept": p.kept, "skipped": p.skipped, "reasons": dict(p.reasons),
+                "dropped": dict(self.dropped_segments), "clamped": dict(self.clamped_segments)}
+
+    def _restore(self, stats: dict) -> None:
+        p = self._policy
+        p.kept, p.skipped, p.reasons = int(stats["kept"]), int(stats["skipped"]), Counter(stats["reasons"])
+        self.dropped_segments.update(stats["dropped"])
+        self.clamped_segments.update(stats["clamped"])
 
     def _video(self, name: str, what: str = "video name") -> tuple[str, tuple[str, ...]]:
         """Default path and fallback stems of a video named ``name`` (a stem, or a file name with a video
@@ -207,14 +289,30 @@ class AnnotationDataset(Dataset):
         return self._policy.reasons
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return len(self._store)
 
     def __getitem__(self, i: int) -> dict:
-        """The sample dict of row ``i`` (a copy), with ``video`` resolved on disk where a fallback name exists."""
-        sample = dict(self._samples[i])
-        sample["segments"] = list(sample["segments"])
+        """The sample dict of row ``i`` (a new dict each call), with ``video`` resolved on disk where a fallback
+        name exists. An LMDB row is parsed here: a bad one raises its :class:`AnnotationError` (a ValueError) naming
+        the key, which the loaders count under their skip policy."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        i = int(i) % len(self)
+        store = self._store
+        if isinstance(store, rowstore.PackedRows):
+            sample = store.get(i)
+        else:
+            row = store.label(i)
+            try:
+                data = store.read(i)
+                if data is None:
+                    raise RowError("missing key", "no such key in the LMDB")
+                sample = self._line_sample(data, row)
+            except RowError as err:
+                raise AnnotationError(self.annotation_path, row, str(err), err.reason) from None
+        stems = sample.pop("_stems")
         if sample["clips"] is None:
-            sample["video"] = self._resolve(sample["video"], self._stems[i])
+            sample["video"] = self._resolve(sample["video"], stems)
         return sample
 
     def __repr__(self) -> str:
@@ -228,30 +326,38 @@ class LFVILARetrieval(AnnotationDataset):
     [sentences]}``; the video is ``video_root/<clip_id>.mp4`` (other extensions as fallback). A string ``text`` is
     one sentence; untimed segments."""
 
-    def _rows(self):
-        return self._jsonl_rows()
+    lines = True
 
     def _parse(self, raw):
         clip_id = as_str(get_field(raw, "clip_id"), "clip_id")
         text = get_field(raw, "text")
         sentences = [text] if isinstance(text, str) else as_list(text, "text")
-        segments = clean_segments([(t, None, None) for t in sentences], None, self.dropped_segments,
-                                  self.clamped_segments)
+        segments = clean_segments([(t, None, None) for t in sentences], None, *self._counts)
         path, stems = self._video(clip_id, "clip_id")
         return self._make(clip_id, path, stems, segments=segments)
 
 
 @register("lfvila_pretrain")
 class LFVILAPretrain(AnnotationDataset):
-    """Official LF-VILA pretraining rows: each line a list ``[{"clip_id": "<youtube_id>.<n>.mp4", "text": ...}, ...]``
+    """Official LF-VILA pretraining rows: each row a list ``[{"clip_id": "<youtube_id>.<n>.mp4", "text": ...}, ...]``
     in temporal order, as JSON or as a Python literal (the official LMDB values; parsed with ``ast.literal_eval``,
     never ``eval``). Clip files: ``video_root/<youtube_id>/<clip_id>``. Segment i is clip i's sentence, untimed; a clip
-    with empty text keeps an empty segment so the alignment holds. ``min_clips``: rows with fewer clips are bad."""
+    with empty text keeps an empty segment so the alignment holds. ``min_clips``: rows with fewer clips are bad.
 
-    def __init__(self, annotation_path, video_root, *, min_clips: int = 1, **kw):
+    ``annotation_path``: a jsonl file (one row per line, every row checked on load, bad rows by the ``on_error``
+    policy), or the official LMDB folder (key ``str(i)``, ``i < num_rows``; default ``num_rows``: the number of
+    entries). An LMDB row is read and parsed only when asked for, so opening 8.5M rows costs nothing; a bad one
+    raises its AnnotationError, naming the key, from ``__getitem__``, and the loaders count it by their skip
+    policy (``LoaderConfig.on_error``)."""
+
+    lines = True
+    reads_lmdb = True
+
+    def __init__(self, annotation_path, video_root, *, min_clips: int = 1, num_rows: int | None = None, **kw):
         if min_clips < 1:
             raise ValueError(f"min_clips must be >= 1, got {min_clips}")
         self.min_clips = min_clips
+        self.lmdb_rows = num_rows
         super().__init__(annotation_path, video_root, **kw)
 
     @staticmethod
@@ -259,8 +365,18 @@ class LFVILAPretrain(AnnotationDataset):
         """Parse one stored row (e.g. an LMDB value) safely; raises RowError when it is not a JSON / literal list."""
         return as_list(parse_literal(value), "row")
 
-    def _rows(self):
-        return self._jsonl_rows(self.parse_value)
+    def parse_line(self, text):
+        return self.parse_value(text)
+
+    @staticmethod
+    def _clip_name(value, what: str) -> str:
+        name = as_str(value, what).strip().replace("\\", "/")
+        if name and "/" not in name and name not in (".", ".."):
+            return name  # the common case, without pathlib (the load checks every row of millions)
+        rel = safe_relpath(name, what)
+        if len(rel.parts) != 1:
+            raise RowError("bad value", f"{what} {str(rel)!r} must be a file name")
+        return rel.name
 
     def _parse(self, raw):
         raw = as_list(raw, "row")
@@ -268,26 +384,23 @@ class LFVILAPretrain(AnnotationDataset):
             raise RowError("too few clips", f"{len(raw)} clips < min_clips {self.min_clips}")
         clips, segments, video_id = [], [], None
         for k, item in enumerate(raw):
-            clip_id = safe_relpath(as_str(get_field(item, "clip_id"), f"row[{k}].clip_id"), f"row[{k}].clip_id")
-            if len(clip_id.parts) != 1:
-                raise RowError("bad value", f"row[{k}].clip_id {str(clip_id)!r} must be a file name")
-            vid = clip_id.name.split(".")[0]
+            name = self._clip_name(get_field(item, "clip_id"), f"row[{k}].clip_id")
+            vid = name.split(".")[0]
             if video_id is not None and vid != video_id:
-                raise RowError("bad value", f"row[{k}].clip_id {clip_id.name!r} is not from video {video_id!r}")
+                raise RowError("bad value", f"row[{k}].clip_id {name!r} is not from video {video_id!r}")
             video_id = vid
             text = get_field(item, "text")
             text = " ".join(as_str(t, f"row[{k}].text") for t in text) if isinstance(text, list) else text
             segments.append(Segment(" ".join(as_str(text, f"row[{k}].text").split())))
-            clips.append(str(self.video_root / vid / clip_id.name))
-        return self._make(video_id, str(self.video_root / video_id), clips=clips, segments=segments)
+            clips.append(f"{self._root}{vid}/{name}")
+        return self._make(video_id, f"{self._root}{video_id}", clips=clips, segments=segments)
 
 
 class _SubtitleQA(AnnotationDataset):
     needs_text = False
 
     def _subtitles(self, raw) -> list[Segment]:
-        return timed_segments(get_field(raw, "text_s", []), "text_s", None, self.dropped_segments,
-                              self.clamped_segments)
+        return timed_segments(get_field(raw, "text_s", []), "text_s", None, *self._counts)
 
 
 @register("lfvila_how2qa")
@@ -296,12 +409,11 @@ class LFVILAHow2QA(_SubtitleQA):
     answers, 4 officially), ``text_s`` [{text, start, end}] subtitles, ``answer_idx``. ``zero_span``: see
     :func:`~lfvila.data.annotations.question_span`."""
 
+    lines = True
+
     def __init__(self, annotation_path, video_root, *, num_answers: int = 4, zero_span: str = "widen", **kw):
         self.num_answers, self.zero_span = num_answers, check_zero_span(zero_span)
         super().__init__(annotation_path, video_root, **kw)
-
-    def _rows(self):
-        return self._jsonl_rows()
 
     def _parse(self, raw):
         clip_id = as_str(get_field(raw, "clip_id"), "clip_id")
@@ -325,8 +437,7 @@ class LFVILAViolin(_SubtitleQA):
     """Official LF-VILA VIOLIN jsonl: ``clip_id``, ``text_q`` (the statement), ``text_s`` subtitles, ``answer`` 0/1
     (-> ``label``)."""
 
-    def _rows(self):
-        return self._jsonl_rows()
+    lines = True
 
     def _parse(self, raw):
         clip_id = as_str(get_field(raw, "clip_id"), "clip_id")
@@ -344,14 +455,13 @@ class LFVILAActnetQA(AnnotationDataset):
     """Official LF-VILA ActivityNet-QA jsonl: ``video_name``, ``question``, ``answer`` (int class -> ``label``,
     checked against ``num_classes`` when given: 1654 officially)."""
 
+    lines = True
+
     needs_text = False
 
     def __init__(self, annotation_path, video_root, *, num_classes: int | None = None, **kw):
         self.num_classes = num_classes
         super().__init__(annotation_path, video_root, **kw)
-
-    def _rows(self):
-        return self._jsonl_rows()
 
     def _parse(self, raw):
         name = as_str(get_field(raw, "video_name"), "video_name")
@@ -371,8 +481,7 @@ class GenericJsonl(AnnotationDataset):
     "end"}, ...]}`` (sentences may also be plain strings: untimed), optional ``"video_id"`` (default: the stem).
     Spans are clamped to [0, duration]; spans with start >= end are dropped; no valid sentence -> bad row."""
 
-    def _rows(self):
-        return self._jsonl_rows()
+    lines = True
 
     def _parse(self, raw):
         duration = get_field(raw, "duration", None)
@@ -382,8 +491,7 @@ class GenericJsonl(AnnotationDataset):
                 raise RowError("bad value", f"duration must be positive, got {duration}")
         path, stems = self._video(as_str(get_field(raw, "video"), "video"))
         video_id = get_field(raw, "video_id", PurePosixPath(stems[0]).name)
-        segments = timed_segments(get_field(raw, "sentences"), "sentences", duration, self.dropped_segments,
-                                  self.clamped_segments)
+        segments = timed_segments(get_field(raw, "sentences"), "sentences", duration, *self._counts)
         return self._make(as_str(video_id, "video_id"), path, stems, duration=duration, segments=segments)
 
 
@@ -415,7 +523,7 @@ class ActivityNetCaptions(AnnotationDataset):
         if len(stamps) != len(sentences):
             raise RowError("bad value", f"{len(stamps)} timestamps but {len(sentences)} sentences")
         triples = [(t, *as_span(ts, f"timestamps[{k}]")) for k, (ts, t) in enumerate(zip(stamps, sentences))]
-        segments = clean_segments(triples, duration, self.dropped_segments, self.clamped_segments)
+        segments = clean_segments(triples, duration, *self._counts)
         path, stems = self._video(key, "video id")
         if stems[0].startswith("v_"):
             stems += (stems[0][2:],)
@@ -473,7 +581,7 @@ class DiDeMo(AnnotationDataset):
 
     def _parse(self, raw):
         video, items = raw
-        segments = clean_segments(items, None, self.dropped_segments, self.clamped_segments)
+        segments = clean_segments(items, None, *self._counts)
         segments.sort(key=lambda s: (s.start, s.end))
         path, stems = self._video(video)
         return self._make(video, path, stems, segments=segments)

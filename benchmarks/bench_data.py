@@ -1,0 +1,436 @@
+"""Benchmark the data path at pretraining scale: annotation load time and memory over 10k-1M official rows, memory
+growth of DataLoader workers, and decode throughput per CPU core; rows to a CSV, a scaling plot.
+
+    python -m benchmarks.bench_data --label cpu-amd-epyc --rows 10000,30000,100000,200000,1000000 \
+        --out benchmarks/results/data-cpu.csv --markdown benchmarks/results/data-cpu.md \
+        --plot benchmarks/results/plots/data-scaling-cpu.png
+
+Inputs, generated once per row count under ``--scratch`` (deterministic from ``--seed``): rows in the official
+pretraining format, 4-8 clips of 8-20 words each (``[{"clip_id": "<11-char id>.<k>.mp4", "text": ...}, ...]``), as
+a jsonl file (JSON lines) and as the official LMDB (key ``str(i)``, value the row's Python ``repr``).
+
+Parts (``--parts``):
+    annotations  per row count and mode, each load in a fresh process, ``--repeats`` times:
+                   jsonl-first   build_dataset("lfvila_pretrain", rows.jsonl, cache_dir=<empty>): every row parsed
+                                 and checked, the row index written to the cache
+                   jsonl-cached  the same again: the index read back (memory-mapped) from the cache
+                   lmdb-open     build_dataset on the LMDB: rows are read when asked for
+                   objects       jsonl-first, then every sample held as a dict: what keeping Python objects per row
+                                 costs (the loader held these before lfvila.data.rowstore), for scale
+                 metrics ``load_s`` (s) and ``peak_rss_mb`` (MB: the peak resident set during the load above the
+                 resident set after the imports, harness.peak_rss_increase)
+    workers      at ``--worker-rows`` rows: ``--workers`` forked DataLoader workers each read ``--worker-samples``
+                 samples in random order; ``rss_growth_mb``: the sum over workers of (resident set after the last
+                 sample - after the first), i.e. what copy-on-write and caches add while the epoch runs; per mode
+                 jsonl-cached, lmdb-open and objects
+    decode       bench_decode's ``clips4x8`` workload (32 frames: 4 clips x 8) on raw (30 fps, GOP 250) and prepared
+                 (3 fps, GOP 8) H.264 with one process and one FFmpeg thread: ``samples_per_core_s`` = samples/s per
+                 CPU core used, and ``cores_per_gpu`` = the cores one GPU needs to decode at the stage-1 input rate,
+                 ASSUMED 16 samples x 2 steps/s = 32 samples/s until the GPU step rate is measured (decode only: no
+                 augmentation or tokenisation)
+
+Targets (the issue's, at 200k rows): jsonl-first <= 15 s and <= 150 MB; jsonl-cached and lmdb-open <= 2 s and
+<= 50 MB; 8 workers x 1000 samples: total growth <= 100 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+KERNEL = "data"
+MODES = ("jsonl-first", "jsonl-cached", "lmdb-open", "objects")
+WORKER_MODES = ("jsonl-cached", "lmdb-open", "objects")
+PARTS = ("annotations", "workers", "decode")
+ASSUMED_SAMPLES_PER_S = 16 * 2  # official per-GPU batch 16 at an assumed 2 steps/s
+TARGETS = {("jsonl-first", "load_s"): 15.0, ("jsonl-first", "peak_rss_mb"): 150.0,
+           ("jsonl-cached", "load_s"): 2.0, ("jsonl-cached", "peak_rss_mb"): 50.0,
+           ("lmdb-open", "load_s"): 2.0, ("lmdb-open", "peak_rss_mb"): 50.0}  # fmt: skip
+TARGET_ROWS, TARGET_WORKER_MB = 200_000, 100.0
+_WORDS = ("the a man woman dog cat runs jumps cooks pan oil onion slowly quickly then after before outside inside "
+          "kitchen garden ball car drives river mountain shows explains how to make cut add stir").split()
+_ALPHA = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+def official_row(rng: np.random.Generator) -> list[dict]:
+    vid = "".join(_ALPHA[i] for i in rng.integers(0, len(_ALPHA), 11))
+    return [{"clip_id": f"{vid}.{k}.mp4", "text": " ".join(_WORDS[w] for w in rng.integers(0, len(_WORDS),
+                                                                                           rng.integers(8, 21)))}
+            for k in range(int(rng.integers(4, 9)))]
+
+
+def make_inputs(n: int, root, seed: int = 0) -> tuple[Path, Path]:
+    """``(rows.jsonl, rows.lmdb)`` of ``n`` official rows under ``root``, generated when missing (each written to a
+    temporary name and renamed, so a file present is complete)."""
+    import lmdb
+
+    folder = Path(root) / f"official-{n}-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    jsonl, db = folder / "rows.jsonl", folder / "rows.lmdb"
+    if jsonl.exists() and db.exists():
+        return jsonl, db
+    rng = np.random.default_rng(seed)
+    rows = (official_row(rng) for _ in range(n))
+    tmp_db = folder / f".rows.lmdb.{os.getpid()}"
+    env = lmdb.open(str(tmp_db), map_size=max(1 << 26, n * 4096))
+    tmp = folder / f".rows.jsonl.{os.getpid()}"
+    with open(tmp, "w") as f:
+        txn = env.begin(write=True)
+        for i, row in enumerate(rows):
+            f.write(json.dumps(row) + "\n")
+            txn.put(str(i).encode(), repr(row).encode())
+            if i % 50_000 == 49_999:
+                txn.commit()
+                txn = env.begin(write=True)
+        txn.commit()
+    env.close()
+    os.replace(tmp, jsonl)
+    if db.exists():
+        import shutil
+
+        shutil.rmtree(db)
+    os.replace(tmp_db, db)
+    return jsonl, db
+
+
+# --------------------------------------------------------------------------------------------------- children
+def _load(mode: str, jsonl: str, db: str, cache: str):
+    from lfvila.data.datasets import build_dataset
+
+    if mode == "lmdb-open":
+        return build_dataset("lfvila_pretrain", db, "videos")
+    ds = build_dataset("lfvila_pretrain", jsonl, "videos", cache_dir=cache)
+    if mode == "jsonl-cached" and not ds.cached:
+        raise RuntimeError("jsonl-cached: the index was not read from the cache")
+    if mode == "objects":
+        return ds, [ds[i] for i in range(len(ds))]
+    return ds
+
+
+def child_annotations(mode: str, jsonl: str, db: str, cache: str) -> None:
+    """Fresh process: imports, then one measured load (harness.rss_child reports peak RSS and seconds)."""
+    from benchmarks import harness
+    from lfvila.data import datasets  # noqa: F401  (the imports are part of the baseline, not of the load)
+
+    harness.rss_child(lambda: (lambda: _load(mode, jsonl, db, cache)))
+
+
+def _rss() -> tuple[int, int]:
+    """``(VmRSS, RssAnon)`` of this process in bytes: all resident pages, and the private (anonymous) ones that
+    copy-on-write and the allocator add (file pages of a memory-mapped index or LMDB are the page cache's)."""
+    got = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon"):
+                got[key] = int(rest.split()[0]) * 1024
+    return got["VmRSS"], got["RssAnon"]
+
+
+class _Probe:
+    """Reads samples of ``source`` (a dataset, or a list of sample dicts) and answers each with this worker's
+    resident set after the read and how many it read so far."""
+
+    def __init__(self, source):
+        self.source, self.calls = source, 0
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        sample = self.source[i]
+        self.calls += 1
+        import torch.utils.data as tud
+
+        return tud.get_worker_info().id, self.calls, _rss(), len(sample["text"])
+
+
+def child_workers(mode: str, jsonl: str, db: str, cache: str, workers: int, samples: int, seed: int) -> None:
+    from torch.utils.data import DataLoader
+
+    from benchmarks import harness
+
+    try:
+        loaded = _load(mode, jsonl, db, cache)
+        source = loaded[1] if mode == "objects" else loaded
+        order = np.random.default_rng(seed).permutation(len(source))[: workers * samples].tolist()
+        loader = DataLoader(_Probe(source), batch_size=None, sampler=order, num_workers=workers,
+                            multiprocessing_context="fork", prefetch_factor=2)
+        first, last = {}, {}
+        for wid, calls, rss, _ in loader:
+            if calls == 1:
+                first[wid] = rss
+            last[wid] = (calls, rss)
+        if any(last[w][0] != samples for w in last) or len(last) != workers:
+            raise RuntimeError(f"workers read {sorted(c for c, _ in last.values())}, expected {samples} each")
+        per = [(last[w][1][0] - first[w][0]) / 2**20 for w in sorted(last)]
+        anon = sum(last[w][1][1] - first[w][1] for w in last) / 2**20
+        harness.report_to_parent({"growth_mb": sum(per), "anon_growth_mb": anon, "per_worker_mb": per})
+    except Exception as exc:
+        harness.report_to_parent({"error": harness.describe_exception(exc)})
+        raise SystemExit(1) from None
+
+
+# --------------------------------------------------------------------------------------------------- parts
+def _values(xs: Sequence[float]) -> dict[str, float]:
+    q = np.percentile(xs, [20, 50, 80])
+    return {"p20": float(q[0]), "p50": float(q[1]), "p80": float(q[2])}
+
+
+def _row(provider, part, n, metric, unit, values=None, status="ok", note=""):
+    from benchmarks import harness
+
+    return harness.make_row(kernel=KERNEL, provider=provider, mode=part, x_name="rows", x_value=str(n),
+                            shape=f"rows={n}", metric=metric, unit=unit, dtype="-", values=values, status=status,
+                            note=note)
+
+
+def run_annotations(n: int, jsonl: Path, db: Path, repeats: int, scratch: Path, log) -> list[dict]:
+    from benchmarks import harness
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="cache-") as warm:
+        for mode in MODES:
+            seconds, peaks, note = [], [], ""
+            try:
+                for r in range(repeats):
+                    with tempfile.TemporaryDirectory(dir=scratch, prefix="cache-") as cold:
+                        cache = warm if mode == "jsonl-cached" else cold
+                        if mode == "jsonl-cached" and r == 0 and not any(Path(warm).iterdir()):
+                            _load("jsonl-first", str(jsonl), str(db), warm)  # fill the warm cache once
+                        got = harness.run_fresh_process(["-m", "benchmarks.bench_data", "--child", "annotations",
+                                                         "--mode", mode, "--jsonl", str(jsonl), "--lmdb", str(db),
+                                                         "--cache", cache])
+                    seconds.append(got["seconds"])
+                    peaks.append(got["increase_mb"])
+                    note = "" if got["exact"] else "peak is a lower bound (VmHWM not reset)"
+            except RuntimeError as exc:
+                rows += [_row(mode, "annotations", n, m, u, status="failed", note=str(exc)[:200])
+                         for m, u in (("load_s", "s"), ("peak_rss_mb", "MB"))]
+                log(f"  {mode:13s} failed: {exc}")
+                continue
+            rows.append(_row(mode, "annotations", n, "load_s", "s", _values(seconds),
+                             note=f"{repeats} fresh processes"))
+            rows.append(_row(mode, "annotations", n, "peak_rss_mb", "MB", _values(peaks), note=note))
+            log(f"  {mode:13s} {statistics.median(seconds):8.3f} s  {statistics.median(peaks):8.1f} MB")
+    return rows
+
+
+def run_workers(n: int, jsonl: Path, db: Path, workers: int, samples: int, scratch: Path, seed: int, log) -> list:
+    from benchmarks import harness
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="cache-") as cache:
+        _load("jsonl-first", str(jsonl), str(db), cache)
+        for mode in WORKER_MODES:
+            try:
+                got = harness.run_fresh_process(["-m", "benchmarks.bench_data", "--child", "workers", "--mode", mode,
+                                                 "--jsonl", str(jsonl), "--lmdb", str(db), "--cache", cache,
+                                                 "--workers", str(workers), "--worker-samples", str(samples),
+                                                 "--seed", str(seed)])
+            except RuntimeError as exc:
+                rows.append(_row(mode, "workers", n, "rss_growth_mb", "MB", status="failed", note=str(exc)[:200]))
+                log(f"  {mode:13s} failed: {exc}")
+                continue
+            per = ", ".join(f"{v:.1f}" for v in got["per_worker_mb"])
+            what = f"{workers} workers x {samples} samples"
+            rows.append(_row(mode, "workers", n, "rss_growth_mb", "MB", {"p50": got["growth_mb"]},
+                             note=f"{what}; per worker MB: {per}"))
+            rows.append(_row(mode, "workers", n, "anon_growth_mb", "MB", {"p50": got["anon_growth_mb"]},
+                             note=f"{what}; private (RssAnon) pages only"))
+            log(f"  {mode:13s} {what}: +{got['growth_mb']:.1f} MB ({per}); private +{got['anon_growth_mb']:.1f} MB")
+    return rows
+
+
+def run_decode(scratch: Path, videos: int, seconds: float, repeats: int, log) -> list[dict]:
+    """bench_decode's clips4x8 on raw-h264 and prep-h264, one process with one FFmpeg thread."""
+    from benchmarks import bench_decode as bd
+
+    class _Keep:  # collects bench_decode's rows instead of writing them to its own CSV
+        def write(self, rows):
+            return list(rows)
+
+    src = bd.Source(videos=videos, seconds=seconds)
+    files = bd.make_inputs(src, ["raw-h264", "prep-h264"], scratch / "decode-inputs", log=log)
+    opts = bd.Options(procs=1, pyav_threads=1)
+    got = bd.run(files, {"pyav-Nproc": bd.PROVIDERS["pyav-Nproc"]}, ["clips4x8"], opts, _Keep(), src, repeats,
+                 log=log)
+    cell = {(r["x_value"], r["metric"]): r for r in got}
+    rows = []
+    for name in ("raw-h264", "prep-h264"):
+        rate, cores = cell.get((name, "clips_per_s")), cell.get((name, "cpu_cores"))
+        if not rate or not cores or rate["status"] != "ok" or cores["status"] != "ok":
+            why = (rate or cores or {}).get("note", "not measured")
+            rows.append(_row(name, "decode", 0, "samples_per_core_s", "samples/s", status="failed", note=why))
+            continue
+        per_core = {k: float(rate[k]) / float(cores["p50"]) for k in ("p20", "p50", "p80")}
+        note = (f"clips4x8 (32 frames) of {seconds:g} s videos, pyav 1 process x 1 thread: "
+                f"{float(rate['p50']):.3g} samples/s on {float(cores['p50']):.2f} cores")
+        rows.append(_row(name, "decode", 0, "samples_per_core_s", "samples/s", per_core, note=note))
+        need = {k: ASSUMED_SAMPLES_PER_S / v for k, v in per_core.items()}
+        need["p20"], need["p80"] = need["p80"], need["p20"]
+        rows.append(_row(name, "decode", 0, "cores_per_gpu", "cores", need,
+                         note=f"ASSUMED input rate {ASSUMED_SAMPLES_PER_S} samples/s (batch 16 x 2 steps/s)"))
+        log(f"  {name:10s} {per_core['p50']:.2f} samples/s per core -> {need['p50']:.1f} cores per GPU (assumed rate)")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- report
+def _p50(rows, provider, part, metric, n=None):
+    for r in rows:
+        if (r["provider"], r["mode"], r["metric"]) == (provider, part, metric) and r["status"] == "ok" and \
+                (n is None or str(r["x_value"]) == str(n)):
+            return float(r["p50"])
+    return None
+
+
+def markdown_summary(rows: Sequence[dict]) -> str:
+    sizes = sorted({int(r["x_value"]) for r in rows if r["mode"] == "annotations"})
+    out = []
+    if sizes:
+        out += ["**annotations**: load seconds / peak MB above the interpreter's baseline (median of fresh processes)",
+                "", "| mode | " + " | ".join(f"{n:,}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+        for mode in MODES:
+            cells = []
+            for n in sizes:
+                s, m = _p50(rows, mode, "annotations", "load_s", n), _p50(rows, mode, "annotations", "peak_rss_mb", n)
+                cells.append("failed" if s is None else f"{s:.2f} s / {m:.0f} MB")
+            out.append(f"| {mode} | " + " | ".join(cells) + " |")
+    work = [r for r in rows if r["mode"] == "workers"]
+    if work:
+        out += ["", "**workers**: RSS growth summed over the workers while they read their samples (all resident "
+                "pages; private pages only)", "", "| mode | metric | growth | note |", "|---|---|---|---|"]
+        for r in work:
+            cell = "failed" if r["status"] != "ok" else f"{float(r['p50']):.1f} MB"
+            out.append(f"| {r['provider']} | {r['metric']} | {cell} | {r['note']} |")
+    dec = [r for r in rows if r["mode"] == "decode"]
+    if dec:
+        out += ["", "**decode** (32 frames a sample, one core)", "", "| input | metric | median | note |",
+                "|---|---|---|---|"]
+        for r in dec:
+            cell = "failed" if r["status"] != "ok" else format(float(r["p50"]), ".3g")
+            out.append(f"| {r['provider']} | {r['metric']} | {cell} | {r['note']} |")
+    out += ["", "**targets**", ""] + targets_report(rows)
+    return "\n".join(out)
+
+
+def targets_report(rows: Sequence[dict]) -> list[str]:
+    lines = []
+    for (mode, metric), limit in TARGETS.items():
+        got = _p50(rows, mode, "annotations", metric, TARGET_ROWS)
+        verdict = "not run" if got is None else ("met" if got <= limit else "missed")
+        lines.append(f"- {mode} {metric} at {TARGET_ROWS:,} rows <= {limit:g}: {verdict}"
+                     + ("" if got is None else f" ({got:.3g})"))
+    for mode in ("jsonl-cached", "lmdb-open"):
+        got = _p50(rows, mode, "workers", "rss_growth_mb")
+        verdict = "not run" if got is None else ("met" if got <= TARGET_WORKER_MB else "missed")
+        lines.append(f"- {mode} workers' total RSS growth <= {TARGET_WORKER_MB:g} MB: {verdict}"
+                     + ("" if got is None else f" ({got:.1f} MB)"))
+    return lines
+
+
+def plot(rows: Sequence[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (metric, unit) in zip(axes, (("load_s", "s"), ("peak_rss_mb", "MB"))):
+        for mode in MODES:
+            pts = sorted((int(r["x_value"]), float(r["p50"])) for r in rows if r["mode"] == "annotations"
+                         and r["provider"] == mode and r["metric"] == metric and r["status"] == "ok")
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=mode)
+        ax.set(xscale="log", yscale="symlog" if metric == "load_s" else "log", xlabel="official rows",
+               ylabel=f"{metric} ({unit})", title=f"lfvila_pretrain annotations: {metric}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n")[0])
+    arg = p.add_argument
+    arg("--label", default="local")
+    arg("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    arg("--rows", default="10000,30000,100000,200000", help="row counts of the annotations part")
+    arg("--repeats", type=int, default=3, help="fresh-process loads per (rows, mode); decode: timed passes")
+    arg("--worker-rows", type=int, default=200_000)
+    arg("--workers", type=int, default=8)
+    arg("--worker-samples", type=int, default=1000)
+    arg("--decode-videos", type=int, default=4)
+    arg("--decode-seconds", type=float, default=60.0)
+    arg("--seed", type=int, default=0)
+    arg("--scratch", default="benchmarks/results/_scratch/data-inputs", help="where generated inputs are kept")
+    arg("--out", default="benchmarks/results/data-cpu.csv")
+    arg("--markdown", default=None)
+    arg("--plot", default=None, help="PNG of the annotation scaling")
+    # a fresh child process (internal)
+    arg("--child", choices=("annotations", "workers"), help=argparse.SUPPRESS)
+    arg("--mode", help=argparse.SUPPRESS)
+    arg("--jsonl", help=argparse.SUPPRESS)
+    arg("--lmdb", help=argparse.SUPPRESS)
+    arg("--cache", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if min(args.repeats, args.workers, args.worker_samples, args.worker_rows, args.decode_videos) < 1:
+        p.error("--repeats, --workers, --worker-samples, --worker-rows and --decode-videos must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = _parse(argv)
+    if args.child == "annotations":
+        child_annotations(args.mode, args.jsonl, args.lmdb, args.cache)
+        return []
+    if args.child == "workers":
+        child_workers(args.mode, args.jsonl, args.lmdb, args.cache, args.workers, args.worker_samples, args.seed)
+        return []
+    from benchmarks import harness
+
+    parts = [x for x in args.parts.split(",") if x]
+    if not parts or set(parts) - set(PARTS):
+        raise SystemExit(f"--parts: choose from {PARTS}, got {args.parts!r}")
+    sizes = [int(x) for x in args.rows.split(",") if x]
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    env = harness.environment("cpu")
+    writer = harness.ResultWriter(args.out, env, args.label)
+    log = harness.log
+    print(f"# {env['device']} | commit {env['commit']} | parts {parts}", flush=True)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    if "annotations" in parts:
+        for n in sizes:
+            log(f"# annotations: {n:,} rows")
+            jsonl, db = make_inputs(n, scratch, args.seed)
+            rows += writer.write(run_annotations(n, jsonl, db, args.repeats, scratch, log))
+    if "workers" in parts:
+        log(f"# workers: {args.worker_rows:,} rows")
+        jsonl, db = make_inputs(args.worker_rows, scratch, args.seed)
+        rows += writer.write(run_workers(args.worker_rows, jsonl, db, args.workers, args.worker_samples, scratch,
+                                         args.seed, log))
+    if "decode" in parts:
+        log("# decode")
+        rows += writer.write(run_decode(scratch, args.decode_videos, args.decode_seconds, args.repeats, log))
+    if args.plot and "annotations" in parts:
+        plot(rows, args.plot)
+    return harness.finish(rows, args.out, started, markdown_summary(rows), args.markdown)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
