@@ -28,6 +28,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "lmdb>=1.4",
+        "webdataset>=0.2.86",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-randomly>=3.15", "pytest-xdist>=3.5", "ruff>=0.5", "nvidia-dali-cuda130>=2.0",

@@ -86,8 +86,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Annotations (``format``: a ``lfvila.data.datasets`` registry name) and the loader (``lfvila.data.loader``).
-    ``on_error``: ``raise``, ``skip`` or ``replace`` (training samples replaced, evaluation skipped; ``train.data``)."""
+    """Annotations (``format``: a ``lfvila.data.datasets`` registry name, or ``shards``: ``train`` / ``val`` / ``test``
+    are ``index.json`` files of WebDataset tar shards, ``lfvila.data.shards``) and the loader (``lfvila.data.loader``).
+    ``on_error``: ``raise``, ``skip`` or ``replace`` (training samples replaced, evaluation skipped; ``train.data``).
+    ``shard_buffer``: shards only, the samples in each worker's shuffle buffer (memory: about that many samples'
+    encoded bytes per worker)."""
 
     format: str = "activitynet_captions"
     video_root: str = ""
@@ -107,8 +110,11 @@ class DataConfig:
     num_workers: int = 4
     on_error: str = "raise"
     max_skip_fraction: float = 0.05
+    shard_buffer: int = 256
 
     def __post_init__(self):
+        if self.shard_buffer < 0:
+            raise ConfigError(f"shard_buffer: must be >= 0, got {self.shard_buffer}")
         if self.backend not in ("pyav", "dali", "auto"):
             raise ConfigError(f"backend: must be pyav, dali or auto, got {self.backend!r}")
         if self.on_error not in ("raise", "skip", "replace"):

@@ -10,6 +10,18 @@ decodes and augments on the GPU; its batches arrive on the device already normal
 through), ``auto`` (DALI for training on a CUDA device when it is installed, PyAV otherwise). Evaluation always uses
 the DataLoader path: its frames are the exact ones (DALI's resize differs from the torch one by a few grey levels).
 
+``data.format: shards``: ``data.train`` / ``data.val`` / ``data.test`` are ``index.json`` files of WebDataset tar shards
+(``python -m lfvila.data.prepare SRC DST --shards ...``); the loaders read them with ``lfvila.data.shards.ShardStream``
+(``data.shard_buffer`` samples in each worker's shuffle buffer), which takes the sampler's place: it has the same
+``set_position`` / ``batches_per_epoch`` / ``per_rank``, and resumes mid-epoch exactly (its module docstring, with
+the one caveat of ``on_error: replace``). Every
+rank and worker yields the same number of batches (the rest of the shards' samples dropped per epoch, logged);
+evaluation reads every written sample once, in index order. ``data.backend: dali`` refuses shards (the reason:
+``lfvila.data.shards``); ``auto`` reads them with PyAV. ``video_root`` and ``format_kwargs`` are not used (the shards
+hold the videos and the parsed annotation rows). The stream's slots are ``world_size x data.num_workers``: a run
+resumed mid-epoch with another number of workers or ranks (the loop allows a new ``data.num_workers``) deals the rest
+of that epoch's shards anew, so that epoch may repeat or miss samples; from the next epoch on it is exact again.
+
 Resuming mid-epoch: :class:`EpochSampler` draws one permutation per ``(seed, epoch)``, deals it to the ranks like
 ``DistributedSampler(drop_last=True)``, and can start at any batch of the epoch (``set_position``), so a resumed run
 sees exactly the samples the uninterrupted run would have, without decoding the ones it skips. Nothing here draws
@@ -34,7 +46,10 @@ from lfvila.config import Config
 from lfvila.data import decode as decoding
 from lfvila.data.datasets import build_dataset
 from lfvila.data.loader import LoaderConfig, SeededDataLoader, VideoTextDataset, build_loader, collate, to_model_input
+from lfvila.data.shards import DALI_REFUSAL, build_shard_loader
 from lfvila.data.text import load_tokenizer
+
+SHARDS = "shards"  # data.format of WebDataset tar shards (an index.json per split)
 
 
 class EpochSampler(Sampler[int]):
@@ -89,9 +104,19 @@ def annotations(cfg: Config, split: str):
     path = getattr(cfg.data, split, None)
     if not path:
         raise ValueError(f"data.{split}: no annotation file configured")
+    if cfg.data.format == SHARDS:
+        raise ValueError(f"data.{split}: data.format shards has no annotation dataset (the shards hold the parsed "
+                         f"rows); read it with train_loader / eval_loader")
     on_error = "skip" if cfg.data.on_error == "replace" else cfg.data.on_error
     return build_dataset(cfg.data.format, path, cfg.data.video_root, on_error=on_error,
                          max_skip_fraction=cfg.data.max_skip_fraction, **cfg.data.format_kwargs)
+
+
+def _split_path(cfg: Config, split: str) -> str:
+    path = getattr(cfg.data, split, None)
+    if not path:
+        raise ValueError(f"data.{split}: no shard index (index.json) configured")
+    return path
 
 
 def tokenizer(cfg: Config):
@@ -105,6 +130,10 @@ def use_dali(cfg: Config, device: torch.device) -> bool:
     it cannot run is a ValueError naming the key and the reason."""
     backend = cfg.data.backend
     if backend == "pyav":
+        return False
+    if cfg.data.format == SHARDS:
+        if backend == "dali":
+            raise ValueError(f"data.backend: dali cannot read data.format shards: {DALI_REFUSAL}")
         return False
     refusal = decoding.DaliDecoder.available(str(device))
     if backend == "dali":
@@ -124,11 +153,19 @@ def set_epoch(loader, epoch: int) -> None:
 
 def train_loader(cfg: Config, tok, rank: int, world_size: int, device: torch.device | None = None):
     """``(loader, sampler)`` of the training split: the sampler (:class:`EpochSampler`) sets the position to resume
-    from; the loader is a DataLoader or, when :func:`use_dali`, a ``DaliLoader`` over the same sampler."""
+    from; the loader is a DataLoader or, when :func:`use_dali`, a ``DaliLoader`` over the same sampler. With
+    ``data.format: shards`` the loader is a DataLoader over a ``ShardStream``, which is also the "sampler" (the same
+    ``set_position`` / ``batches_per_epoch`` / ``per_rank``)."""
     lcfg = loader_config(cfg, train=True)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if cfg.data.format == SHARDS:
+        use_dali(cfg, device)  # refuses data.backend dali
+        loader = build_shard_loader(_split_path(cfg, "train"), tok, lcfg, cfg.train.batch_size,
+                                    num_workers=cfg.data.num_workers, rank=rank, world_size=world_size, shuffle=True,
+                                    buffer=cfg.data.shard_buffer, prefetch_factor=4)
+        return loader, loader.dataset
     ann = annotations(cfg, "train")
     sampler = EpochSampler(len(ann), cfg.train.batch_size, rank, world_size, cfg.train.seed)
-    device = torch.device("cpu") if device is None else torch.device(device)
     if use_dali(cfg, device):
         from lfvila.data.dali_loader import DaliLoader
 
@@ -149,6 +186,9 @@ def eval_loader(cfg: Config, tok, split: str, rank: int, world_size: int) -> Dat
     ``SeededDataLoader`` (``build_loader``), so evaluating in the middle of training draws nothing from the RNG
     stream that the training steps consume."""
     batch = cfg.eval.batch_size or cfg.train.batch_size
+    if cfg.data.format == SHARDS:
+        return build_shard_loader(_split_path(cfg, split), tok, loader_config(cfg, train=False), batch,
+                                  num_workers=cfg.data.num_workers, rank=rank, world_size=world_size, shuffle=False)
     return build_loader(annotations(cfg, split), tok, loader_config(cfg, train=False), batch,
                         num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
 

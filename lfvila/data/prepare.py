@@ -11,6 +11,11 @@ frames are repeated when the source is slower) -> scale to ``max-height`` keepin
 width and height; never upscaled) -> encode with a keyframe every ``gop`` frames
 (:func:`lfvila.data.encode.write_video`). Videos run in parallel processes.
 
+``--shards``: the samples of an annotation file instead of a folder, each sample's videos prepared the same way and
+written with its annotation row into WebDataset tar shards plus an index (:mod:`lfvila.data.shard_writer`)::
+
+    python -m lfvila.data.prepare SRC DST --shards --annotations ANN --format FMT [--shard-samples N | --shard-size B]
+
 Resumable: outputs are written under a temporary name and renamed when complete, so an existing output that probes
 is skipped (``--force`` redoes it). A JSON-lines report (``DST/prepare_report.jsonl`` unless ``--report``) gets one row
 per video: path, output, status (ok / skipped / failed), reason, in_frames, out_frames, seconds. Bad inputs (corrupt,
@@ -249,9 +254,27 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per video")
     p.add_argument("--force", action="store_true", help="redo outputs that already exist")
     p.add_argument("--report", default=None, help="JSON-lines report (default DST/prepare_report.jsonl)")
+    s = p.add_argument_group("tar shards (--shards; lfvila.data.shard_writer)")
+    s.add_argument("--shards", action="store_true",
+                   help="write the samples of --annotations into WebDataset tar shards + DST/index.json")
+    s.add_argument("--annotations", help="the annotation file (video paths relative to SRC)")
+    s.add_argument("--format", help="its lfvila.data.datasets format (lfvila_pretrain, generic_jsonl, ...)")
+    s.add_argument("--format-kwargs", default="{}",
+                   help="JSON object of the format's options, e.g. '{\"min_clips\": 2}'")
+    s.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad annotation rows")
+    size = s.add_mutually_exclusive_group()
+    size.add_argument("--shard-samples", type=int, default=None,
+                      help="samples per shard: equal ranges of the annotation samples (default 1000)")
+    size.add_argument("--shard-size", default=None, help="bytes per shard at most (e.g. 512M, 2G)")
     a = p.parse_args(argv)
     if a.fps <= 0 or a.gop < 1:
         p.error("--fps must be > 0 and --gop >= 1")
+    if a.shards:
+        return _main_shards(p, a)
+    given = [f"--{k.replace('_', '-')}" for k in ("annotations", "format", "shard_samples", "shard_size")
+             if getattr(a, k) is not None]
+    if given:
+        p.error(f"{', '.join(given)}: only with --shards")
     try:
         rows = run(a.src, a.dst, fps=a.fps, gop=a.gop, max_height=a.max_height or None, codec=a.codec,
                    workers=a.workers, crf=a.crf, timeout=a.timeout, force=a.force, report=a.report)
@@ -261,6 +284,33 @@ def main(argv=None) -> int:
     print(f"prepare: {summary(rows)}; report: {a.report or Path(a.dst) / 'prepare_report.jsonl'}")
     for r in failed:
         print(f"  failed {r['path']}: {r['reason']}")
+    return 1 if failed else 0
+
+
+def _main_shards(p: argparse.ArgumentParser, a) -> int:
+    from lfvila.data import shard_writer
+
+    if not a.annotations or not a.format:
+        p.error("--shards needs --annotations ANN and --format FMT")
+    try:
+        kwargs = json.loads(a.format_kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError("not a JSON object")
+        size = None if a.shard_size is None else shard_writer.parse_size(a.shard_size)
+    except ValueError as e:
+        p.error(f"--format-kwargs / --shard-size: {e}")
+    try:
+        result = shard_writer.write_shards(
+            a.src, a.dst, a.annotations, a.format, format_kwargs=kwargs, on_error=a.on_error,
+            shard_samples=a.shard_samples, shard_size=size, fps=a.fps, gop=a.gop, max_height=a.max_height or None,
+            codec=a.codec, crf=a.crf, workers=a.workers, timeout=a.timeout, force=a.force, report=a.report)
+    except ValueError as e:
+        p.error(str(e))
+    failed = [r for r in result["rows"] if r["status"] == "failed"]
+    print(f"prepare --shards: {shard_writer.summary(result)}; index: {Path(a.dst) / 'index.json'}; report: "
+          f"{a.report or Path(a.dst) / 'prepare_report.jsonl'}")
+    for r in failed:
+        print(f"  failed {r['path']} (sample {r['index']} left out): {r['reason']}")
     return 1 if failed else 0
 
 
