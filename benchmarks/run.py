@@ -9,7 +9,8 @@ Commands (from the repository root; ``make bench`` runs the first with ``--label
 
 Suites: ``attention`` (``bench_attention``, one call per shape set of ``--shapes``: a name, a comma-separated list or
 ``all``), ``contrastive`` (``bench_contrastive``), ``decode`` (``bench_decode``), ``train`` (``bench_train_step``),
-``dropin`` (``bench_dropin``: timm / transformers Swin and CLIP's loss, patched vs unpatched); ``all`` runs them in
+``dropin`` (``bench_dropin``: timm / transformers Swin and CLIP's loss, patched vs unpatched), ``data``
+(``bench_data``: annotation loading at 10k-1M rows, workers' memory, decode rate per core); ``all`` runs them in
 that order. Each suite appends to ``<out-dir>/<suite>-<label>.csv`` (long format,
 ``harness.SCHEMA``: machine, versions and commit in every row) and writes ``<suite>-<label>.md`` (the suite's own
 summary and targets); then ``benchmarks.plot`` draws ``<out-dir>/plots/<suite>-<set>-<label>.png`` and appends the
@@ -29,10 +30,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-SUITES = ("attention", "contrastive", "decode", "train", "dropin")
+SUITES = ("attention", "contrastive", "decode", "train", "dropin", "data")
 MODULES = {"attention": "benchmarks.bench_attention", "contrastive": "benchmarks.bench_contrastive",
            "decode": "benchmarks.bench_decode", "train": "benchmarks.bench_train_step",
-           "dropin": "benchmarks.bench_dropin"}  # fmt: skip
+           "dropin": "benchmarks.bench_dropin", "data": "benchmarks.bench_data"}  # fmt: skip
 TAKES_DEVICE = {"attention", "contrastive", "train", "dropin"}  # bench_decode picks its own devices per provider
 
 

@@ -68,6 +68,7 @@ process, i.e. per DataLoader worker).
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -489,8 +490,25 @@ def loader_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
+class _FreezeHeap:
+    """``worker_init_fn`` of :class:`SeededDataLoader`: ``gc.freeze()`` first, then the user's function. A forked
+    worker inherits the parent's objects in shared pages; the first full garbage collection in the worker (which
+    parsing rows can trigger) would write every one of their headers and so copy all those pages (about 40 MB a worker
+    measured here with torch imported). Freezing moves them to the permanent generation, which the collector skips;
+    it only relinks the generations' list heads, so it copies almost nothing itself."""
+
+    def __init__(self, then=None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        gc.freeze()
+        if self.then is not None:
+            self.then(worker_id)
+
+
 class SeededDataLoader(DataLoader):
-    """A ``DataLoader`` whose iterators never draw from the global torch RNG.
+    """A ``DataLoader`` whose iterators never draw from the global torch RNG, and whose workers freeze the heap they
+    inherit (:class:`_FreezeHeap`: no copy-on-write of the parent's objects by the garbage collector).
 
     Why: every ``iter(DataLoader)`` draws its ``_base_seed`` (the seed of its worker processes) from ``generator``, and
     a DataLoader built without one draws it from the *global* torch generator, the one the model's dropout and the
@@ -517,6 +535,7 @@ class SeededDataLoader(DataLoader):
         if kwargs.get("generator") is not None:
             raise ValueError("SeededDataLoader makes its own generator (from seed, rank and the epoch)")
         kwargs["generator"] = torch.Generator()
+        kwargs["worker_init_fn"] = _FreezeHeap(kwargs.get("worker_init_fn"))
         super().__init__(*args, **kwargs)
         self.seed, self.rank, self.epoch = int(seed), int(rank), 0
 

@@ -136,3 +136,29 @@ def test_iterating_never_touches_the_global_rng_and_worker_seeds_follow_the_epoc
     torch.manual_seed(1)  # the global state does not matter
     assert base_seed() == first == base_seed()  # a fresh iterator mid-epoch gets its epoch's seed
     assert len({first, base_seed(epoch=1), base_seed(rank=1), base_seed(seed=1)}) == 4
+
+
+class _FreezeProbe(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import gc
+
+        return torch.tensor([i, gc.get_freeze_count()])
+
+
+def _mark_worker(worker_id):
+    torch.utils.data.get_worker_info().dataset.marked = worker_id
+
+
+def test_seeded_loader_workers_freeze_the_inherited_heap_and_run_the_users_init():
+    """Workers freeze what they inherit (no copy-on-write of the parent's objects by the garbage collector), and a
+    user's worker_init_fn still runs after that."""
+    from lfvila.data.loader import SeededDataLoader
+
+    loader = SeededDataLoader(_FreezeProbe(), batch_size=None, num_workers=2, worker_init_fn=_mark_worker,
+                              multiprocessing_context="fork")
+    got = torch.stack(list(loader))
+    assert got[:, 0].tolist() == [0, 1, 2, 3] and bool((got[:, 1] > 0).all())
+    assert loader.worker_init_fn.then is _mark_worker
