@@ -18,9 +18,10 @@ the one caveat of ``on_error: replace``). Every
 rank and worker yields the same number of batches (the rest of the shards' samples dropped per epoch, logged);
 evaluation reads every written sample once, in index order. ``data.backend: dali`` refuses shards (the reason:
 ``lfvila.data.shards``); ``auto`` reads them with PyAV. ``video_root`` and ``format_kwargs`` are not used (the shards
-hold the videos and the parsed annotation rows). The stream's slots are ``world_size x data.num_workers``: a run
-resumed mid-epoch with another number of workers or ranks (the loop allows a new ``data.num_workers``) deals the rest
-of that epoch's shards anew, so that epoch may repeat or miss samples; from the next epoch on it is exact again.
+hold the videos and the parsed annotation rows). The stream's slots are ``world_size x data.num_workers``, so with
+shards the loop refuses a resume that changes ``data.num_workers`` (``train.loop.resume_changes``; with
+``run.resume_changes: keep`` the rest of that epoch's shards is dealt anew and may repeat or miss samples; from the
+next epoch on it is exact again). A resume on another number of ranks does the same.
 
 Resuming mid-epoch: :class:`EpochSampler` draws one permutation per ``(seed, epoch)``, deals it to the ranks like
 ``DistributedSampler(drop_last=True)``, and can start at any batch of the epoch (``set_position``), so a resumed run

@@ -128,11 +128,14 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def resume_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """``(key, checkpoint value, current value)`` for every dotted key outside :data:`RESUME_FREE` whose value differs
     between two ``config_to_dict`` trees (``saved`` through JSON, so tuples compare as lists); a key only one side
-    has is paired with ``_ABSENT``."""
+    has is paired with ``_ABSENT``. With ``data.format: shards`` a new ``data.num_workers`` is a change too: the
+    stream's slots (ranks x workers) decide which samples the rest of the epoch holds (``lfvila.data.shards``)."""
     old, new = _flat(saved), _flat(json.loads(json.dumps(current)))
+    shards = tdata.SHARDS in (old.get("data.format"), new.get("data.format"))
     changes = []
     for key in sorted(set(old) | set(new)):
-        if key in RESUME_FREE or key.startswith(tuple(k for k in RESUME_FREE if k.endswith("."))):
+        free = key in RESUME_FREE or key.startswith(tuple(k for k in RESUME_FREE if k.endswith(".")))
+        if free and not (shards and key == "data.num_workers"):
             continue
         a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if a != b or (type(a) is not type(b) and not {type(a), type(b)} <= {int, float}):  # 1 == True, 1 == 1.0

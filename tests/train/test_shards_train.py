@@ -67,3 +67,16 @@ def test_two_steps_of_stage1_from_shards(data, tmp_path):
     assert result["step"] == 2 and not result["preempted"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in rows) and any("val/t2v_R@1" in r for r in rows)
+
+
+def test_resume_refuses_a_new_worker_count_with_shards_only():
+    """With shards the workers are slots of the stream (which samples the rest of the epoch holds): a resume that
+    changes data.num_workers is a change; on the annotation path it stays free."""
+    from train.loop import resume_changes
+
+    def tree(fmt, workers):
+        return {"data": {"format": fmt, "num_workers": workers, "train": "x"}, "train": {"log_every": 1}}
+
+    assert resume_changes(tree("shards", 2), tree("shards", 4)) == [("data.num_workers", 2, 4)]
+    assert resume_changes(tree("lfvila_pretrain", 2), tree("lfvila_pretrain", 4)) == []
+    assert resume_changes(tree("shards", 2), tree("shards", 2)) == []
