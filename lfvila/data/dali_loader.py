@@ -28,7 +28,6 @@ slot of a bad sample with the replacement :func:`~lfvila.data.loader.replacement
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,16 +41,13 @@ from .loader import (
     IMAGENET_STD,
     LoaderConfig,
     fetch_sample,
+    load_replacement,
     plan_clips,
     plan_frames,
-    replacement_index,
-    replacement_rng,
     sample_rng,
 )
 from .sampling import Segment, merge_segments
 from .text import tokenize_paragraph
-
-log = logging.getLogger(__name__)
 
 
 def _pipeline(cfg: LoaderConfig, batch_size: int, device: str, num_threads: int, seed: int, files: int = 1):
@@ -240,23 +236,22 @@ class DaliLoader:
         return list(video.split(1))
 
     def _replace(self, index: int) -> tuple[_Plan, torch.Tensor] | None:
-        """The DataLoader path's replacement of bad sample ``index`` (``on_error="replace"``), planned and decoded
-        alone; None when every attempt failed (each failure counted)."""
-        where = getattr(self.annotations, "annotation_path", "annotations")
-        for attempt in range(1, self.cfg.replace_attempts + 1):
-            other = replacement_index(len(self.annotations), index, self.cfg.seed, self.epoch, attempt)
-            if other is None:
-                break
-            plan = self._plan(other, replacement_rng(self.cfg.seed, self.epoch, other, index))
+        """The DataLoader path's replacement of bad sample ``index`` (``on_error="replace"``,
+        :func:`~lfvila.data.loader.load_replacement`), planned and decoded alone; None when every attempt failed
+        (each failure counted)."""
+
+        def load(other: int, rng: np.random.Generator):
+            plan = self._plan(other, rng)
             video = None if plan is None else self._decode_one(plan)
-            if video is not None:
-                plan.extra["replaced"] = index
-                log.warning("%s: index %d (epoch %d) replaced by index %d (attempt %d)", where, index, self.epoch,
-                            other, attempt)
-                return plan, video
-        log.warning("%s: index %d (epoch %d): no replacement loaded in %d attempt(s); dropped from its batch",
-                    where, index, self.epoch, self.cfg.replace_attempts)
-        return None
+            return None if video is None else (plan, video)
+
+        where = getattr(self.annotations, "annotation_path", "annotations")
+        got = load_replacement(load, len(self.annotations), index, self.cfg, self.epoch, where)
+        if got is None:
+            return None
+        plan, video = got[1]
+        plan.extra["replaced"] = index
+        return plan, video
 
     def __iter__(self):
         order = list(iter(self.sampler))

@@ -273,6 +273,25 @@ def replacement_rng(seed: int, epoch: int, index: int, replaced: int) -> np.rand
     return np.random.default_rng((seed, epoch, index, _REPLACE_DRAWS, replaced))
 
 
+def load_replacement(load, n: int, index: int, cfg: LoaderConfig, epoch: int, where):
+    """``on_error="replace"``: the replacement of bad sample ``index`` of ``n``, as ``(other index, what
+    load(other, rng) returned)``, trying :func:`replacement_index` for attempts ``1 .. cfg.replace_attempts`` with
+    :func:`replacement_rng`; ``load`` returns ``None`` for a sample that fails too (it counts that). ``None`` when
+    every attempt failed. Each outcome is logged, naming ``where`` (the annotation file). Both loaders use it."""
+    for attempt in range(1, cfg.replace_attempts + 1):
+        other = replacement_index(n, index, cfg.seed, epoch, attempt)
+        if other is None:
+            break
+        got = load(other, replacement_rng(cfg.seed, epoch, other, index))
+        if got is not None:
+            log.warning("%s: index %d (epoch %d) replaced by index %d (attempt %d)", where, index, epoch, other,
+                        attempt)
+            return other, got
+    log.warning("%s: index %d (epoch %d): no replacement loaded in %d attempt(s); dropped from its batch", where,
+                index, epoch, cfg.replace_attempts)
+    return None
+
+
 def sample_mode(sample: dict) -> str:
     """What an annotation sample is for: ``"multichoice"`` (it has candidate ``answers``), ``"classification"`` (a
     ``label``) or ``"paragraph"``."""
@@ -393,19 +412,12 @@ class VideoTextDataset(Dataset):
         if out is not None or cfg.on_error != "replace":
             return out
         where = getattr(self.annotations, "annotation_path", "annotations")
-        for attempt in range(1, cfg.replace_attempts + 1):
-            other = replacement_index(len(self), index, cfg.seed, self.epoch, attempt)
-            if other is None:
-                break
-            out = self._load(other, replacement_rng(cfg.seed, self.epoch, other, index))
-            if out is not None:
-                out["meta"]["replaced"] = index
-                log.warning("%s: index %d (epoch %d) replaced by index %d (attempt %d)", where, index, self.epoch,
-                            other, attempt)
-                return out
-        log.warning("%s: index %d (epoch %d): no replacement loaded in %d attempt(s); dropped from its batch",
-                    where, index, self.epoch, cfg.replace_attempts)
-        return None
+        got = load_replacement(self._load, len(self), index, cfg, self.epoch, where)
+        if got is None:
+            return None
+        out = got[1]
+        out["meta"]["replaced"] = index
+        return out
 
     def _load(self, index: int, rng: np.random.Generator) -> dict | None:
         """Sample ``index`` with its random draws from ``rng``; ``None`` for a skipped video or row (counted)."""

@@ -96,29 +96,26 @@ def iter_lines(path):
 
 
 class PackedRows:
-    """Samples pickled one after another into one buffer; ``offsets[i]:offsets[i + 1]`` is sample ``i``."""
+    """Samples pickled one after another into one buffer; ``offsets[i]:offsets[i + 1]`` is sample ``i``. Filled with
+    :meth:`add`, then :meth:`freeze` turns the buffer into bytes and the offsets into an int64 array."""
 
     def __init__(self):
         self._buf = bytearray()
         self._offsets = array("q", [0])
-        self._frozen: np.ndarray | None = None
 
     def add(self, sample) -> None:
         self._buf += pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)
         self._offsets.append(len(self._buf))
 
     def freeze(self) -> PackedRows:
-        self._buf = bytes(self._buf)
-        self._frozen = np.frombuffer(self._offsets, dtype=np.int64).copy()
-        self._offsets = array("q")
+        self._buf, self._offsets = bytes(self._buf), np.array(self._offsets, dtype=np.int64)
         return self
 
     def __len__(self) -> int:
-        return (len(self._frozen) if self._frozen is not None else len(self._offsets)) - 1
+        return len(self._offsets) - 1
 
     def get(self, i: int):
-        offs = self._frozen if self._frozen is not None else self._offsets
-        return pickle.loads(self._buf[int(offs[i]):int(offs[i + 1])])
+        return pickle.loads(self._buf[int(self._offsets[i]):int(self._offsets[i + 1])])
 
 
 _OPEN_ENVS: dict = {}  # real path -> (pid, environment): the one this process (or its parent) opened
