@@ -26,12 +26,10 @@ Providers = implementations; one model is built per provider, with the same seed
     triton  our kernels: the video encoder's window attention with ``attn_impl="triton"`` (the ``attn_impl`` field of
             ``VideoEncoderConfig``, baked into every ``WindowAttention3D`` at construction) and the fused contrastive
             VPC loss: ``LFVILA.forward_stage1`` calls ``losses.vpc_loss`` -> ``lfvila_kernels.contrastive_loss`` with
-            ``impl="auto"``, which ``LFVILA_KERNELS=triton`` forces (``lfvila_kernels.dispatch.select_impl`` reads the
-            variable at every call); the variable is set only while the provider runs (:func:`kernels_env`). On the
-            CPU the kernels run only under Triton's interpreter, far too slowly for a training step: ``skipped``
-            unless ``--interpret-ok``.
-    torch   the torch paths: ``attn_impl="torch"`` and ``LFVILA_KERNELS=torch`` (the reference window attention and
-            the chunked torch contrastive loss of ``lfvila_kernels.reference``).
+            the model config's ``loss_impl="triton"``. On the CPU the kernels run only under Triton's interpreter,
+            far too slowly for a training step: ``skipped`` unless ``--interpret-ok``.
+    torch   the torch paths: ``attn_impl="torch"`` and ``loss_impl="torch"`` (the torch window attention and the
+            chunked torch contrastive loss of ``lfvila_kernels.reference``).
 MTC and the text encoder (transformers BERT, SDPA) are the same code in both.
 
 Rows per provider (``kernel="train_step"``, ``mode`` ``fwd+bwd`` or ``fwd+bwd+adamw``, ``x_name="batch"``):
@@ -73,7 +71,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +83,6 @@ KERNEL = "train_step"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_FLAGS = {v: k for k, v in DTYPES.items()}
 OURS, BASELINE = "triton", "torch"
-ENV_VAR = "LFVILA_KERNELS"  # lfvila_kernels.dispatch.ENV_VAR (not imported here: importing it imports triton)
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 TOKEN_RANGE = (1000, 30000)
 TARGET_SPEEDUP, TARGET_MEMORY = 1.5, 0.7
@@ -128,8 +125,7 @@ class Problem:
 
 @dataclass(frozen=True)
 class Provider:
-    """``impl``: the dispatch implementation ("triton" | "torch"), used as the video encoder's ``attn_impl`` and as
-    ``LFVILA_KERNELS`` (which the VPC loss's ``impl="auto"`` obeys) while the provider runs."""
+    """``impl``: the dispatch implementation ("triton" | "torch"), the model's ``video.attn_impl`` and ``loss_impl``."""
 
     impl: str
     description: str = ""
@@ -158,20 +154,6 @@ def refusal(provider: Provider, device: torch.device, interpret_ok: bool = False
     return None
 
 
-@contextlib.contextmanager
-def kernels_env(impl: str) -> Iterator[None]:
-    """Set ``LFVILA_KERNELS=impl`` for the duration (every ``impl="auto"`` dispatch then takes ``impl``); restore."""
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = impl
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
-
-
 # --------------------------------------------------------------------------------------------------- model, inputs
 def model_config(name: str):
     """The ``LFVILAConfig`` of registered model ``name`` (a full LF-VILA model: it has ``video`` and ``text``)."""
@@ -185,14 +167,15 @@ def model_config(name: str):
 
 
 def build_model(name: str, impl: str, *, grad_checkpointing: bool = False, device="cpu", seed: int = 0):
-    """``lfvila.create_model(name)`` with the video encoder's ``attn_impl=impl`` (and ``grad_checkpointing``), its
-    parameters initialised from ``seed`` (fp32, on the CPU, then moved to ``device``), in train mode."""
+    """``lfvila.create_model(name)`` with ``attn_impl=impl`` in the video encoder (and ``grad_checkpointing``) and
+    ``loss_impl=impl``, its parameters initialised from ``seed`` (fp32, on the CPU, then moved to ``device``), in
+    train mode."""
     from lfvila.models import create_model
 
     cfg = model_config(name)
     video = dataclasses.replace(cfg.video, attn_impl=impl, grad_checkpointing=grad_checkpointing)
     torch.manual_seed(seed)
-    return create_model(name, video=video).to(device).train()
+    return create_model(name, video=video, loss_impl=impl).to(device).train()
 
 
 def token_range(vocab_size: int) -> tuple[int, int]:
@@ -278,65 +261,64 @@ def measure_provider(
     provider raises (the caller turns it into ``failed`` rows)."""
     device = torch.device(device)
     cells: dict[str, tuple] = {}
-    with kernels_env(provider.impl):
-        start = time.perf_counter()
-        model = build_model(problem.model, provider.impl, grad_checkpointing=problem.grad_checkpointing,
-                            device=device, seed=problem.seed)  # fmt: skip
-        inputs = make_inputs(model.cfg, problem.batch, problem.frames, problem.height, problem.width, device,
-                             problem.seed)  # fmt: skip
-        optimizer = make_optimizer(model, device) if problem.optimizer else None
-        step = make_step(model, *inputs, problem.dtype, optimizer)
-        log(f"  built in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    model = build_model(problem.model, provider.impl, grad_checkpointing=problem.grad_checkpointing,
+                        device=device, seed=problem.seed)  # fmt: skip
+    inputs = make_inputs(model.cfg, problem.batch, problem.frames, problem.height, problem.width, device,
+                         problem.seed)  # fmt: skip
+    optimizer = make_optimizer(model, device) if problem.optimizer else None
+    step = make_step(model, *inputs, problem.dtype, optimizer)
+    log(f"  built in {time.perf_counter() - start:.1f} s")
 
-        torch.manual_seed(problem.seed)  # dropout, drop-path and the MTC draw: the same in every provider
-        start = time.perf_counter()
+    torch.manual_seed(problem.seed)  # dropout, drop-path and the MTC draw: the same in every provider
+    start = time.perf_counter()
+    step()
+    first = {k: v.item() for k, v in step.last.items()}
+    log(f"  first step {time.perf_counter() - start:.2f} s (compilation included), loss {first['loss']:.5g}")
+    if not math.isfinite(first["loss"]):
+        raise FloatingPointError(f"first-step loss is {first['loss']}")
+    cells["loss"] = ("ok", _one(first["loss"]), f"first step, seed {problem.seed}: vpc {first.get('vpc', 0):.6g},"
+                     f" mtc {first.get('mtc', 0):.6g}")  # fmt: skip
+
+    for _ in range(max(MIN_WARMUP, warmup) - 2):
         step()
-        first = {k: v.item() for k, v in step.last.items()}
-        log(f"  first step {time.perf_counter() - start:.2f} s (compilation included), loss {first['loss']:.5g}")
-        if not math.isfinite(first["loss"]):
-            raise FloatingPointError(f"first-step loss is {first['loss']}")
-        cells["loss"] = ("ok", _one(first["loss"]), f"first step, seed {problem.seed}: vpc {first.get('vpc', 0):.6g},"
-                         f" mtc {first.get('mtc', 0):.6g}")  # fmt: skip
+    _sync(device)
+    start = time.perf_counter()
+    step()  # the last warm-up step estimates the step time
+    _sync(device)
+    estimate_ms = (time.perf_counter() - start) * 1e3
+    log(f"  warm-up done, {estimate_ms:.1f} ms per step")
 
-        for _ in range(max(MIN_WARMUP, warmup) - 2):
-            step()
-        _sync(device)
-        start = time.perf_counter()
-        step()  # the last warm-up step estimates the step time
-        _sync(device)
-        estimate_ms = (time.perf_counter() - start) * 1e3
-        log(f"  warm-up done, {estimate_ms:.1f} ms per step")
+    if device.type == "cuda":  # do_bench: 1 + 5 estimating calls, then the warm-up and timed budgets
+        t = harness.measure(step, device=device, warmup_ms=estimate_ms, rep_ms=reps * estimate_ms)
+        how = f"triton.testing.do_bench, budget {reps} x {estimate_ms:.0f} ms (about {reps} timed steps)"
+    else:
+        t = harness.measure(step, device=device, warmup=0, reps=reps)
+        how = f"{reps} timed steps (perf_counter) after {max(MIN_WARMUP, warmup)} warm-up steps"
+    cells["time"] = ("ok", t, how)
+    pairs = (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))  # throughput's p20 comes from time's p80
+    cells["clips_per_s"] = ("ok", {k: problem.batch / (t[src] * 1e-3) for k, src in pairs},
+                            f"batch {problem.batch} / step time")  # fmt: skip
 
-        if device.type == "cuda":  # do_bench: 1 + 5 estimating calls, then the warm-up and timed budgets
-            t = harness.measure(step, device=device, warmup_ms=estimate_ms, rep_ms=reps * estimate_ms)
-            how = f"triton.testing.do_bench, budget {reps} x {estimate_ms:.0f} ms (about {reps} timed steps)"
-        else:
-            t = harness.measure(step, device=device, warmup=0, reps=reps)
-            how = f"{reps} timed steps (perf_counter) after {max(MIN_WARMUP, warmup)} warm-up steps"
-        cells["time"] = ("ok", t, how)
-        pairs = (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))  # throughput's p20 comes from time's p80
-        cells["clips_per_s"] = ("ok", {k: problem.batch / (t[src] * 1e-3) for k, src in pairs},
-                                f"batch {problem.batch} / step time")  # fmt: skip
-
-        if device.type == "cuda":
-            harness.free_memory(device)
-            before = torch.cuda.memory_allocated(device) / 2**20
-            increase = harness.peak_memory(step, device)
-            what = "parameters, inputs" + (", AdamW state" if optimizer is not None else "")
-            cells["memory"] = ("ok", _one(increase), f"peak above the {before:.0f} MB allocated before the step "
-                               f"({what}): activations, gradients, temporaries")  # fmt: skip
-            cells["memory_total"] = ("ok", _one(before + increase), f"max_memory_allocated during one step ({what} "
-                                     "included)")  # fmt: skip
-        else:
-            why = "peak memory is measured on CUDA only (CPU: the peak_rss rows)"
-            cells["memory"] = cells["memory_total"] = ("skipped", None, why)
-        flops, note = harness.guarded(functools.partial(count_step_flops, step), device)  # a failed count keeps
-        if note is None:  # the timings: only its own row fails
-            what = "FlopCounterMode over one step (aten ops: matmuls, convolutions, SDPA)"
-            cells["step_flops"] = ("ok", _one(flops / 1e12), what + ("; our Triton kernels are not counted"
-                                                                     if provider.impl == "triton" else ""))  # fmt: skip
-        else:
-            cells["step_flops"] = ("failed", None, note)
+    if device.type == "cuda":
+        harness.free_memory(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+        increase = harness.peak_memory(step, device)
+        what = "parameters, inputs" + (", AdamW state" if optimizer is not None else "")
+        cells["memory"] = ("ok", _one(increase), f"peak above the {before:.0f} MB allocated before the step "
+                           f"({what}): activations, gradients, temporaries")  # fmt: skip
+        cells["memory_total"] = ("ok", _one(before + increase), f"max_memory_allocated during one step ({what} "
+                                 "included)")  # fmt: skip
+    else:
+        why = "peak memory is measured on CUDA only (CPU: the peak_rss rows)"
+        cells["memory"] = cells["memory_total"] = ("skipped", None, why)
+    flops, note = harness.guarded(functools.partial(count_step_flops, step), device)  # a failed count keeps
+    if note is None:  # the timings: only its own row fails
+        what = "FlopCounterMode over one step (aten ops: matmuls, convolutions, SDPA)"
+        cells["step_flops"] = ("ok", _one(flops / 1e12), what + ("; our Triton kernels are not counted"
+                                                                 if provider.impl == "triton" else ""))  # fmt: skip
+    else:
+        cells["step_flops"] = ("failed", None, note)
     return cells
 
 
@@ -412,24 +394,17 @@ def _rss_child(args, problem: Problem) -> None:
         reason = refusal(provider, cpu, args.interpret_ok)
         if reason:
             raise RuntimeError(reason)
-        with kernels_env(provider.impl):
-            model = build_model(problem.model, provider.impl, grad_checkpointing=problem.grad_checkpointing,
-                                seed=problem.seed)  # fmt: skip
-            inputs = make_inputs(model.cfg, problem.batch, problem.frames, problem.height, problem.width, cpu,
-                                 problem.seed)  # fmt: skip
-            optimizer = make_optimizer(model, cpu) if problem.optimizer else None
-            # Warm-up on a minimal problem (1 video, 1 frame per clip, 64 x 64): thread pools, lazy initialisation
-            # and the AdamW state land in the baseline, while the pages of the measured step's activations are new.
-            small = make_inputs(model.cfg, 1, model.cfg.num_clips, 64, 64, cpu, problem.seed + 1)
-            make_step(model, *small, problem.dtype, optimizer)()
-            del small
-            step = make_step(model, *inputs, problem.dtype, optimizer)
-
-        def run():
-            with kernels_env(provider.impl):
-                return step()
-
-        return run
+        model = build_model(problem.model, provider.impl, grad_checkpointing=problem.grad_checkpointing,
+                            seed=problem.seed)  # fmt: skip
+        inputs = make_inputs(model.cfg, problem.batch, problem.frames, problem.height, problem.width, cpu,
+                             problem.seed)  # fmt: skip
+        optimizer = make_optimizer(model, cpu) if problem.optimizer else None
+        # Warm-up on a minimal problem (1 video, 1 frame per clip, 64 x 64): thread pools, lazy initialisation
+        # and the AdamW state land in the baseline, while the pages of the measured step's activations are new.
+        small = make_inputs(model.cfg, 1, model.cfg.num_clips, 64, 64, cpu, problem.seed + 1)
+        make_step(model, *small, problem.dtype, optimizer)()
+        del small
+        return make_step(model, *inputs, problem.dtype, optimizer)
 
     harness.rss_child(prepare, args.rss_max_mb)
 

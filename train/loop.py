@@ -3,7 +3,8 @@
 ``Trainer(cfg).fit()`` runs one configured job end to end, in this order:
 
 1. process group (``train.dist``: torchrun's variables; NCCL / gloo) and seeding (``train.seed`` + rank);
-2. the model: ``create_model(model.name, **model.overrides)`` with ``model.attn_impl`` in its video config,
+2. the model: ``create_model(model.name, **model.overrides)`` with ``model.attn_impl`` in its video config and
+   ``model.loss_impl`` in its own (the losses' ``impl=``; nothing is passed through ``os.environ``),
    the ``model.init`` steps in order (``lfvila.models.convert``), ``train.frozen`` parameters frozen (their modules
    kept in eval mode), gradient checkpointing, then DDP (default) or FSDP2 (``train.distributed: fsdp``:
    ``fully_shard`` per video block and BERT layer, bf16 parameters, fp32 gradient reduction), then ``torch.compile``
@@ -62,7 +63,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import signal
 import time
@@ -160,8 +160,9 @@ def build_model(cfg: Config) -> nn.Module:
         raise ValueError(f"model.name: unknown model {name!r}")
     mcfg = _with_overrides(model_config(name), cfg.model.overrides, "model.overrides")
     video_overrides = {"attn_impl": cfg.model.attn_impl, "grad_checkpointing": cfg.model.grad_checkpointing}
-    if hasattr(mcfg, "video"):
-        mcfg = dataclasses.replace(mcfg, video=dataclasses.replace(mcfg.video, **video_overrides))
+    if hasattr(mcfg, "video"):  # a full model: its losses take model.loss_impl (explicit, never the environment)
+        mcfg = dataclasses.replace(mcfg, video=dataclasses.replace(mcfg.video, **video_overrides),
+                                   loss_impl=cfg.model.loss_impl)
     else:
         mcfg = dataclasses.replace(mcfg, **video_overrides)
     model = _REGISTRY[name].build(mcfg)
@@ -314,8 +315,6 @@ class Trainer:
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
         if self.precision in ("bf16", "fp16") and self.device.type != "cuda":
             raise ValueError(f"train.precision={self.precision} needs CUDA (use fp32 or auto on the CPU)")
-        if cfg.model.loss_impl != "auto":
-            os.environ["LFVILA_KERNELS"] = cfg.model.loss_impl  # the contrastive loss reads it per call
 
         model = build_model(cfg)
         _check_task(cfg, model)

@@ -78,10 +78,13 @@ class LFVILAConfig:
     span_weight: float = 1.0
     label_smoothing: float = 0.0
     compat_official: bool = False
+    loss_impl: str = "auto"
 
     def __post_init__(self):
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.loss_impl not in ("auto", "triton", "torch"):
+            raise ValueError(f"loss_impl must be auto, triton or torch, got {self.loss_impl!r}")
         if self.num_clips is None:
             self.num_clips = self.text.num_sentences
 
@@ -205,7 +208,8 @@ class LFVILA(nn.Module):
         ``losses.vpc_loss``; MTC on this rank's batch)."""
         v = self.encode_video(video)
         t = self.encode_text(ids, mask, real)
-        vpc = losses.vpc_loss(v["global"], t["paragraph"], self.cfg.temperature, distributed=distributed)
+        vpc = losses.vpc_loss(v["global"], t["paragraph"], self.cfg.temperature, distributed=distributed,
+                              impl=self.cfg.loss_impl)
         mtc = losses.mtc_loss(v["clip"], t["sentence"], t["real"], self.cfg.mtc_temperature, generator=generator,
                               compat_official=self.compat_official)
         return {"loss": losses.stage1_loss(vpc, mtc, self.cfg.mtc_weight), "vpc": vpc, "mtc": mtc}

@@ -50,7 +50,7 @@ class LFVILARetrieval(LFVILA):
                 distributed=None) -> dict[str, torch.Tensor]:
         v = self.encode_video(video)["global"]
         t = self.encode_text(ids, mask, real)["paragraph"]
-        vpc = losses.vpc_loss(v, t, self.cfg.temperature, distributed=distributed)
+        vpc = losses.vpc_loss(v, t, self.cfg.temperature, distributed=distributed, impl=self.cfg.loss_impl)
         return {"loss": vpc, "vpc": vpc, "video": v, "text": t}
 
 

@@ -8,7 +8,6 @@ two idle cores); Triton never runs here (on the CPU the benchmark skips it unles
 from __future__ import annotations
 
 import csv
-import os
 import sys
 
 import pytest
@@ -57,23 +56,9 @@ def test_model_config_rejects_a_video_encoder_only_variant():
 
 
 # --------------------------------------------------------------------------------------------------- impl switch
-def test_kernels_env_sets_and_restores_the_dispatch_variable(monkeypatch):
-    from lfvila_kernels import dispatch
-
-    assert bts.ENV_VAR == dispatch.ENV_VAR
-    monkeypatch.setenv(bts.ENV_VAR, "triton")
-    with bts.kernels_env("torch"):
-        assert dispatch.select_impl("auto", CPU, torch.float32, (torch.float32,)) == "torch"
-    assert os.environ[bts.ENV_VAR] == "triton"
-    monkeypatch.delenv(bts.ENV_VAR)
-    with bts.kernels_env("torch"):
-        assert os.environ[bts.ENV_VAR] == "torch"
-    assert bts.ENV_VAR not in os.environ
-
-
 def test_torch_provider_takes_the_torch_path_of_both_ops(monkeypatch):
-    """Built with impl "torch" and run under LFVILA_KERNELS=torch, every window attention and the VPC loss resolve to
-    torch (the test session runs Triton's interpreter, so "auto" alone would not decide it on the CPU)."""
+    """Built with impl "torch", every window attention and the VPC loss resolve to torch (the test session runs
+    Triton's interpreter, so "auto" alone would not decide it on the CPU), with nothing set in the environment."""
     from lfvila_kernels.modules import WindowAttention3D
 
     resolved = []
@@ -86,13 +71,13 @@ def test_torch_provider_takes_the_torch_path_of_both_ops(monkeypatch):
             return out
 
         monkeypatch.setattr(sys.modules[module], "select_impl", spy)
-    with bts.kernels_env("torch"):
-        model = bts.build_model(TINY, "torch")
-        attention = [m for m in model.modules() if isinstance(m, WindowAttention3D)]
-        assert attention and {m.impl for m in attention} == {"torch"}
-        assert model.training
-        step = bts.make_step(model, *bts.make_inputs(model.cfg, 2, 8, 64, 96), torch.float32)
-        loss = step()
+    monkeypatch.delenv("LFVILA_KERNELS", raising=False)
+    model = bts.build_model(TINY, "torch")
+    attention = [m for m in model.modules() if isinstance(m, WindowAttention3D)]
+    assert attention and {m.impl for m in attention} == {"torch"} and model.cfg.loss_impl == "torch"
+    assert model.training
+    step = bts.make_step(model, *bts.make_inputs(model.cfg, 2, 8, 64, 96), torch.float32)
+    loss = step()
     assert torch.isfinite(loss) and set(step.last) >= {"loss", "vpc", "mtc"}
     assert all(p.grad is None for p in model.parameters())  # the step leaves no gradients behind
     assert {op for op, _ in resolved} == {"attention", "contrastive"}
