@@ -191,7 +191,7 @@ class RunConfig:
 
     ``resume_changes``: what a resume does when this config differs from the checkpoint's in a key that changes the
     schedule, the optimizer, the data or the model (``train.max_steps``, ``train.lr``, ``train.batch_size``,
-    ``data.train``, ``model.*``, ...; ``train.loop.RESUME_FREE`` lists the keys that may change, such as logging,
+    ``data.train``, ``model.*``, ...; ``train.resume.RESUME_FREE`` lists the keys that may change, such as logging,
     checkpointing, evaluation, ``data.num_workers`` and ``run.*``). ``refuse`` (default): a ValueError naming each
     changed key with its old and new value, because the checkpoint's scheduler and optimizer would silently keep the
     old schedule and hyperparameters. ``keep``: resume anyway, logging a warning that names the keys; the

@@ -19,7 +19,7 @@ rank and worker yields the same number of batches (the rest of the shards' sampl
 evaluation reads every written sample once, in index order. ``data.backend: dali`` refuses shards (the reason:
 ``lfvila.data.shards``); ``auto`` reads them with PyAV. ``video_root`` and ``format_kwargs`` are not used (the shards
 hold the videos and the parsed annotation rows). The stream's slots are ``world_size x data.num_workers``, so with
-shards the loop refuses a resume that changes ``data.num_workers`` (``train.loop.resume_changes``; with
+shards the loop refuses a resume that changes ``data.num_workers`` (``train.resume.resume_changes``; with
 ``run.resume_changes: keep`` the rest of that epoch's shards is dealt anew and may repeat or miss samples; from the
 next epoch on it is exact again). A resume on another number of ranks does the same.
 

@@ -102,9 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from lfvila.data.synthetic import make_dataset
+    from lfvila.models.factory import build_model
 
     from . import evaluate
-    from .loop import Trainer, build_model
+    from .loop import Trainer
 
     began = time.time()
     out, data = Path(args.out), Path(args.data)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.retrieval_epochs:
         ret += ["--train.epochs", str(args.retrieval_epochs)]
     cfg2 = load_config(ROOT / "configs" / "demo_retrieval.yaml", ret)
-    build_model(cfg2)  # fail early on a bad init path
+    build_model(cfg2.model)  # fail early on a bad init path
     finetuned = Trainer(cfg2).fit()
 
     n_test = summary["splits"]["test"]

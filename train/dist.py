@@ -94,3 +94,67 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def wrap_model(model: nn.Module, env: DistEnv, strategy: str, precision: str, compile: bool = False) -> nn.Module:
+    """The model as the training step runs it. Several ranks: ``strategy`` ``fsdp`` (FSDP2 ``fully_shard`` per video
+    block and BERT layer, then the root; bf16 parameters under ``precision: bf16``, fp32 gradient reduction) or DDP
+    (``find_unused_parameters``: some parameters get no gradient by construction, e.g. the MLM head in stage 1, the
+    local branch in retrieval). Then ``torch.compile`` when ``compile``."""
+    if env.distributed:
+        if strategy == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                          reduce_dtype=torch.float32)
+            for layer in model.video_encoder.layers:
+                for block in layer.blocks:
+                    fully_shard(block, mp_policy=policy)
+            for layer in model.text_encoder.bert.encoder.layer:
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+        else:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                find_unused_parameters=True)
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` (unwrapped) is an FSDP2 root."""
+    return hasattr(model, "unshard") and hasattr(model, "reshard")
+
+
+def load_weights(model: nn.Module, path, name: str) -> None:
+    """Strictly load a weights file into ``model`` (unwrapped; variant ``name``). An FSDP2-sharded model loads
+    through an unsharded copy built from its config, where the strict key and shape checks run."""
+    from lfvila.models import convert, registry
+
+    if not is_sharded(model):
+        convert.load_checkpoint(model, path)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    plain = registry.build(name, model.cfg)
+    convert.load_checkpoint(plain, path)
+    set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+
+
+def save_pretrained(model: nn.Module, directory, name: str, is_main: bool) -> None:
+    """``save_pretrained`` of the full weights of ``model`` (unwrapped; variant ``name``) by the main rank. Under
+    FSDP2 the full state is gathered to the CPU first (a collective: every rank calls this). Ends with a barrier."""
+    from lfvila.models import convert, registry
+
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if is_main:
+            plain = registry.build(name, model.cfg)
+            plain.load_state_dict(full)
+            convert.save_pretrained(plain, directory)
+    elif is_main:
+        convert.save_pretrained(model, directory)
+    barrier()

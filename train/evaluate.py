@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from lfvila.models import convert
+from lfvila.models.factory import build_model
 
 from . import data as tdata
 from . import dist
 from .cli import parse
-from .loop import QA_TASKS, _check_task, build_model, evaluate_qa, evaluate_retrieval
+from .tasks import check_task, get_task
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,9 +37,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse(rest, "python -m train.evaluate", __doc__)
     cfg.model.init = []
     env = dist.init(cfg.run.device)
-    model = build_model(cfg)
-    if cfg.train.task in QA_TASKS:  # the model must have the task's head and eval.select must be acc
-        _check_task(cfg, model)
+    model = build_model(cfg.model)
+    task = get_task(cfg.train.task)
+    if task.qa:  # the model must have the task's head and eval.select must be acc
+        check_task(cfg, model)
     path = Path(known.checkpoint)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -47,8 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     autocast = None
     if env.device.type == "cuda" and cfg.train.precision in ("auto", "bf16"):
         autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    run = evaluate_qa if cfg.train.task in QA_TASKS else evaluate_retrieval
-    metrics = run(model, cfg, tdata.tokenizer(cfg), known.split, env, autocast)
+    metrics = task.evaluate(model, cfg, tdata.tokenizer(cfg), known.split, env, autocast)
     if env.is_main:
         text = json.dumps({"checkpoint": str(known.checkpoint), "split": known.split, "task": cfg.train.task,
                            **metrics}, indent=2)

@@ -18,7 +18,8 @@ The best checkpoint is chosen by accuracy on ``eval.split`` (a validation split)
 from __future__ import annotations
 
 from .cli import parse
-from .loop import QA_TASKS, Trainer
+from .loop import Trainer
+from .tasks import QA_TASKS
 
 
 def main(argv: list[str] | None = None) -> dict:

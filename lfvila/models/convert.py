@@ -56,6 +56,7 @@ from .video_encoder import VideoEncoder, VideoEncoderConfig
 __all__ = [
     "CheckpointError",
     "LoadReport",
+    "apply_init",
     "from_pretrained",
     "inflate_swin2d",
     "init_from_pretraining",
@@ -227,6 +228,30 @@ MODEL_CLASSES: dict[str, tuple[type[nn.Module], type]] = {
     "VideoEncoder": (VideoEncoder, VideoEncoderConfig),
 }
 FORMAT_VERSION = 1
+
+
+def apply_init(model: nn.Module, steps) -> None:
+    """Run the init chain ``steps`` (``lfvila.config.InitStep``: ``kind``, ``path``) on ``model``, in order:
+    ``swin2d`` (an ImageNet Swin-2D, inflated into the video encoder), ``bert`` (BERT weights into the text encoder),
+    ``checkpoint`` (a strict full load), ``pretraining`` (a task from a pre-training checkpoint: new heads may be
+    missing, unused heads dropped), ``stage1`` (stage-1 weights over a stage-2 model), ``pretrained`` (a
+    ``save_pretrained`` directory or its weights file)."""
+    for step in steps:
+        if step.kind == "swin2d":
+            load_swin2d(model.video_encoder, step.path)
+        elif step.kind == "bert":
+            load_bert_weights(model.text_encoder, step.path)
+        elif step.kind == "checkpoint":
+            load_checkpoint(model, step.path)
+        elif step.kind == "pretraining":
+            init_from_pretraining(model, step.path)
+        elif step.kind == "stage1":
+            load_stage1(model, step.path)
+        elif step.kind == "pretrained":
+            path = Path(step.path)
+            load_checkpoint(model, path / "model.safetensors" if path.is_dir() else path)
+        else:
+            raise ValueError(f"model.init: unknown kind {step.kind!r}")
 
 
 def config_to_dict(cfg) -> dict:

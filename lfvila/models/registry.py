@@ -61,6 +61,31 @@ def create_model(name: str, **overrides) -> nn.Module:
     return _REGISTRY[name].build(config)
 
 
+def build(name: str, config: Any) -> nn.Module:
+    """The module of variant ``name`` built from ``config`` (its config dataclass, e.g. ``model.cfg`` of a built
+    model: an unsharded copy of a sharded one)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    return _REGISTRY[name].build(config)
+
+
+def with_overrides(obj, overrides: dict, where: str):
+    """``dataclasses.replace`` with nested dicts applied to nested config dataclasses (``{text: {vocab_size: 200}}``)
+    and lists to tuple fields; an unknown field raises ValueError naming it as ``where.key``."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"{where}.{key}: {type(obj).__name__} has no such field")
+        current = getattr(obj, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            value = with_overrides(current, value, f"{where}.{key}")
+        elif isinstance(value, list) and isinstance(current, tuple):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+
 def _tiny_video_config() -> VideoEncoderConfig:
     return VideoEncoderConfig(
         embed_dim=32, depths=(2, 2, 2, 2, 2, 2), num_heads=(2, 4, 8, 8, 8, 16),

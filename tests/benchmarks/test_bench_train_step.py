@@ -208,7 +208,7 @@ def test_flop_count_and_mfu_cells():
 def test_peak_table_is_the_training_loops():
     """bench_train_step keeps its own copy (train.loop imports PyAV, absent on the GPU machine): the two agree."""
     pytest.importorskip("av")
-    from train.loop import PEAK_BF16_TFLOPS
+    from train.metrics import PEAK_BF16_TFLOPS
 
     assert bts.PEAK_BF16_TFLOPS == PEAK_BF16_TFLOPS
 

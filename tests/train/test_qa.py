@@ -21,7 +21,8 @@ from lfvila.eval.qa import qa_metrics, qa_predictions
 from train import data as tdata
 from train import evaluate as evaluate_cli
 from train import finetune_qa
-from train.loop import Trainer, check_qa_data, evaluate_qa
+from train.loop import Trainer
+from train.tasks import check_qa_data, evaluate_qa
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "train", "configs")
 # task -> (config, tiny model, M segments, L tokens, model overrides); M * L stays within the tiny BERT's 64 positions

@@ -72,7 +72,7 @@ def test_two_steps_of_stage1_from_shards(data, tmp_path):
 def test_resume_refuses_a_new_worker_count_with_shards_only():
     """With shards the workers are slots of the stream (which samples the rest of the epoch holds): a resume that
     changes data.num_workers is a change; on the annotation path it stays free."""
-    from train.loop import resume_changes
+    from train.resume import resume_changes
 
     def tree(fmt, workers):
         return {"data": {"format": fmt, "num_workers": workers, "train": "x"}, "train": {"log_every": 1}}
