@@ -48,8 +48,8 @@ Rows per provider (``kernel="train_step"``, ``mode`` ``fwd+bwd`` or ``fwd+bwd+ad
     tflops        TFLOP/s  model FLOPs / step time; the model's FLOPs are the torch provider's count (every op of the
                            step is an aten op there), or the provider's own count when torch did not run (the note
                            says which); the same numerator for both providers, so the ratio is the speed-up
-    mfu           fraction model TFLOP/s / the GPU's dense bf16 tensor-core peak (:data:`PEAK_BF16_TFLOPS`, by device
-                           name); skipped on a CPU, for an unknown GPU and for fp32 runs
+    mfu           fraction model TFLOP/s / the GPU's dense bf16 tensor-core peak (``train.metrics.PEAK_BF16_TFLOPS``, by
+                           device name); skipped on a CPU, for an unknown GPU and for fp32 runs
     peak_rss      MB       CPU (unless ``--no-rss``): peak resident set increase of one step in a fresh process, one
                            process per provider, after a warm-up step on a minimal problem (1 video, 1 frame per
                            clip, 64 x 64: thread pools, lazy initialisation, AdamW state) there (harness.
@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import math
 import os
@@ -78,6 +77,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
+from train.metrics import PEAK_BF16_TFLOPS  # torch only: no PyAV, which the GPU machine lacks
 
 KERNEL = "train_step"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -87,10 +87,6 @@ CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 TOKEN_RANGE = (1000, 30000)
 TARGET_SPEEDUP, TARGET_MEMORY = 1.5, 0.7
 MIN_WARMUP = 2
-# Dense bf16 tensor-core peak (TFLOP/s) by a substring of the device name: the table of train/loop.py (a test keeps
-# the two equal). Not imported from there: train.loop imports train.data, hence PyAV, which the GPU machine lacks.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                    "L4": 121.0, "A10": 125.0}  # fmt: skip
 
 # Defaults per device: (model, batch, frames, (height, width), dtype flag).
 CUDA_DEFAULTS = ("lfvila-base-model", 16, 32, (192, 320), "bf16")  # the issue's configuration
@@ -167,15 +163,16 @@ def model_config(name: str):
 
 
 def build_model(name: str, impl: str, *, grad_checkpointing: bool = False, device="cpu", seed: int = 0):
-    """``lfvila.create_model(name)`` with ``attn_impl=impl`` in the video encoder (and ``grad_checkpointing``) and
-    ``loss_impl=impl``, its parameters initialised from ``seed`` (fp32, on the CPU, then moved to ``device``), in
-    train mode."""
-    from lfvila.models import create_model
+    """The training loop's model (``lfvila.models.factory.build_model``) of variant ``name`` with ``attn_impl`` and
+    ``loss_impl`` = ``impl`` (and ``grad_checkpointing``), its parameters initialised from ``seed`` (fp32, on the CPU,
+    then moved to ``device``), in train mode."""
+    from lfvila.config import ModelConfig
+    from lfvila.models.factory import build_model as configured
 
-    cfg = model_config(name)
-    video = dataclasses.replace(cfg.video, attn_impl=impl, grad_checkpointing=grad_checkpointing)
+    model_config(name)  # a full LF-VILA model, or a clear error
     torch.manual_seed(seed)
-    return create_model(name, video=video, loss_impl=impl).to(device).train()
+    model_cfg = ModelConfig(name=name, attn_impl=impl, loss_impl=impl, grad_checkpointing=grad_checkpointing)
+    return configured(model_cfg).to(device).train()
 
 
 def token_range(vocab_size: int) -> tuple[int, int]:
@@ -342,7 +339,7 @@ def peak_tflops(device: torch.device) -> tuple[float | None, str]:
     for key, value in PEAK_BF16_TFLOPS.items():
         if key in name:
             return value, f"{name}: dense bf16 peak {value:g} TFLOP/s"
-    return None, f"no dense bf16 peak known for {name} (benchmarks.bench_train_step.PEAK_BF16_TFLOPS)"
+    return None, f"no dense bf16 peak known for {name} (train.metrics.PEAK_BF16_TFLOPS)"
 
 
 def throughput_cells(cells: dict[str, tuple], model_flops: tuple[float, str] | None, peak: tuple[float | None, str],

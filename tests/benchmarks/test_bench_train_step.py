@@ -205,13 +205,16 @@ def test_flop_count_and_mfu_cells():
     assert bts.peak_tflops(CPU)[0] is None
 
 
-def test_peak_table_is_the_training_loops():
-    """bench_train_step keeps its own copy (train.loop imports PyAV, absent on the GPU machine): the two agree."""
-    pytest.importorskip("av")
+def test_peak_table_is_the_training_loops_and_imports_no_pyav():
+    """bench_train_step uses train.metrics' table; importing that loads neither PyAV nor the training loop."""
+    import subprocess
+
     from train.metrics import PEAK_BF16_TFLOPS
 
-    assert bts.PEAK_BF16_TFLOPS == PEAK_BF16_TFLOPS
-
+    assert bts.PEAK_BF16_TFLOPS is PEAK_BF16_TFLOPS
+    code = "import sys, benchmarks.bench_train_step; print(sorted(m for m in ('av', 'train.loop') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 def test_target_heads_start_the_target_lines():
     rows = [_row("triton", "clips_per_s", "clips/s", 32.0), _row("torch", "clips_per_s", "clips/s", 16.0)]
