@@ -22,8 +22,10 @@ Parts (``--parts``):
     workers      at ``--worker-rows`` rows: ``--workers`` forked workers of the project's loader (SeededDataLoader,
                  which freezes the inherited heap in each worker) each read ``--worker-samples``
                  samples in random order; ``rss_growth_mb``: the sum over workers of (resident set after the last
-                 sample - after the first), i.e. what copy-on-write and caches add while the epoch runs; per mode
-                 jsonl-cached, lmdb-open and objects
+                 sample - after the first), i.e. what copy-on-write and caches add while the epoch runs, and the
+                 same sum of its file-backed and anonymous parts (``rss_file_growth_mb``, ``rss_anon_growth_mb``:
+                 RssFile, RssAnon), of Pss (``pss_growth_mb``: shared pages split among the processes mapping
+                 them) and of Private_Dirty (``private_growth_mb``); per mode jsonl-cached, lmdb-open and objects
     decode       bench_decode's ``clips4x8`` workload (32 frames: 4 clips x 8) on raw (30 fps, GOP 250) and prepared
                  (3 fps, GOP 8) H.264 with one process and one FFmpeg thread: ``samples_per_core_s`` = samples/s per
                  CPU core used, and ``cores_per_gpu`` = the cores one GPU needs to decode at the stage-1 input rate,
@@ -126,18 +128,30 @@ def child_annotations(mode: str, jsonl: str, db: str, cache: str) -> None:
     harness.rss_child(lambda: (lambda: _load(mode, jsonl, db, cache)))
 
 
-def _rss() -> tuple[int, int]:
-    """``(Rss, Private_Dirty)`` of this process in bytes (``/proc/self/smaps_rollup``). A forked worker's Rss already
-    counts the parent's pages it shares, so copy-on-write does not raise it; Rss grows with the file pages it maps
-    (a memory-mapped index or LMDB: shared, clean page cache). ``Private_Dirty`` grows with what the worker really
-    adds: pages copied on write (reference counts of shared Python objects) and its own allocations."""
+MEMORY = {"Rss": "rss_growth_mb", "RssFile": "rss_file_growth_mb", "RssAnon": "rss_anon_growth_mb",
+          "Pss": "pss_growth_mb", "Private_Dirty": "private_growth_mb"}  # field -> metric of the workers part
+_MEMORY_NOTES = {"Rss": "", "RssFile": "RssFile: file-backed pages mapped (page cache, shared)",
+                 "RssAnon": "RssAnon: anonymous pages (heap, copied on write)",
+                 "Pss": "Pss: shared pages split among the processes mapping them",
+                 "Private_Dirty": "Private_Dirty: pages copied on write and allocated"}  # fmt: skip
+
+
+def _rss() -> dict[str, int]:
+    """This process's memory in bytes: ``Rss``, ``Pss`` and ``Private_Dirty`` from ``/proc/self/smaps_rollup``,
+    ``RssFile`` and ``RssAnon`` (the parts of Rss: file-backed and anonymous) from ``/proc/self/status``. A forked
+    worker's Rss already counts the parent's pages it shares, so copy-on-write does not raise it; Rss grows with the
+    file pages it maps (a memory-mapped index or LMDB: shared, clean page cache: RssFile). ``Private_Dirty`` grows
+    with what the worker really adds: pages copied on write (reference counts of shared Python objects) and its own
+    allocations."""
     got = {}
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("Rss", "Private_Dirty"):
-                got[key] = int(rest.split()[0]) * 1024
-    return got["Rss"], got["Private_Dirty"]
+    for path, keys in (("/proc/self/smaps_rollup", ("Rss", "Pss", "Private_Dirty")),
+                       ("/proc/self/status", ("RssFile", "RssAnon"))):
+        with open(path) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in keys:
+                    got[key] = int(rest.split()[0]) * 1024
+    return got
 
 
 class _Probe:
@@ -175,9 +189,8 @@ def child_workers(mode: str, jsonl: str, db: str, cache: str, workers: int, samp
             last[wid] = (calls, rss)
         if any(last[w][0] != samples for w in last) or len(last) != workers:
             raise RuntimeError(f"workers read {sorted(c for c, _ in last.values())}, expected {samples} each")
-        per = [(last[w][1][0] - first[w][0]) / 2**20 for w in sorted(last)]
-        private = sum(last[w][1][1] - first[w][1] for w in last) / 2**20
-        harness.report_to_parent({"growth_mb": sum(per), "private_growth_mb": private, "per_worker_mb": per})
+        growth = {k: [(last[w][1][k] - first[w][k]) / 2**20 for w in sorted(last)] for k in MEMORY}
+        harness.report_to_parent({"growth_mb": {k: sum(v) for k, v in growth.items()}, "per_worker_mb": growth["Rss"]})
     except Exception as exc:
         harness.report_to_parent({"error": harness.describe_exception(exc)})
         raise SystemExit(1) from None
@@ -252,11 +265,11 @@ def run_workers(n: int, jsonl: Path, db: Path, workers: int, samples: int, scrat
                 continue
             per = ", ".join(f"{v:.1f}" for v in got["per_worker_mb"])
             what = f"{workers} workers x {samples} samples"
-            rows.append(_row(mode, "workers", n, "rss_growth_mb", "MB", {"p50": got["growth_mb"]},
-                             note=f"{what}; per worker MB: {per}"))
-            rows.append(_row(mode, "workers", n, "private_growth_mb", "MB", {"p50": got["private_growth_mb"]},
-                             note=f"{what}; Private_Dirty: pages copied on write and allocated"))
-            log(f"  {mode:13s} {what}: +{got['growth_mb']:.1f} MB ({per}); private +{got['private_growth_mb']:.1f} MB")
+            for key, metric in MEMORY.items():
+                rows.append(_row(mode, "workers", n, metric, "MB", {"p50": got["growth_mb"][key]},
+                                 note=f"{what}; " + (_MEMORY_NOTES[key] or f"per worker MB: {per}")))
+            log(f"  {mode:13s} {what}: " + ", ".join(f"{k} {v:+.1f} MB" for k, v in got["growth_mb"].items())
+                + f" (Rss per worker {per})")
     return rows
 
 
@@ -319,9 +332,10 @@ def markdown_summary(rows: Sequence[dict]) -> str:
     work = [r for r in rows if r["mode"] == "workers"]
     if work:
         out += ["", "**workers**: growth summed over the workers while they read their samples: Rss (every mapped "
-                "page, file pages of a memory-mapped index or LMDB included) and Private_Dirty (pages copied on "
-                "write or allocated: the memory the workers really add)", "", "| mode | metric | growth | note |",
-                "|---|---|---|---|"]
+                "page, file pages of a memory-mapped index or LMDB included), its parts RssFile (file-backed: "
+                "shared page cache) and RssAnon (anonymous), Pss (shared pages split among the processes mapping "
+                "them) and Private_Dirty (pages copied on write or allocated: the memory the workers really add)",
+                "", "| mode | metric | growth | note |", "|---|---|---|---|"]
         for r in work:
             cell = "failed" if r["status"] != "ok" else f"{float(r['p50']):.1f} MB"
             out.append(f"| {r['provider']} | {r['metric']} | {cell} | {r['note']} |")

@@ -39,7 +39,11 @@ def test_tiny_run_rows_summary_and_plot(tmp_path):
                        str(tmp_path / "s"), "--out", str(out), "--markdown", str(tmp_path / "d.md"), "--plot",
                        str(tmp_path / "p.png")])
     stored = harness.read_rows(out)
-    assert len(stored) == len(rows) == 2 * len(bdata.MODES) + 2 * len(bdata.WORKER_MODES)
+    assert len(stored) == len(rows) == 2 * len(bdata.MODES) + len(bdata.MEMORY) * len(bdata.WORKER_MODES)
+    work = {(r["provider"], r["metric"]) for r in stored if r["mode"] == "workers"}
+    assert work == {(m, k) for m in bdata.WORKER_MODES for k in ("rss_growth_mb", "rss_file_growth_mb",
+                                                                  "rss_anon_growth_mb", "pss_growth_mb",
+                                                                  "private_growth_mb")}
     assert {r["status"] for r in stored} == {"ok"}, [r["note"] for r in stored if r["status"] != "ok"]
     assert all(r["kernel"] == "data" and r["x_value"] == "300" for r in stored)
     load = {r["provider"]: float(r["p50"]) for r in stored if r["metric"] == "load_s"}
@@ -48,6 +52,7 @@ def test_tiny_run_rows_summary_and_plot(tmp_path):
     assert "| jsonl-first |" in text and "jsonl-first load_s at 200,000 rows <= 15: not run" in text
     for mode in ("jsonl-cached", "lmdb-open"):
         assert re.search(rf"- {mode} workers' total RSS growth <= 100 MB: (met|missed) \(\d", text), text
+        assert f"| {mode} | rss_file_growth_mb |" in text and f"| {mode} | pss_growth_mb |" in text
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 

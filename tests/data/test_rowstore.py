@@ -139,6 +139,44 @@ def test_lmdb_env_is_opened_per_process(tmp_path):
     assert ds[1]["video_id"] == "yt00001x"  # the parent's environment still reads after the child closed its copy
 
 
+def _mapped_kb(path) -> int:
+    """Rss (kB) of this process's mappings of the file ``path`` (``/proc/self/smaps``)."""
+    st, total, inside = os.stat(path), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                inside = fields[4] == str(st.st_ino)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_lmdb_reads_leave_no_pages_of_the_map_mapped(tmp_path):
+    """Each read unmaps the pages of data.mdb again (release_maps: else fault-around maps 64 KB a random read into
+    each worker, Rss growing to the file's size); the rows read are the LMDB's bytes, read again the same."""
+    rows = official_rows(3000)
+    rows = [r + [{"clip_id": f"pad{i}.9.mp4", "text": "x" * 900}] for i, r in enumerate(rows)]  # ~1 KB a row
+    db = write_lmdb(tmp_path / "db", dict(enumerate(rows)))
+    data = db / "data.mdb"
+    assert data.stat().st_size > 3_000_000
+    with open(data, "rb") as f:  # the file in the page cache: what fault-around maps
+        f.read()
+    store = rowstore.LmdbRows(db)
+    assert store._env_maps and rowstore.file_maps(data) == store._env_maps
+    order = np.random.default_rng(1).permutation(3000)
+    got = [store.read(int(i)) for i in order]
+    assert _mapped_kb(data) <= 64, _mapped_kb(data)
+    assert got == [repr(rows[int(i)]).encode() for i in order]  # what write_lmdb stored
+    with store._env().begin() as txn:  # the same reads straight from the environment, without the release
+        assert [txn.get(str(int(i)).encode()) for i in order] == got
+        assert _mapped_kb(data) > 1000  # ... keep their pages mapped, for scale
+    assert [store.read(int(i)) for i in order[:50]] == got[:50]
+    assert store.read(5000) is None
+    rowstore.release_maps(())  # nothing known: a no-op
+
+
 def test_jsonl_bad_rows_skip_and_cache_keeps_the_counts(tmp_path, caplog):
     rows = [json.dumps(r) for r in official_rows(30)]
     rows[5] = "{not json"
