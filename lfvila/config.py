@@ -35,9 +35,11 @@ __all__ = [
     "TASKS",
     "TrainConfig",
     "config_to_dict",
+    "from_dict",
     "load_config",
     "parse_overrides",
     "save_config",
+    "to_dict",
 ]
 
 TASKS = ("stage1", "stage2", "retrieval", "multichoice", "classification")
@@ -221,12 +223,24 @@ class Config:
 # ------------------------------------------------------------------------------------------------ conversion
 
 
+# ------------------------------------------------------------------------------------------------ dict <-> dataclass
+# The one converter between config dataclasses and plain dicts, for the run config (YAML), the model configs
+# (``config.json`` of ``save_pretrained``) and the model overrides (``model.overrides``, applied onto a variant's
+# config). Hooks let a caller encode / decode values of types this module does not know (transformers' BertConfig).
+
+
 def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _convert(value, hint, key: str):
-    """``value`` (from YAML) as type ``hint``, or ConfigError naming ``key``."""
+def _convert(value, hint, key: str, decode=None, base=None):
+    """``value`` (from YAML or JSON) as type ``hint``, or ConfigError naming ``key``. A dict for a dataclass hint is
+    converted by :func:`from_dict` (onto ``base``, that field's current value, when given); ``decode(value, hint)``
+    may return a value for hints this function does not know (``NotImplemented``: not handled)."""
+    if decode is not None:
+        out = decode(value, hint)
+        if out is not NotImplemented:
+            return out
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -237,14 +251,14 @@ def _convert(value, hint, key: str):
             if arg is type(None):
                 continue
             try:
-                return _convert(value, arg, key)
+                return _convert(value, arg, key, decode, base if dataclasses.is_dataclass(base) else None)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
-        return _from_dict(hint, value, key)
+        return from_dict(hint, value, key, base=base if isinstance(base, hint) else None, decode=decode)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
@@ -252,9 +266,9 @@ def _convert(value, hint, key: str):
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_convert(v, a, f"{key}[{i}]", decode) for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else typing.Any
-        out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        out = [_convert(v, item, f"{key}[{i}]", decode) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
@@ -282,35 +296,53 @@ def _convert(value, hint, key: str):
     raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
 
 
-def _from_dict(cls, data, prefix: str):
+def from_dict(cls, data, where: str = "", *, base=None, decode=None):
+    """Dataclass ``cls`` from the plain dict ``data``, every value checked and converted by its field's type (nested
+    dataclasses from nested dicts, lists into tuples, YAML's ``"5e-5"`` into a float). Unknown keys and wrong types
+    raise :class:`ConfigError` naming the dotted key under ``where``.
+
+    ``base``: an instance of ``cls`` the dict overrides (``model.overrides`` onto a variant's config): only the keys
+    given change, nested dicts override nested dataclasses field by field; without it, the fields not given take their
+    defaults. ``decode(value, hint)``: values of types this module does not know (see :func:`_convert`)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k, decode,
+                          None if base is None else getattr(base, k)) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
+        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
 
 
-def config_to_dict(cfg) -> dict:
-    """A config dataclass as plain dicts / lists (YAML- and JSON-ready)."""
-    def encode(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: encode(getattr(v, f.name)) for f in dataclasses.fields(v)}
+def to_dict(obj, encode=None):
+    """A config dataclass as plain dicts / lists (YAML- and JSON-ready): dataclasses by field, tuples as lists, dict
+    keys as strings. ``encode(value)``, asked first for every value, turns values of other types into plain ones
+    (``NotImplemented``: not one of them; a value of no known type raises a TypeError naming it)."""
+    def walk(v):
+        out = NotImplemented if encode is None else encode(v)  # first: a foreign type may be a dataclass too
+        if out is not NotImplemented:
+            return out
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: walk(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, (list, tuple)):
-            return [encode(x) for x in v]
+            return [walk(x) for x in v]
         if isinstance(v, dict):
-            return {k: encode(x) for k, x in v.items()}
-        return v
-    return encode(cfg)
+            return {str(k): walk(x) for k, x in v.items()}
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        raise TypeError(f"cannot serialise config value {v!r} of type {type(v).__name__}")
+    return walk(obj)
+
+
+config_to_dict = to_dict
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -374,7 +406,7 @@ def load_config(path=None, overrides: list[str] | dict | None = None) -> Config:
     data = _read_yaml(Path(path)) if path is not None else {}
     if overrides:
         data = _merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    return _from_dict(Config, data, "")
+    return from_dict(Config, data)
 
 
 def save_config(cfg: Config, path) -> None:

@@ -46,6 +46,8 @@ import torch
 import torch.nn as nn
 from transformers import BertConfig
 
+from lfvila.config import from_dict, to_dict
+
 from ._io import CheckpointError, LoadReport, read_state_dict
 from .lfvila import LFVILA, LFVILAConfig
 from .swin2d import inflate_swin2d, load_swin2d
@@ -254,46 +256,34 @@ def apply_init(model: nn.Module, steps) -> None:
             raise ValueError(f"model.init: unknown kind {step.kind!r}")
 
 
+def _encode_bert(v):
+    return {"__bert_config__": v.to_dict()} if isinstance(v, BertConfig) else NotImplemented
+
+
+def _tuples(v):
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def _decode_model_value(v, hint):
+    """``config.json`` values that JSON cannot tell apart: a BertConfig, and the tuples inside free-form dict fields
+    (``VideoEncoderConfig.extra``), which JSON stores as lists."""
+    if isinstance(v, dict) and "__bert_config__" in v:
+        return BertConfig.from_dict(v["__bert_config__"])
+    if (hint is dict or typing.get_origin(hint) is dict) and isinstance(v, dict):
+        return {k: _tuples(x) for k, x in v.items()}
+    return NotImplemented
+
+
 def config_to_dict(cfg) -> dict:
-    """A config dataclass (nested dataclasses, tuples, a transformers ``BertConfig``) -> JSON-ready dict."""
-    def encode(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: encode(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, BertConfig):
-            return {"__bert_config__": v.to_dict()}
-        if isinstance(v, (tuple, list)):
-            return [encode(x) for x in v]
-        if isinstance(v, dict):
-            return {str(k): encode(x) for k, x in v.items()}
-        if v is None or isinstance(v, (bool, int, float, str)):
-            return v
-        raise TypeError(f"cannot serialise config value {v!r} of type {type(v).__name__}")
-    return encode(cfg)
+    """A model config dataclass -> JSON-ready dict (``lfvila.config.to_dict``; a transformers ``BertConfig`` as
+    ``{"__bert_config__": its dict}``)."""
+    return to_dict(cfg, encode=_encode_bert)
 
 
 def config_from_dict(cls: type, data: dict, where: str = "config"):
-    """Inverse of :func:`config_to_dict` for dataclass ``cls``; unknown keys raise ValueError naming them."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown} for {cls.__name__}")
-    hints = typing.get_type_hints(cls)
-
-    def decode(v, hint, name):
-        if isinstance(v, dict) and "__bert_config__" in v:
-            return BertConfig.from_dict(v["__bert_config__"])
-        sub = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
-        if sub is not None and isinstance(v, dict):
-            return config_from_dict(sub, v, f"{where}.{name}")
-        if isinstance(v, list):
-            return tuple(decode(x, None, name) for x in v)
-        if isinstance(v, dict):
-            return {k: decode(x, None, name) for k, x in v.items()}
-        return v
-
-    return cls(**{k: decode(v, hints.get(k), k) for k, v in data.items()})
+    """Inverse of :func:`config_to_dict` for dataclass ``cls`` (``lfvila.config.from_dict``: every value checked
+    against its field's type; unknown keys and wrong types raise a ValueError naming the key)."""
+    return from_dict(cls, data, where, decode=_decode_model_value)
 
 
 def save_pretrained(model: nn.Module, directory, *, overwrite: bool = True) -> Path:

@@ -70,20 +70,12 @@ def build(name: str, config: Any) -> nn.Module:
 
 
 def with_overrides(obj, overrides: dict, where: str):
-    """``dataclasses.replace`` with nested dicts applied to nested config dataclasses (``{text: {vocab_size: 200}}``)
-    and lists to tuple fields; an unknown field raises ValueError naming it as ``where.key``."""
-    names = {f.name for f in dataclasses.fields(obj)}
-    changes = {}
-    for key, value in overrides.items():
-        if key not in names:
-            raise ValueError(f"{where}.{key}: {type(obj).__name__} has no such field")
-        current = getattr(obj, key)
-        if isinstance(value, dict) and dataclasses.is_dataclass(current):
-            value = with_overrides(current, value, f"{where}.{key}")
-        elif isinstance(value, list) and isinstance(current, tuple):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        changes[key] = value
-    return dataclasses.replace(obj, **changes)
+    """``obj`` (a config dataclass) with ``overrides`` applied: nested dicts onto nested config dataclasses
+    (``{text: {vocab_size: 200}}``), each value checked against its field's type (``lfvila.config.from_dict`` with
+    ``base=obj``); an unknown field or a wrong type raises a ValueError naming it as ``where.key``."""
+    from lfvila.config import from_dict
+
+    return from_dict(type(obj), overrides, where, base=obj)
 
 
 def _tiny_video_config() -> VideoEncoderConfig:
