@@ -1,11 +1,12 @@
 """The training loop shared by every LF-VILA task: ``Trainer(cfg).fit()`` runs one configured job end to end.
 
 It builds the model (``lfvila.models.factory``), checks it against the task (``train.tasks``), wraps it
-(``train.dist.wrap_model``), builds the data (``train.data``), the optimizer and schedule (``train.optim``), resumes
-(``train.checkpoint``, ``train.resume``), then loops: autocast, gradient accumulation, clipping, non-finite steps
-skipped on every rank and counted, checkpoints every ``train.ckpt_every`` steps and at the end, evaluation every
-``train.eval_every`` steps (default: each epoch) with the best weights in ``run.dir/best``, and on SIGTERM / SIGUSR1 a
-checkpoint then a clean exit (``fit`` returns ``{"preempted": True}``). Logging: ``train.metrics``.
+(``train.dist.wrap_model``), builds the data (``train.data``), the optimizer and schedule (``train.optim``),
+resumes (``train.rundir``, ``train.checkpoint``, ``train.resume``), then loops: autocast, gradient accumulation,
+clipping, non-finite steps skipped on every rank and counted, checkpoints every ``train.ckpt_every`` steps and at
+the end, evaluation every ``train.eval_every`` steps (default: each epoch) with the best weights in
+``run.dir/best``, and on SIGTERM / SIGUSR1 a checkpoint then a clean exit (``fit`` returns ``{"preempted": True}``).
+Logging: ``train.metrics``.
 
 The whole job step by step, the task table, and the random streams that make a resumed run repeat the uninterrupted
 one bitwise on the CPU: ``docs/training.md``.
@@ -29,7 +30,7 @@ from lfvila.models.factory import build_model
 
 from . import checkpoint as ckpt
 from . import data as tdata
-from . import dist
+from . import dist, rundir
 from .dist import unwrap_model
 from .metrics import LogWindow, MetricsWriter, batch_tokens, count_step_flops, step_terms
 from .optim import apply_frozen_eval, build_optimizer, build_scheduler, freeze
@@ -56,7 +57,7 @@ class Trainer:
         self.device = self.env.device
         seed_everything(t.seed + self.env.rank)
         self.run_dir = Path(cfg.run.dir)
-        resume = ckpt.resolve_resume(self.run_dir, cfg.run.resume)
+        resume = rundir.resolve_resume(self.run_dir, cfg.run.resume)
         if resume is not None:  # before config.yaml is replaced: a refused resume leaves the run directory as it was
             check_resume(cfg, resume, self.env.is_main)
         if self.env.is_main:

@@ -1,10 +1,10 @@
 """Pieces of the checkpoint writer that know nothing about models: RNG states, the plain-data check that keeps every
-``.pt`` file readable with ``torch.load(weights_only=True)``, and fsynced file writes."""
+``.pt`` file readable with ``torch.load(weights_only=True)``, and the writers of ``.pt`` and text files (their fsync:
+``lfvila.models.weights.write_file``)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -74,7 +74,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 _PLAIN_TYPES = (int, float, bool, str, type(None))
 
 
-def _check_plain(obj: Any, where: str) -> None:
+def check_plain(obj: Any, where: str) -> None:
     """Raise TypeError (naming the entry) unless ``obj`` loads with ``torch.load(weights_only=True)``: plain tensors,
     numbers, strings, None, and lists / tuples / dicts of them (exact types: a numpy scalar is not a float here)."""
     if isinstance(obj, torch.Tensor):
@@ -85,49 +85,26 @@ def _check_plain(obj: Any, where: str) -> None:
         return
     if type(obj) in (list, tuple, torch.Size):
         for i, v in enumerate(obj):
-            _check_plain(v, f"{where}[{i}]")
+            check_plain(v, f"{where}[{i}]")
         return
     if isinstance(obj, dict) and type(obj).__module__ in ("builtins", "collections"):
         for k, v in obj.items():
             if type(k) not in (str, int):
                 raise TypeError(f"{where}: key {k!r} of type {type(k).__name__} (only str / int keys can be stored)")
-            _check_plain(v, f"{where}[{k!r}]")
+            check_plain(v, f"{where}[{k!r}]")
         return
     raise TypeError(f"{where}: a {type(obj).__name__} cannot be stored in a checkpoint (only tensors, numbers, "
                     "strings, None, lists, tuples and dicts load with weights_only=True)")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:  # pragma: no cover - some filesystems refuse fsync on directories
-        if e.errno not in (22, 9):  # EINVAL, EBADF
-            raise
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, write: Callable[[Path], None]) -> int:
-    """``write(path)``, then flush the file to disk (fsync); returns its size. Every checkpoint file goes through
-    here (tests wrap it to interrupt a save after a given file)."""
-    write(path)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-    return path.stat().st_size
-
-
-def _torch_writer(obj: Any) -> Callable[[Path], None]:
+def torch_writer(obj: Any) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         with open(path, "wb") as f:
             torch.save(obj, f)
     return write
 
 
-def _text_writer(text: str) -> Callable[[Path], None]:
+def text_writer(text: str) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)

@@ -48,12 +48,21 @@ from transformers import BertConfig
 
 from lfvila.config import from_dict, to_dict
 
-from ._io import CheckpointError, LoadReport, read_state_dict
 from .lfvila import LFVILA, LFVILAConfig
 from .swin2d import inflate_swin2d, load_swin2d
 from .tasks import LFVILAForClassification, LFVILAForMultipleChoice, LFVILARetrieval
 from .text_encoder import load_bert_weights
 from .video_encoder import VideoEncoder, VideoEncoderConfig
+from .weights import (
+    CheckpointError,
+    LoadReport,
+    mismatch_message,
+    read_state_dict,
+    replace_dir,
+    storable,
+    write_file,
+    write_safetensors,
+)
 
 __all__ = [
     "CheckpointError",
@@ -75,7 +84,6 @@ __all__ = [
 _DROPPED = ("sent_embedding.position_ids", "text_encoder.bert.embeddings.position_ids",
             "text_encoder.bert.embeddings.token_type_ids")
 _TIED = {"text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias"}
-_LIST = 12  # keys listed per category in an error message
 
 
 def official_key(key: str) -> str | None:
@@ -89,11 +97,6 @@ def official_key(key: str) -> str | None:
     elif key.endswith(".beta") and "LayerNorm" in key:
         key = key[: -len(".beta")] + ".bias"
     return key
-
-
-def _listing(title: str, keys: list[str]) -> str:
-    more = f" (+{len(keys) - _LIST} more)" if len(keys) > _LIST else ""
-    return f"{title} ({len(keys)}): " + ", ".join(keys[:_LIST]) + more
 
 
 def _matches(key: str, patterns) -> bool:
@@ -152,13 +155,10 @@ def load_checkpoint(model: nn.Module, src, *, strict: bool = True, allow_missing
     bad_missing = [k for k in missing if not _matches(k, allow_missing)]
     bad_unexpected = [k for k in sorted(unexpected) if not _matches(official_key(k) or k, allow_unexpected)]
     if strict and (bad_missing or bad_unexpected or mismatched or bad_index):
-        parts = [f"{where}: checkpoint does not fit {type(model).__name__}"]
-        for title, keys in (("missing", bad_missing), ("unexpected", bad_unexpected),
-                            ("shape mismatch (checkpoint vs model)", sorted(mismatched)),
-                            ("relative_position_index differs (other window size?)", bad_index)):
-            if keys:
-                parts.append(_listing(title, keys))
-        raise CheckpointError("\n  ".join(parts))
+        raise CheckpointError(mismatch_message(f"{where}: checkpoint does not fit {type(model).__name__}", (
+            ("missing", bad_missing), ("unexpected", bad_unexpected),
+            ("shape mismatch (checkpoint vs model)", mismatched),
+            ("relative_position_index differs (other window size?)", bad_index))))
     model.load_state_dict(to_load, strict=False)
     if hasattr(model, "text_encoder"):
         model.text_encoder.tie_weights()
@@ -287,10 +287,9 @@ def config_from_dict(cls: type, data: dict, where: str = "config"):
 
 
 def save_pretrained(model: nn.Module, directory, *, overwrite: bool = True) -> Path:
-    """Write ``model`` as ``directory/config.json`` + ``directory/model.safetensors`` (tied weights stored once),
-    atomically: built in a temporary sibling directory, then renamed over ``directory``. Returns the path."""
-    from safetensors.torch import save_model
-
+    """Write ``model`` as ``directory/config.json`` + ``directory/model.safetensors`` (tied weights stored once,
+    ``lfvila.models.weights``), atomically: built in a temporary sibling directory, each file fsynced, then renamed
+    over ``directory`` (``weights.replace_dir``). Returns the path."""
     name = type(model).__name__
     if name not in MODEL_CLASSES:
         raise TypeError(f"save_pretrained supports {sorted(MODEL_CLASSES)}, not {name}")
@@ -302,20 +301,11 @@ def save_pretrained(model: nn.Module, directory, *, overwrite: bool = True) -> P
     try:
         meta = {"format": "lfvila", "format_version": FORMAT_VERSION, "class": name,
                 "config": config_to_dict(model.cfg)}
-        with open(tmp / "config.json", "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "class": name})
-        with open(tmp / "model.safetensors", "rb") as f:
-            os.fsync(f.fileno())
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        text = json.dumps(meta, indent=2, sort_keys=True)
+        write_file(tmp / "config.json", lambda p: p.write_text(text))
+        tensors, aliases = storable(model.state_dict(), model)
+        write_safetensors(tmp / "model.safetensors", tensors, aliases, {"format": "pt", "class": name})
+        replace_dir(tmp, target, target.with_name(f".{target.name}.old-{os.getpid()}"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from lfvila_kernels.reference import relative_position_index
 
-from ._io import read_state_dict
 from .video_encoder import VideoEncoder, VideoEncoderConfig
+from .weights import read_state_dict
 
 LAYOUTS = ("auto", "microsoft", "timm")
 _BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
@@ -63,7 +63,7 @@ def load_swin2d(encoder: VideoEncoder, src, layout: str = "auto") -> dict:
     """Inflate a 2D Swin checkpoint into ``encoder`` in place (``load_state_dict(strict=True)``).
 
     ``src``: a state dict, or a path to a ``.pth`` / ``.pt`` / ``.bin`` file (``torch.load(weights_only=True)``, the
-    dict under ``"model"`` / ``"state_dict"`` if any) or a ``.safetensors`` file (``_io.read_state_dict``). Errors
+    dict under ``"model"`` / ``"state_dict"`` if any) or a ``.safetensors`` file (``weights.read_state_dict``). Errors
     name the file.
     Returns ``{"layout": "microsoft" | "timm", "dropped": sorted 2D keys not used (head, buffers, ...)}``.
     """

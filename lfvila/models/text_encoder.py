@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
-from ._io import LoadReport, read_state_dict
+from .weights import LoadReport, read_state_dict
 
 __all__ = [
     "HEADS",

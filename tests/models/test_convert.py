@@ -317,7 +317,7 @@ def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(st, "save_model", broken)
+    monkeypatch.setattr(st, "save_file", broken)  # the weights codec's writer (lfvila.models.weights)
     with pytest.raises(OSError, match="disk full"):
         cv.save_pretrained(second, target)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary left behind

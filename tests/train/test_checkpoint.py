@@ -285,7 +285,7 @@ def test_exception_mid_save_leaves_nothing(tmp_path, monkeypatch):
     saved = {k: v.clone() for k, v in objs[0].state_dict().items()}
     train_steps(*objs, n=2)
 
-    real = ckpt._write_file
+    real = ckpt.write_file
     written = []
 
     def failing(path, write):
@@ -295,7 +295,7 @@ def test_exception_mid_save_leaves_nothing(tmp_path, monkeypatch):
         written.append(path.name)
         return size
 
-    monkeypatch.setattr(ckpt, "_write_file", failing)
+    monkeypatch.setattr(ckpt, "write_file", failing)
     with pytest.raises(OSError, match="No space left"):
         save(tmp_path, 4, objs)
     monkeypatch.undo()
@@ -316,7 +316,7 @@ run_dir, flag = sys.argv[1], sys.argv[2]
 seed_all(1)
 objs = make_objects(1)
 train_steps(*objs, n=2)
-real = ckpt._write_file
+real = ckpt.write_file
 
 def stall(path, write):
     size = real(path, write)
@@ -325,7 +325,7 @@ def stall(path, write):
         time.sleep(300)
     return size
 
-ckpt._write_file = stall
+ckpt.write_file = stall
 save(run_dir, 6, objs)
 """
 
@@ -512,21 +512,21 @@ def _dist_worker(rank, mode, init_file, run_dir, out_dir):
         train_steps(model, optimizer, scheduler, n=2)
 
         # a save that fails on rank 1 (its RNG file) raises on every rank and leaves nothing behind
-        real = ckpt._write_file
+        real = ckpt.write_file
 
         def failing(path, write):
             if rank == 1:
                 raise OSError(5, "Input/output error")
             return real(path, write)
 
-        ckpt._write_file = failing
+        ckpt.write_file = failing
         try:
             save_checkpoint(run_dir, 1, model=model, optimizer=optimizer, scheduler=scheduler)
             failure = None
         except Exception as e:
             failure = f"{type(e).__name__}: {e}"
         finally:
-            ckpt._write_file = real
+            ckpt.write_file = real
         dist.barrier()
         leftovers = sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir())
         dist.barrier()  # every rank has looked before rank 0 starts the next save
