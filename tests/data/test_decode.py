@@ -112,7 +112,7 @@ def test_pyav_seeks_only_across_keyframes(videos, monkeypatch):
 
 
 def test_seek_overshoot_falls_back_to_stream_start(videos):
-    pts = D._stream_index(videos["h264"]).pts
+    pts = D.stream_index(videos["h264"]).pts
 
     class LateSeeks:  # a demuxer whose first seek lands one GOP after the asked keyframe
         def __init__(self, container):
