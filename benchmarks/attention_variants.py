@@ -34,12 +34,13 @@ Speed references (another function: no bias, no shift mask; their output is chec
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks import harness
 
 Forward = Callable[[], torch.Tensor]
 Builder = Callable[..., Forward]
@@ -409,13 +410,6 @@ def _cuda_only(name: str, dtypes: tuple[torch.dtype, ...] | None = None):
 
 
 # --------------------------------------------------------------------------------------------------- registry
-def _triton_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
-    interpreting = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-    if device.type == "cpu" and not interpreting:
-        return "Triton kernels need a CUDA device; on the CPU they run only under TRITON_INTERPRET=1 (--interpret-ok)"
-    return None
-
-
 COMPUTES = ("htwa", "windows-no-bias", "neighborhood", "full")
 
 
@@ -441,7 +435,7 @@ class Variant:
 
 _HALF = (torch.float16, torch.bfloat16)
 VARIANTS: dict[str, Variant] = {
-    "htwa-triton": Variant(make_htwa_triton, _triton_refusal),
+    "htwa-triton": Variant(make_htwa_triton, harness.triton_refusal),
     "htwa-torch": Variant(make_htwa_torch),
     "videoswin-eager": Variant(make_videoswin_eager),
     "sdpa-dense-bias": Variant(make_sdpa_dense_bias),

@@ -11,13 +11,9 @@ Commands (from the repository root)::
 The loss: a, b ``(N, d)``, logits ``a @ b.T * 20`` (temperature 0.05), ``(CE(logits, diag) + CE(logits.T, diag)) / 2``.
 Inputs are L2-normalised random features, b a noisy copy of a (positives have cosine ~0.7), never zeros.
 
-Providers (optional ones are imported lazily; where they cannot run the rows are ``skipped`` with the reason):
-    naive      lfvila_kernels.reference.contrastive_loss_naive: materialised (N, N) logits + F.cross_entropy
-    chunked    lfvila_kernels.contrastive_loss(impl="torch"): row chunks, logits recomputed in backward
-    ours       lfvila_kernels.contrastive_loss(impl="triton"): the fused Triton kernels (CUDA; on the CPU only
-               under TRITON_INTERPRET=1, far too slow to time: skipped unless --interpret-ok)
-    open_clip  open_clip.loss.ClipLoss()(a, b, logit_scale) (pip open_clip_torch): two materialised logit matrices
-    inf-cl     inf_cl.cal_inf_loss (pip inf-cl), once per direction, averaged: Triton, CUDA only, fp32 inside
+Providers: ``benchmarks.contrastive_variants.PROVIDERS`` (naive, chunked, ours, open_clip, inf-cl; optional ones
+imported lazily; where one cannot run, its rows are ``skipped`` with the reason). Ours runs on the CPU only under
+TRITON_INTERPRET=1, far too slow to time: skipped unless --interpret-ok.
 
 Modes: ``fwd`` is the forward of a training step (a, b require grad, the graph is built and dropped); ``fwd+bwd``
 adds the backward to a and b. Per (N, provider, mode) the CSV gets these rows:
@@ -48,18 +44,16 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
+from benchmarks.contrastive_variants import PROVIDERS, SCALE, TEMPERATURE, Forward, Provider
 
 KERNEL = "contrastive_loss"
-TEMPERATURE = 0.05
-SCALE = 1.0 / TEMPERATURE
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_FLAGS = {v: k for k, v in DTYPES.items()}  # torch dtype -> its --dtype value
 BASELINE = "naive"
@@ -68,94 +62,6 @@ CUDA_SIZES = tuple(1024 * 2**k for k in range(9))  # 1k ... 256k
 CPU_SIZES = (1024, 2048, 4096)
 RSS_SIZE, RSS_DIM = 32768, 256
 _OOM_MARKS = ("out of memory", "outofmemoryerror", "can't allocate memory", "cannot allocate memory", "memoryerror")
-
-Forward = Callable[[], torch.Tensor]
-
-
-# --------------------------------------------------------------------------------------------------- providers
-@dataclass(frozen=True)
-class Provider:
-    """``make(a, b) -> forward``: ``forward()`` returns the scalar loss of a, b ``(N, d)`` at logit scale 20.
-    ``refusal(device, dtype) -> reason or None``: why the provider cannot run here (a ``skipped`` row), if known."""
-
-    make: Callable[[torch.Tensor, torch.Tensor], Forward]
-    refusal: Callable[[torch.device, torch.dtype], str | None] | None = None
-
-
-def make_naive(a, b):
-    from lfvila_kernels.reference import contrastive_loss_naive
-
-    def forward():
-        row_ce, col_ce = contrastive_loss_naive(a, b, SCALE)
-        return 0.5 * (row_ce.mean() + col_ce.mean())
-
-    return forward
-
-
-def _make_ours(impl: str):
-    def make(a, b):
-        from lfvila_kernels import contrastive_loss  # lazily: a missing op is a failed row, not a crash
-
-        return lambda: contrastive_loss(a, b, temperature=TEMPERATURE, impl=impl)
-
-    return make
-
-
-def make_open_clip(a, b):
-    from open_clip.loss import ClipLoss
-
-    loss_fn = ClipLoss()  # one process: world_size=1, logits computed per image and per text
-    logit_scale = torch.tensor(SCALE, device=a.device)  # the already exponentiated scale, as CLIP passes it
-    return lambda: loss_fn(a, b, logit_scale)
-
-
-def make_inf_cl(a, b):
-    from inf_cl import cal_inf_loss
-
-    d = a.shape[1]
-    head_dim = next((h for h in (256, 128, 64, 32, 16) if d % h == 0), None)
-    if head_dim is None:
-        raise ValueError(f"Inf-CL needs a feature dim divisible by 16, 32, 64, 128 or 256; got d={d}")
-    scale = torch.tensor(SCALE, device=a.device)
-
-    def forward():  # cal_inf_loss is one direction (a -> b), mean over rows
-        ab = cal_inf_loss(a, b, scale=scale, head_dim=head_dim)
-        ba = cal_inf_loss(b, a, scale=scale, head_dim=head_dim)
-        return 0.5 * (ab + ba)
-
-    return forward
-
-
-def _ours_refusal(device, dtype):
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
-        return "Triton kernels need a CUDA device; on the CPU they run only under TRITON_INTERPRET=1 (--interpret-ok)"
-    return None
-
-
-def import_refusal(module: str, install: str) -> str | None:
-    """None if ``module`` imports, else ``"<module> cannot be imported (Type: message); <install>"``."""
-    try:
-        __import__(module)
-    except Exception as exc:  # ImportError, or a broken dependency raising anything else (e.g. torchvision)
-        return f"{module} cannot be imported ({harness.describe_exception(exc)}); {install}"
-    return None
-
-
-def _inf_cl_refusal(device, dtype):
-    if device.type != "cuda":
-        return "Inf-CL's Triton kernels need CUDA tensors (inf_cl asserts q.is_cuda)"
-    return import_refusal("inf_cl", "pip install inf-cl")
-
-
-PROVIDERS: dict[str, Provider] = {
-    "naive": Provider(make_naive),
-    "chunked": Provider(_make_ours("torch")),
-    "ours": Provider(_make_ours("triton"), _ours_refusal),
-    "open_clip": Provider(
-        make_open_clip, lambda device, dtype: import_refusal("open_clip", "pip install open_clip_torch")
-    ),
-    "inf-cl": Provider(make_inf_cl, _inf_cl_refusal),
-}
 
 
 # --------------------------------------------------------------------------------------------------- inputs, reference

@@ -227,9 +227,9 @@ Provider = namedtuple("Provider", "open refusal")
 
 
 def import_refusal(module: str, install: str) -> str | None:
-    from benchmarks.bench_contrastive import import_refusal as refusal  # lazily: it imports torch
+    from benchmarks import harness  # lazily: it imports torch
 
-    return refusal(module, install)
+    return harness.import_refusal(module, install)
 
 
 def _backend_refusal(backend: str, on_gpu: bool):

@@ -494,3 +494,24 @@ def finish(rows: list, out, started: float, summary: str, markdown=None) -> list
     if markdown:
         Path(markdown).write_text(summary + "\n")
     return rows
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET``), read without importing triton."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_refusal(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why a Triton provider cannot run on ``device`` (a ``skipped`` row), or None."""
+    if torch.device(device).type == "cpu" and not interpreting():
+        return "Triton kernels need a CUDA device; on the CPU they run only under TRITON_INTERPRET=1 (--interpret-ok)"
+    return None
+
+
+def import_refusal(module: str, install: str) -> str | None:
+    """None if ``module`` imports, else ``"<module> cannot be imported (Type: message); <install>"``."""
+    try:
+        __import__(module)
+    except Exception as exc:  # ImportError, or a broken dependency raising anything else (e.g. torchvision)
+        return f"{module} cannot be imported ({describe_exception(exc)}); {install}"
+    return None

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import bench_contrastive as bc
-from benchmarks import harness
+from benchmarks import contrastive_variants, harness
 
 CPU = torch.device("cpu")
 TINY = {"reps": 1, "warmup": 0}
@@ -57,7 +57,7 @@ def test_tiny_run_rows_schema_failures_and_skips(tmp_path):
         "chunked-ref": bc.Provider(_chunked_reference),
         "boom": bc.Provider(_boom),
         "refused": bc.Provider(_boom, lambda device, dtype: "not on this machine"),
-        "missing": bc.Provider(_boom, lambda d, t: bc.import_refusal("no_such_module_lfvila", "pip install it")),
+        "missing": bc.Provider(_boom, lambda d, t: harness.import_refusal("no_such_module_lfvila", "pip install it")),
     }
     rows = bc.run([64], 16, providers, bc.MODES, torch.float32, CPU, _writer(tmp_path), TINY, log=lambda m: None)
     assert rows == harness.read_rows(tmp_path / "out.csv")
@@ -102,7 +102,7 @@ def test_out_of_memory_skips_larger_sizes(tmp_path):
     def make(a, b):
         if a.shape[0] >= 64:
             raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB")
-        return bc.make_naive(a, b)
+        return contrastive_variants.make_naive(a, b)
 
     rows = bc.run([32, 64, 128], 8, {"big": bc.Provider(make)}, bc.MODES, torch.float32, CPU, _writer(tmp_path),
                   TINY, check=False, log=lambda m: None)  # fmt: skip
