@@ -42,7 +42,7 @@ __all__ = [
     "to_dict",
 ]
 
-TASKS = ("stage1", "stage2", "retrieval", "multichoice", "classification")
+TASKS = ("stage1", "stage2", "retrieval", "multichoice", "classification", "video_classification")
 INIT_KINDS = ("swin2d", "bert", "checkpoint", "pretraining", "stage1", "pretrained")
 
 
@@ -92,7 +92,9 @@ class DataConfig:
     are ``index.json`` files of WebDataset tar shards, ``lfvila.data.shards``) and the loader (``lfvila.data.loader``).
     ``on_error``: ``raise``, ``skip`` or ``replace`` (training samples replaced, evaluation skipped; ``train.data``).
     ``shard_buffer``: shards only, the samples in each worker's shuffle buffer (memory: about that many samples'
-    encoded bytes per worker)."""
+    encoded bytes per worker). ``shard_order``: shards only, ``stream`` (``ShardStream``: each worker reads whole
+    shards front to back, its own seeded order) or ``sampler`` (``ShardDataset``: samples read by seeking, in the
+    training sampler's order, so the batches are those of the jsonl / LMDB path of the same annotations)."""
 
     format: str = "activitynet_captions"
     video_root: str = ""
@@ -113,10 +115,13 @@ class DataConfig:
     on_error: str = "raise"
     max_skip_fraction: float = 0.05
     shard_buffer: int = 256
+    shard_order: str = "stream"
 
     def __post_init__(self):
         if self.shard_buffer < 0:
             raise ConfigError(f"shard_buffer: must be >= 0, got {self.shard_buffer}")
+        if self.shard_order not in ("stream", "sampler"):
+            raise ConfigError(f"shard_order: must be stream or sampler, got {self.shard_order!r}")
         if self.backend not in ("pyav", "dali", "auto"):
             raise ConfigError(f"backend: must be pyav, dali or auto, got {self.backend!r}")
         if self.on_error not in ("raise", "skip", "replace"):

@@ -23,6 +23,13 @@ shards the loop refuses a resume that changes ``data.num_workers`` (``train.resu
 ``run.resume_changes: keep`` the rest of that epoch's shards is dealt anew and may repeat or miss samples; from the
 next epoch on it is exact again). A resume on another number of ranks does the same.
 
+``data.shard_order: sampler`` reads the shards as a map-style ``lfvila.data.shards.ShardDataset`` instead (each
+sample found by its annotation index and read by seeking into its tar), through the same :class:`EpochSampler` and
+DataLoader as the annotation path (evaluation: ``build_loader``'s samplers): for a seed the training and evaluation
+batches are the samples of the jsonl / LMDB path of the same annotations, in the same order, and a mid-epoch resume
+is exact by the sampler's rule, with any ``data.num_workers``. Samples left out of the shards count as bad samples
+(``data.on_error``), as their videos would on the annotation path.
+
 Resuming mid-epoch: :class:`EpochSampler` draws one permutation per ``(seed, epoch)``, deals it to the ranks like
 ``DistributedSampler(drop_last=True)``, and can start at any batch of the epoch (``set_position``), so a resumed run
 sees exactly the samples the uninterrupted run would have, without decoding the ones it skips. Nothing here draws
@@ -47,7 +54,7 @@ from lfvila.config import Config
 from lfvila.data import decode as decoding
 from lfvila.data.datasets import build_dataset
 from lfvila.data.loader import LoaderConfig, SeededDataLoader, VideoTextDataset, build_loader, collate, to_model_input
-from lfvila.data.shards import DALI_REFUSAL, build_shard_loader
+from lfvila.data.shards import DALI_REFUSAL, ShardDataset, build_shard_loader, build_shard_map_loader
 from lfvila.data.text import load_tokenizer
 
 SHARDS = "shards"  # data.format of WebDataset tar shards (an index.json per split)
@@ -156,24 +163,29 @@ def train_loader(cfg: Config, tok, rank: int, world_size: int, device: torch.dev
     """``(loader, sampler)`` of the training split: the sampler (:class:`EpochSampler`) sets the position to resume
     from; the loader is a DataLoader or, when :func:`use_dali`, a ``DaliLoader`` over the same sampler. With
     ``data.format: shards`` the loader is a DataLoader over a ``ShardStream``, which is also the "sampler" (the same
-    ``set_position`` / ``batches_per_epoch`` / ``per_rank``)."""
+    ``set_position`` / ``batches_per_epoch`` / ``per_rank``); with ``data.shard_order: sampler`` it is the annotation
+    path's DataLoader and :class:`EpochSampler` over a ``ShardDataset``."""
     lcfg = loader_config(cfg, train=True)
     device = torch.device("cpu") if device is None else torch.device(device)
     if cfg.data.format == SHARDS:
         use_dali(cfg, device)  # refuses data.backend dali
-        loader = build_shard_loader(_split_path(cfg, "train"), tok, lcfg, cfg.train.batch_size,
-                                    num_workers=cfg.data.num_workers, rank=rank, world_size=world_size, shuffle=True,
-                                    buffer=cfg.data.shard_buffer, prefetch_factor=4)
-        return loader, loader.dataset
-    ann = annotations(cfg, "train")
-    sampler = EpochSampler(len(ann), cfg.train.batch_size, rank, world_size, cfg.train.seed)
-    if use_dali(cfg, device):
-        from lfvila.data.dali_loader import DaliLoader
+        if cfg.data.shard_order == "stream":
+            loader = build_shard_loader(_split_path(cfg, "train"), tok, lcfg, cfg.train.batch_size,
+                                        num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
+                                        shuffle=True, buffer=cfg.data.shard_buffer, prefetch_factor=4)
+            return loader, loader.dataset
+        dataset = ShardDataset(_split_path(cfg, "train"), tok, lcfg)  # shard_order sampler: as the annotation path
+        sampler = EpochSampler(len(dataset), cfg.train.batch_size, rank, world_size, cfg.train.seed)
+    else:
+        ann = annotations(cfg, "train")
+        sampler = EpochSampler(len(ann), cfg.train.batch_size, rank, world_size, cfg.train.seed)
+        if use_dali(cfg, device):
+            from lfvila.data.dali_loader import DaliLoader
 
-        loader = DaliLoader(ann, tok, lcfg, cfg.train.batch_size, device=str(device), rank=rank,
-                            world_size=world_size, num_threads=max(1, cfg.data.num_workers), sampler=sampler)
-        return loader, sampler
-    dataset = VideoTextDataset(ann, tok, lcfg)
+            loader = DaliLoader(ann, tok, lcfg, cfg.train.batch_size, device=str(device), rank=rank,
+                                world_size=world_size, num_threads=max(1, cfg.data.num_workers), sampler=sampler)
+            return loader, sampler
+        dataset = VideoTextDataset(ann, tok, lcfg)
     workers = cfg.data.num_workers
     loader = SeededDataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
                               collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
@@ -188,8 +200,12 @@ def eval_loader(cfg: Config, tok, split: str, rank: int, world_size: int) -> Dat
     stream that the training steps consume."""
     batch = cfg.eval.batch_size or cfg.train.batch_size
     if cfg.data.format == SHARDS:
-        return build_shard_loader(_split_path(cfg, split), tok, loader_config(cfg, train=False), batch,
-                                  num_workers=cfg.data.num_workers, rank=rank, world_size=world_size, shuffle=False)
+        path, lcfg = _split_path(cfg, split), loader_config(cfg, train=False)
+        if cfg.data.shard_order == "sampler":  # build_loader's samplers and DataLoader over a ShardDataset
+            return build_shard_map_loader(path, tok, lcfg, batch, num_workers=cfg.data.num_workers, rank=rank,
+                                          world_size=world_size)
+        return build_shard_loader(path, tok, lcfg, batch, num_workers=cfg.data.num_workers, rank=rank,
+                                  world_size=world_size, shuffle=False)
     return build_loader(annotations(cfg, split), tok, loader_config(cfg, train=False), batch,
                         num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
 

@@ -42,16 +42,21 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def resume_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """``(key, checkpoint value, current value)`` for every dotted key outside :data:`RESUME_FREE` whose value differs
     between two ``config_to_dict`` trees (``saved`` through JSON, so tuples compare as lists); a key only one side
-    has is paired with ``_ABSENT``. With ``data.format: shards`` a new ``data.num_workers`` is a change too: the
-    stream's slots (ranks x workers) decide which samples the rest of the epoch holds (``lfvila.data.shards``)."""
+    has is paired with ``_ABSENT``, except a key the checkpoint predates that is at its default now (a field added
+    since, whose default is what the old run did). With ``data.format: shards`` read as a stream a new
+    ``data.num_workers`` is a change too: the stream's slots (ranks x workers) decide which samples the rest of the
+    epoch holds (``lfvila.data.shards``)."""
     old, new = _flat(saved), _flat(json.loads(json.dumps(current)))
-    shards = SHARDS in (old.get("data.format"), new.get("data.format"))
+    defaults = _flat(json.loads(json.dumps(config_to_dict(Config()))))
+    shards = any(t.get("data.format") == SHARDS and t.get("data.shard_order", "stream") == "stream" for t in (old, new))
     changes = []
     for key in sorted(set(old) | set(new)):
         free = key in RESUME_FREE or key.startswith(tuple(k for k in RESUME_FREE if k.endswith(".")))
         if free and not (shards and key == "data.num_workers"):
             continue
         a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a is _ABSENT and key in defaults and b == defaults[key]:
+            continue  # a key added since the checkpoint was written, at its default: what that run did
         if a != b or (type(a) is not type(b) and not {type(a), type(b)} <= {int, float}):  # 1 == True, 1 == 1.0
             changes.append((key, a, b))
     return changes

@@ -15,7 +15,7 @@ Written by ``python -m lfvila.data.prepare SRC DST --shards --annotations ANN --
 
 ``index.json``::
 
-    format, version          "lfvila-webdataset-shards", 1
+    format, version          "lfvila-webdataset-shards", 2 (version 1, without ``offsets``, is still read)
     annotation_format        the ``lfvila.data.datasets`` format of the annotation file; annotations, video_root
     annotation_samples       N, the number of samples of the annotation dataset (indices are 0 .. N-1);
                              annotation_rows_skipped: bad rows the dataset skipped (``--on-error skip``)
@@ -25,18 +25,30 @@ Written by ``python -m lfvila.data.prepare SRC DST --shards --annotations ANN --
     samples, failed          samples written; annotation indices left out (a video failed, or the row did not parse)
     shards                   [{name, samples, bytes, indices, [labels]}]: ``indices`` the annotation indices it holds
                              in tar order as ``[start, stop)`` runs (:func:`expand_runs`; key = :func:`sample_key`);
-                             ``labels`` (classification only) the samples' class ids
+                             ``labels`` (classification only) the samples' class ids; ``offsets`` (version 2)
+                             ``samples + 1`` byte offsets: sample k (tar order) is the bytes ``[offsets[k],
+                             offsets[k + 1])`` of the tar, its members' headers and 512-padded data, so a reader finds
+                             it with one seek and one read (:func:`scan_samples` makes them from the tar's headers)
+
+Why offsets per sample rather than per member: a sample's members are contiguous, and each member's own header (name,
+size, checksum) lies inside its span, so the span gives every member's offset and size when it is read, with one read
+per sample; the index holds 1 number a sample instead of 2 per member (an 8.5M-row pretraining set has ~40M members).
+A version-1 index has no ``offsets``; a reader that needs them scans the tar headers once (:func:`scan_samples`: the
+headers only, each member's data is seeked over, never read).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .sampling import Segment
 
-INDEX_FORMAT, INDEX_VERSION, KEY_DIGITS = "lfvila-webdataset-shards", 1, 9
+INDEX_FORMAT, INDEX_VERSION, KEY_DIGITS = "lfvila-webdataset-shards", 2, 9
+READ_VERSIONS = (1, 2)  # the index versions this reader reads (1: no per-sample offsets)
+_BLOCK = tarfile.BLOCKSIZE
 
 
 class ShardError(ValueError):
@@ -105,13 +117,17 @@ def sample_from_json(meta: dict, paths: dict[str, str], folder: str) -> dict:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard of an index: file ``name`` / ``path``, ``samples`` count, annotation ``indices`` in tar order."""
+    """One shard of an index: file ``name`` / ``path``, ``samples`` count, annotation ``indices`` in tar order,
+    ``bytes`` its size when written; ``offsets`` the ``samples + 1`` byte offsets of its samples (version 2; None in a
+    version-1 index)."""
 
     name: str
     path: Path
     samples: int
     indices: tuple[int, ...]
     labels: tuple[int, ...] | None = None
+    bytes: int | None = None
+    offsets: tuple[int, ...] | None = field(default=None, repr=False)
 
 
 def load_index(path) -> dict:
@@ -125,16 +141,73 @@ def load_index(path) -> dict:
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise ShardError(f"{path}: not a shard index (format {INDEX_FORMAT!r}, written by python -m "
                          f"lfvila.data.prepare --shards)")
-    if index.get("version") != INDEX_VERSION:
-        raise ShardError(f"{path}: shard index version {index.get('version')!r}, this reader reads {INDEX_VERSION}")
+    if index.get("version") not in READ_VERSIONS:
+        raise ShardError(f"{path}: shard index version {index.get('version')!r}, this reader reads "
+                         f"{', '.join(map(str, READ_VERSIONS))}")
     shards = []
     for s in index["shards"]:
         indices = tuple(expand_runs(s["indices"]))
         if len(indices) != s["samples"]:
             raise ShardError(f"{path}: shard {s['name']} lists {len(indices)} indices for {s['samples']} samples")
         labels = tuple(s["labels"]) if s.get("labels") is not None else None
-        shards.append(ShardInfo(s["name"], path.parent / s["name"], int(s["samples"]), indices, labels))
+        offsets = None
+        if index["version"] >= 2:
+            offsets = tuple(int(o) for o in s.get("offsets") or ())
+            if len(offsets) != len(indices) + 1 or any(b < a for a, b in zip(offsets, offsets[1:])) \
+                    or offsets[-1] > int(s["bytes"]):
+                raise ShardError(f"{path}: shard {s['name']}: 'offsets' must be {len(indices) + 1} non-decreasing "
+                                 f"byte offsets within its {s['bytes']} bytes")
+        shards.append(ShardInfo(s["name"], path.parent / s["name"], int(s["samples"]), indices, labels,
+                                int(s["bytes"]), offsets))
     return {**index, "shards": shards, "path": path}
+
+
+def scan_samples(source) -> tuple[list[tuple[str, int, int]], BaseException | None]:
+    """The samples of a WebDataset tar (a path, or a binary file open for reading) in tar order, from its headers
+    alone: ``[(key, start, stop), ...]``, ``start`` the offset of the first header of the sample's first member,
+    ``stop`` the end of its last member's 512-padded data; and the error that ended the scan early (None when the tar
+    read to its end). ``tarfile`` reads each 512-byte header and seeks over the member's data (the file is opened
+    unbuffered, so no read-ahead pulls data in; ``tarfile`` reads one byte at the end of each member's padded block to
+    detect a cut). A tar cut inside a member lists that member with a ``stop`` past the end of the file."""
+    samples: list[list] = []
+    error = None
+    try:
+        f = open(source, "rb", buffering=0) if not hasattr(source, "read") else source
+    except OSError as e:
+        return [], e
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:  # lazily, header by header
+                if not member.isfile():
+                    continue
+                key = member.name.partition(".")[0]
+                stop = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
+                if samples and samples[-1][0] == key:
+                    samples[-1][2] = stop
+                else:
+                    samples.append([key, member.offset, stop])
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error = e
+    finally:
+        if f is not source:
+            f.close()
+    return [tuple(s) for s in samples], error
+
+
+def sample_offsets(path, indices) -> list[int]:
+    """The ``offsets`` of the shard at ``path`` written with the annotation ``indices`` (tar order): ``len(indices)
+    + 1`` byte offsets (module docstring), from :func:`scan_samples`. A tar that does not hold exactly those samples,
+    contiguously, is a :class:`ShardError` naming it."""
+    samples, error = scan_samples(path)
+    keys = [sample_key(i) for i in indices]
+    if error is not None or [k for k, _, _ in samples] != keys:
+        why = f"{type(error).__name__}: {error}" if error is not None else "other samples"
+        span = f"{keys[0]}..{keys[-1]}" if keys else "none"
+        raise ShardError(f"{path}: the tar does not hold exactly the samples {span} of its record ({why})")
+    for (_, _, stop), (_, start, _) in zip(samples, samples[1:]):
+        if stop != start:
+            raise ShardError(f"{path}: samples are not contiguous (a gap at byte {stop})")
+    return [start for _, start, _ in samples] + ([samples[-1][2]] if samples else [0])
 
 
 class IndexRows:

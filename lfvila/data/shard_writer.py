@@ -41,7 +41,18 @@ from . import rowstore
 from .datasets import build_dataset
 from .loader import sample_mode
 from .prepare import OUT_EXTS, prepare_one
-from .shard_index import INDEX_FORMAT, INDEX_VERSION, KEY_DIGITS, index_runs, sample_key, sample_to_json
+from .shard_index import (
+    INDEX_FORMAT,
+    INDEX_VERSION,
+    KEY_DIGITS,
+    READ_VERSIONS,
+    ShardError,
+    expand_runs,
+    index_runs,
+    sample_key,
+    sample_offsets,
+    sample_to_json,
+)
 
 PROGRESS = ".shards"  # records of finished shards, for resuming
 DEFAULT_SHARD_SAMPLES = 1000
@@ -241,6 +252,7 @@ class _ShardOut:
         record = {"shard": self.number, "name": name, "samples": self.count,
                   "bytes": (self.dst / name).stat().st_size if name else 0, "start": self.start, "stop": stop,
                   "indices": index_runs(self.indices), "failed": self.failed, "rows": self.rows,
+                  "offsets": sample_offsets(self.dst / name, self.indices) if name else [0],
                   "mode": self.modes[0] if self.modes else None,
                   "labels": self.labels if self.modes and self.modes[0] == "classification" else None}
         _atomic_json(self.dst / PROGRESS / f"shard-{self.number:06d}.json", record)
@@ -265,6 +277,8 @@ def _resume(dst: Path, options: dict, force: bool) -> list[dict]:
     opts = prog / "options.json"
     if opts.is_file():
         old = json.loads(opts.read_text())
+        if old.get("version") in READ_VERSIONS:  # an older index version: the same tars, offsets added below
+            old = {**old, "version": options["version"]}
         if old != options:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {options.get(k)!r}" for k in sorted(set(old) | set(options))
                              if old.get(k) != options.get(k))
@@ -281,6 +295,11 @@ def _resume(dst: Path, options: dict, force: bool) -> list[dict]:
         tar = dst / r["name"] if r["name"] else None
         if tar is not None and (not tar.is_file() or tar.stat().st_size != r["bytes"]):
             break
+        if "offsets" not in r:  # recorded by a version-1 writer
+            try:
+                r["offsets"] = sample_offsets(tar, expand_runs(r["indices"])) if tar is not None else [0]
+            except ShardError:
+                break
         records.append(r)
     for p in [*prog.glob("shard-*.json"), *dst.glob("shard-*.tar")]:
         if (n := _numbered(p)) is not None and n >= len(records):
@@ -353,7 +372,7 @@ def write_shards(src, dst, annotations, format_name: str, *, format_kwargs: dict
         "prepare": prepare, "shard_rule": rule, "samples": sum(r["samples"] for r in records),
         "failed": sorted(i for r in records for i in r["failed"]),
         "shards": [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"], "indices": r["indices"],
-                    **({"labels": r["labels"]} if r["labels"] is not None else {})}
+                    **({"labels": r["labels"]} if r["labels"] is not None else {}), "offsets": r["offsets"]}
                    for r in records if r["name"]],
     }
     _atomic_json(dst / "index.json", index)

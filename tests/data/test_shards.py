@@ -144,7 +144,9 @@ def test_stream_gives_the_dataset_samples_bit_for_bit(built, tmp_path):
     root, tok = built
     ann = build_dataset("lfvila_pretrain", root / "rows.jsonl", _extract(root, tmp_path / "videos"))
     cfg = _cfg()  # train: jittered frames, random clip window, crop and flip
-    stream = ShardStream(root / "out" / "index.json", tok, cfg, batch_size=2, shuffle=False)
+    scratch = tmp_path / "scratch"  # its own (other tests, in other xdist workers, use /dev/shm meanwhile)
+    scratch.mkdir()
+    stream = ShardStream(root / "out" / "index.json", tok, cfg, batch_size=2, shuffle=False, scratch=scratch)
     stream.set_position(3)
     ref = VideoTextDataset(ann, tok, cfg)
     ref.set_epoch(3)
@@ -157,7 +159,7 @@ def test_stream_gives_the_dataset_samples_bit_for_bit(built, tmp_path):
             assert torch.equal(s[key], r[key]), key
         assert s["meta"]["frames"] == r["meta"]["frames"] and s["meta"]["clip_start"] == r["meta"]["clip_start"]
         assert s["meta"]["shard"] == f"shard-{s['index'] // 2:06d}.tar"
-    assert not list(Path(stream.scratch or "/dev/shm").glob("lfvila-shards-*/*/*"))  # members deleted
+    assert not list(scratch.glob("lfvila-shards-*/*/*"))  # members deleted
 
 
 def _order(built, seed: int, epoch: int, workers: int = 0) -> list[int]:

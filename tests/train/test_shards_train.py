@@ -11,7 +11,7 @@ import pytest
 
 from lfvila.config import load_config
 from lfvila.data.shard_writer import write_shards
-from lfvila.data.shards import ShardStream, load_index
+from lfvila.data.shards import ShardDataset, ShardStream, load_index
 from lfvila.data.synthetic import make_dataset
 from train import data as tdata
 from train.loop import Trainer
@@ -80,3 +80,29 @@ def test_resume_refuses_a_new_worker_count_with_shards_only():
     assert resume_changes(tree("shards", 2), tree("shards", 4)) == [("data.num_workers", 2, 4)]
     assert resume_changes(tree("lfvila_pretrain", 2), tree("lfvila_pretrain", 4)) == []
     assert resume_changes(tree("shards", 2), tree("shards", 2)) == []
+
+
+def test_sampler_order_trains_and_resumes_with_any_worker_count(data, tmp_path):
+    """``data.shard_order: sampler``: the annotation path's EpochSampler over a ShardDataset, evaluation every written
+    sample once; a stage-1 run trains from it; a resume may change data.num_workers (the sampler's order does not
+    depend on it), as on the annotation path, while the stream order still refuses it."""
+    from train.resume import resume_changes
+
+    cfg = load_config(CONFIG, _args(data, tmp_path / "run", "--data.shard_order", "sampler"))
+    tok = tdata.tokenizer(cfg)
+    loader, sampler = tdata.train_loader(cfg, tok, rank=0, world_size=1)
+    assert isinstance(loader.dataset, ShardDataset) and isinstance(sampler, tdata.EpochSampler)
+    assert len(loader.dataset) == load_index(Path(cfg.data.train))["annotation_samples"]
+    val = load_index(Path(cfg.data.val))
+    seen = [i for r in range(2) for b in tdata.eval_loader(cfg, tok, "val", r, 2) for i in b["index"].tolist()]
+    assert sorted(seen) == sorted(i for s in val["shards"] for i in s.indices)
+    result = Trainer(cfg).fit()
+    assert result["step"] == 2 and not result["preempted"]
+
+    def tree(order, workers):
+        return {"data": {"format": "shards", "shard_order": order, "num_workers": workers, "train": "x"}}
+
+    assert resume_changes(tree("sampler", 2), tree("sampler", 4)) == []
+    assert resume_changes(tree("stream", 2), tree("stream", 4)) == [("data.num_workers", 2, 4)]
+    with pytest.raises(ValueError, match="data.shard_order: must be stream or sampler, got 'random'"):
+        load_config(CONFIG, _args(data, tmp_path / "run", "--data.shard_order", "random"))
