@@ -49,10 +49,23 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
+import lfvila_kernels  # noqa: E402
 from benchmarks import sass_model as sm  # noqa: E402
-from lfvila_kernels import _contrastive_triton as fused_cl  # noqa: E402
-from lfvila_kernels import _window_attention_triton as fused  # noqa: E402
 from lfvila_kernels.reference import bias_table_rows  # noqa: E402
+
+# The launchers' modules, whose globals the recorders patch (the kernels' source is in ``_*_kernels``). The package's
+# own folder decides: with the kernels of a commit before the split on PYTHONPATH, lfvila's editable-install finder
+# would still resolve the new module names, from this checkout.
+if Path(lfvila_kernels.__file__).with_name("_window_attention_launch.py").exists():
+    from lfvila_kernels import _contrastive_kernels as kernels_cl  # noqa: E402
+    from lfvila_kernels import _contrastive_launch as fused_cl  # noqa: E402
+    from lfvila_kernels import _window_attention_kernels as kernels_wa  # noqa: E402
+    from lfvila_kernels import _window_attention_launch as fused  # noqa: E402
+else:  # before the split: kernels and launchers in one module per op
+    from lfvila_kernels import _contrastive_triton as fused_cl  # noqa: E402
+    from lfvila_kernels import _window_attention_triton as fused  # noqa: E402
+
+    kernels_cl, kernels_wa = fused_cl, fused
 
 # Contrastive problems (N, d) of the resources report: the kernels specialise on tiles, not on N.
 CL_SHAPES = {"d256": (256, 256), "d512": (256, 512), "d1024": (256, 1024), "d2048": (256, 2048)}
@@ -338,7 +351,8 @@ def main(argv=None):
                                   unshifted=args.out is not None and set(passes) == {"fwd", "bwd"})
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
-        modules = [m for op, m in (("window_attention", fused), ("contrastive", fused_cl)) if op in ops]
+        pairs = (("window_attention", (kernels_wa, fused)), ("contrastive", (kernels_cl, fused_cl)))
+        modules = [m for op, pair in pairs if op in ops for m in dict.fromkeys(pair)]
         command = "python -m benchmarks.kernel_resources " + " ".join(argv if argv is not None else sys.argv[1:])
         if os.environ.get("PYTHONPATH"):  # e.g. the kernels of another commit: `git archive C kernels | tar -x -C D`
             command = f"PYTHONPATH={os.environ['PYTHONPATH']} {command}"

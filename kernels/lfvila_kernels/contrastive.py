@@ -1,7 +1,7 @@
 """Fused symmetric InfoNCE in O(N + M) memory: the public op, its checks, and the multi-GPU version.
 
 ``contrastive_loss`` is the CLIP / LF-VILA video-paragraph loss ``(CE(a b^T / tau, diag) + CE(b a^T / tau, diag)) / 2``
-computed without materialising the N x M logits (Triton kernels in ``_contrastive_triton.py``; the CPU path is the
+computed without materialising the N x M logits (Triton kernels in ``_contrastive_kernels.py``; the CPU path is the
 chunked reference). ``distributed_contrastive_loss`` gathers features from every rank with gradients and computes
 each rank's rows against the global batch, open_clip's "local loss" layout.
 """
@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ._contrastive_triton import check_labels_range, contrastive_ce_fused
+from ._contrastive_launch import check_labels_range, contrastive_ce_fused
 from .dispatch import ENV_VAR, select_impl
 from .reference import contrastive_ce_chunked
 

@@ -2,11 +2,12 @@
 
 ``window_attention(q, k, v, window, shift, rel_pos_bias, scale, impl)`` computes Video-Swin's shifted-window attention
 on a ``(B, T, H, W)`` token grid without any roll/pad/partition/reverse copies. The Triton kernels live in
-``_window_attention_triton.py``; this file holds the argument checks, the ``torch.library`` registration (so
-``torch.compile(fullgraph=True)`` sees one opaque op with a fake implementation and an autograd formula) and the
-dispatch between the fused path and the torch paths: ``_window_attention_torch`` (the same geometry and bias + mask
-tiles through ``scaled_dot_product_attention``) for geometries with a shift mask or partial windows, where it is
-faster, else ``reference.window_attention_reference`` (also the oracle, and what ``torch.compile`` traces).
+``_window_attention_kernels.py``, their launchers and the ``torch.library`` registration (so
+``torch.compile(fullgraph=True)`` sees one opaque op with a fake implementation and an autograd formula) in
+``_window_attention_launch.py``; this file holds the argument checks and the dispatch between the fused path and
+the torch paths: ``_window_attention_torch`` (the same geometry and bias + mask tiles through
+``scaled_dot_product_attention``) for geometries with a shift mask or partial windows, where it is faster, else
+``reference.window_attention_reference`` (also the oracle, and what ``torch.compile`` traces).
 """
 
 from __future__ import annotations
@@ -109,6 +110,6 @@ def window_attention(q, k, v, window, shift=(0, 0, 0), rel_pos_bias=None, scale=
         if not torch.compiler.is_compiling() and takes_masked_path(q.shape[1:4], window, shift, q.device):
             return window_attention_torch(q, k, v, window, shift, rel_pos_bias, scale)
         return window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale)
-    from . import _window_attention_triton as fused
+    from . import _window_attention_launch as fused
 
     return fused.window_attention_op(q, k, v, rel_pos_bias, list(window), list(shift), scale)

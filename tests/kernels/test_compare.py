@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lfvila_kernels import _contrastive_triton as fused_cl
+from lfvila_kernels import _contrastive_launch as fused_cl
 from lfvila_kernels import window_attention
 
 from . import test_contrastive as tc

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lfvila_kernels import ContrastiveLoss, contrastive_loss
-from lfvila_kernels import _contrastive_triton as fused
+from lfvila_kernels import _contrastive_launch as fused
 from lfvila_kernels.reference import contrastive_loss_naive
 
 from ._compare import RoundedOps, assert_close_verbose, assert_within_eager_error

@@ -11,7 +11,7 @@ import pytest
 import torch
 import triton
 
-from lfvila_kernels import _contrastive_triton as fused
+from lfvila_kernels import _contrastive_launch as fused
 from lfvila_kernels import contrastive_loss
 from lfvila_kernels.contrastive import autocast_features
 

@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, {root!r})  # as pytest's pythonpath and `python -m` from the checkout root do
 import torch
 import lfvila_kernels
-from lfvila_kernels import _contrastive_triton as fused
+from lfvila_kernels import _contrastive_launch as fused
 from transformers import SwinForImageClassification  # the import that used to load the second copy
 from transformers.utils import import_utils
 source = os.path.join({root!r}, "kernels", "lfvila_kernels") + os.sep

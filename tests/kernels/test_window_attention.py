@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.videoswin_eager import videoswin_window_attention
-from lfvila_kernels import _window_attention_triton as fused
+from lfvila_kernels import _window_attention_launch as fused
 from lfvila_kernels import window_attention
 from lfvila_kernels.reference import bias_table_rows
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lfvila_kernels.dispatch as dispatch
-from lfvila_kernels import _window_attention_triton as fused
+from lfvila_kernels import _window_attention_launch as fused
 from lfvila_kernels import window_attention, window_attention_reference
 from lfvila_kernels._window_attention_torch import window_attention_torch
 from lfvila_kernels.reference import bias_table_rows

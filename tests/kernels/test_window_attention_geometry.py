@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lfvila_kernels import _window_attention_triton as fused
+from lfvila_kernels import _window_attention_launch as fused
 from lfvila_kernels.reference import _shift_regions, bias_table_rows, relative_position_index
 
 GEOMETRIES = [
