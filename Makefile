@@ -1,5 +1,5 @@
 # One way to set up, test and benchmark, locally and in CI.
-# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build (see ENVIRONMENT.md).
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build (README.md, "Install and test").
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python

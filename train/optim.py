@@ -1,59 +1,11 @@
 """AdamW parameter groups, per-step learning-rate schedules and stage-2 freezing (official ``src/optimization/``).
 
-Official facts this module follows (``microsoft/XPretrain`` ``LF-VILA/``, ``OFFICIAL_LFVILA.md`` §2.2, §3):
-
-* **Groups** (``src/optimization/optimizer.py``; ``run_pretrain.py``, ``tasks/run_retrieval.py`` and
-  ``tasks/run_qa.py`` all use it).
-  Parameters whose name contains ``pooler`` are dropped before grouping. A parameter gets weight decay 0 when its name
-  *contains* one of ``bias``, ``LayerNorm.bias``, ``LayerNorm.weight``, ``pos_embed``, ``relative_position_bias_table``
-  (plain substring tests). Parameters with ``requires_grad=False`` are left out. There is **no 1-D rule**: the grouping
-  looks only at names. ``named_parameters()`` de-duplicates tied parameters, so each is seen once, under its first name.
-* **What "LayerNorm" means for our names.** Our parameter names are the official ones, so the official substring rules
-  give the official grouping. Only BERT's modules are called ``LayerNorm`` (``bert.embeddings``, every
-  ``attention.output`` / ``output`` of a layer, ``cls.predictions.transform``). The other LayerNorms keep weight decay
-  on their *weight*: the video encoder's ``patch_embed.norm``, ``norm1``, ``norm2``, ``downsample.norm``, ``norm``,
-  ``norm_local``, ``local_feat_proj.norm``, plus ``sent_embedding.norm`` and ``video_token_pos.norm``. Their biases
-  match ``bias``. ``DEFAULT_NO_DECAY`` reproduces this. ``ALL_NORMS_NO_DECAY`` exempts every norm weight too
-  (``NORM_NO_DECAY``). On our models that equals the Swin-style rule "every 1-D parameter, plus the position tables".
-  Note that ``bias`` also matches ``cls.predictions.bias`` and ``relative_position_bias_table``. BERT's
-  ``position_embeddings`` do *not* match ``pos_embed`` (they are decayed).
-* **Optimizer**: AdamW, lr 5e-5, betas (0.9, 0.98), eps 1e-8, weight decay ``TRAINING.weight_decay`` (0.05; 0.1 for
-  ActivityNet-QA and VIOLIN), through DeepSpeed.
-* **Schedules** (``src/optimization/lr_scheduler.py``). They are built with ``t_in_epochs=False``, and the trainers call
-  ``scheduler.step_update(global_step)`` after every optimizer step (``src/tools/trainer_*.py``), so updates are
-  **per step**. ``num_steps = EPOCHS * len(train_loader)``, ``warmup = WARMUP_EPOCHS * len(train_loader)`` and
-  ``decay = DECAY_EPOCHS * len(train_loader)``. ``WARMUP_LR`` is 0 (pretrain_stage2, actnet_ret, cmovie_ret,
-  actnet_qa). Because the warmup sets the lr to ``warmup_lr_init`` at construction, the first step runs at lr 0.
-  Details:
-
-  - ``linear``: the repository's own ``LinearLRScheduler`` with ``t_initial=num_steps``, ``lr_min_rate=0.01``.
-  - ``cosine``: timm 0.4.12 ``CosineLRScheduler`` with ``t_initial=num_steps``, ``lr_min=MIN_LR`` (1e-8 for
-    actnet_qa), ``cycle_limit=1`` and the default ``warmup_prefix=False``. The cosine phase is therefore measured from
-    step 0, not from the end of warmup. At the end of warmup the lr jumps from ``(W-1)/W * lr`` to the cosine value at
-    ``W``, e.g. 0.976 lr for actnet_qa's 10/100 epochs.
-  - ``step``: timm ``StepLRScheduler(decay_t=decay, decay_rate=DECAY_RATE)``. Its ``t // decay_t`` also counts from
-    step 0, so ActivityNet retrieval (1 warmup epoch, x0.25 every 5 epochs) decays at epochs 5, 10, 15. Condensed
-    Movies (x0.5 every epoch) runs at lr / 2 right after its warmup epoch and never at the full lr.
-
-  ``build_scheduler`` gives the same values per step through a ``LambdaLR`` (see its docstring). ``warmup_prefix=True``
-  measures the cosine / step phases from the end of warmup instead, which is not the official behaviour.
-* **Stage-2 freezing** (``_freeze_stage_one_params`` in ``src/models/lfvila_pretrain.py``) covers the video encoder,
-  the four projections, ``sent_embedding``, ``text_encoder.bert.embeddings`` and BERT layers ``0..11``. It sets
-  ``requires_grad=False`` and calls ``m.eval()`` once, at construction. ``Trainer.train()`` later calls
-  ``model.train()``, at the start and after every evaluation. That re-enables dropout in the frozen BERT parts and
-  ``sent_embedding``. The video encoder stays in eval mode because ``SwinTransformer3D.train()`` re-applies
-  ``_freeze_stages`` (``frozen_stages: 6``). ``apply_frozen_eval`` with ``STAGE2_FROZEN`` keeps every frozen module in
-  eval mode. That is the evident intent, and dropout on features nothing can adapt to is pure noise. Use
-  ``STAGE2_OFFICIAL_EVAL`` instead for the official effective behaviour. Two more notes. First, in the released
-  file ``__init__`` calls ``_freeze_stage_one_params`` before it creates ``self.sent_embedding``, so the
-  ``getattr(self, "sent_embedding")`` there would raise. Freezing ``sent_embedding`` is clearly the intent.
-  Second, the official MLM decoder is not tied to the word embeddings: ``TextEncoderForPretraining`` defines no
-  ``get_output_embeddings``. It therefore trains in stage 2. Ours is tied, so freezing BERT's embeddings freezes the
-  decoder weight too.
-
-Patterns (``exclude``, ``no_decay``, ``freeze``) are regular expressions tested with ``re.search`` on parameter names.
-A plain word therefore behaves like the official substring test. Wrapped models (DDP ``.module``, ``torch.compile``'s
-``._orig_mod``) are unwrapped first, so names never carry a ``module.`` / ``_orig_mod.`` prefix.
+``param_groups`` / ``build_optimizer``: the official two AdamW groups (the official substring no-decay rules as
+regexes in ``DEFAULT_NO_DECAY``; ``exclude=OFFICIAL_EXCLUDE`` leaves out ``pooler`` as the official code does);
+``build_scheduler``: warmup, then the official linear / cosine / step schedules, per optimizer step, as a ``LambdaLR``;
+``freeze`` / ``apply_frozen_eval``: stage-2 freezing (``STAGE2_FROZEN``). Patterns are regexes tested with
+``re.search`` on the parameter names of the unwrapped model (no ``module.`` / ``_orig_mod.`` prefix). What the
+official code does and where this module differs: ``docs/official.md``, section 5 "Optimization".
 """
 
 from __future__ import annotations

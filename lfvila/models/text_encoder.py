@@ -1,6 +1,6 @@
 """LF-VILA's text and cross-modal encoder: one transformers BERT split by layer ranges.
 
-Structure (official numbers, ``OFFICIAL_LFVILA.md`` §1.2; D = 1024, M = 4 sentences, L = 50 tokens, T = 32, P = 6):
+Structure (official numbers: ``docs/official.md``; D = 1024, M = 4 sentences, L = 50 tokens, T = 32, P = 6):
 
     ids (B, M, L) --BERT embeddings + layers [0, 8) per sentence (B*M sequences)-->  sentence states (B, M, L, D)
     --SentEmbedding (positions 0..M*L-1, sentence index, LN, dropout)--> (B, M*L, D)

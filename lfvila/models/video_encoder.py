@@ -2,7 +2,7 @@
 
 Layout everywhere inside the encoder: channels-last tokens ``(B, T, H, W, C)``, as Video-Swin.
 
-Structure (``lfvila-base``, the official numbers; see ``OFFICIAL_LFVILA.md`` §1.1):
+Structure (``lfvila-base``, the official numbers; ``docs/design.md``, "The model"):
 
     video (B, 3, 32, 192, 320) --PatchEmbed3D (Conv3d k=s=(1,8,8) + LN)--> (B, 32, 24, 40, 128)
     layer 0: 2 blocks, 4 heads,  window (2, 3, 5)   (B, 32, 24, 40, 128) --PatchMerging--> (B, 32, 12, 20, 256)

@@ -61,7 +61,7 @@ def test_base_window_schedule_matches_official_rule(base):
 
 
 @pytest.mark.parametrize("size, shapes", [
-    # the official input: the table in OFFICIAL_LFVILA.md §1.1 (about 4 s on 2 CPU cores)
+    # the official input: the per-layer table in docs/design.md, "The model" (about 4 s on 2 CPU cores)
     ((32, 192, 320), [(32, 12, 20, 256), (32, 6, 10, 512), (32, 6, 10, 512), (32, 6, 10, 512), (32, 3, 5, 1024),
                       (32, 3, 5, 1024)]),
     # any grid works with the base weights: patch grid 8 x 12 x 20, odd sizes padded by PatchMerging

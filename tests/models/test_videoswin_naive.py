@@ -1,7 +1,7 @@
 """``VideoEncoder`` against an independent, naive Video-Swin forward that reads an official-key state dict.
 
 The naive code below is written from the official ``SwinTransformer3D`` semantics (``microsoft/XPretrain``,
-``LF-VILA/src/models/video_encoder.py``; see ``OFFICIAL_LFVILA.md`` §1.1), not from ours: it patchifies with a reshape
+``LF-VILA/src/models/video_encoder.py``; ``docs/official.md``), not from ours: it patchifies with a reshape
 and a matmul, rolls by ``-shift`` with ``torch.roll``, partitions windows by reshape, builds the ``-100`` shift mask by
 Video-Swin's region slicing (``(0, -w), (-w, -s), (-s, None)`` per axis), indexes the 3D bias table with a
 relative-position index computed here from token coordinates, and writes LayerNorm and exact GELU out by hand. Only
