@@ -110,7 +110,8 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str, precision: str, co
             for layer in model.video_encoder.layers:
                 for block in layer.blocks:
                     fully_shard(block, mp_policy=policy)
-            for layer in model.text_encoder.bert.encoder.layer:
+            text = getattr(model, "text_encoder", None)  # None: a video-only model
+            for layer in text.bert.encoder.layer if text is not None else ():
                 fully_shard(layer, mp_policy=policy)
             fully_shard(model, mp_policy=policy)
         else:

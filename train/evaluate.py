@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on a data split: retrieval (R@K, MdR, MnR both ways) or QA accuracy, by ``train.task``.
+"""Evaluate a checkpoint on a data split: retrieval (R@K, MdR, MnR both ways) or accuracy, by ``train.task``.
 
     python -m train.evaluate --config train/configs/actnet_ret.yaml --checkpoint runs/actnet_ret/best [--split test]
     python -m train.evaluate --config train/configs/how2qa.yaml --checkpoint runs/how2qa/best --split val
@@ -6,9 +6,9 @@
 
 ``--checkpoint``: a ``save_pretrained`` directory (``runs/X/best``), a training checkpoint directory
 (``runs/X/checkpoints/step_N``), or an official / state-dict file (``.bin`` read with ``weights_only=True``,
-``.safetensors``). The model is built from the config (``model.name``, ``model.overrides``). Tasks ``multichoice``
-and ``classification`` report ``acc`` (percent) and ``n`` (examples, each counted once across ranks); the others
-report retrieval metrics. Prints the metrics as JSON and writes them to ``--out`` when given.
+``.safetensors``). The model is built from the config (``model.name``, ``model.overrides``). Tasks ``multichoice``,
+``classification`` and ``video_classification`` report ``acc`` (percent) and ``n`` (examples, each counted once
+across ranks); the others report retrieval metrics. Prints the metrics as JSON and writes them to ``--out`` when given.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 from lfvila.models import convert
 from lfvila.models.factory import build_model
 
-from . import data as tdata
 from . import dist
 from .cli import parse
 from .tasks import check_task, get_task
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = dist.init(cfg.run.device)
     model = build_model(cfg.model)
     task = get_task(cfg.train.task)
-    if task.qa:  # the model must have the task's head and eval.select must be acc
+    if task.select is not None:  # the model must have the task's head and eval.select must be acc
         check_task(cfg, model)
     path = Path(known.checkpoint)
     if path.is_dir():
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     autocast = None
     if env.device.type == "cuda" and cfg.train.precision in ("auto", "bf16"):
         autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    metrics = task.evaluate(model, cfg, tdata.tokenizer(cfg), known.split, env, autocast)
+    metrics = task.evaluate(model, cfg, task.tokenizer(cfg, model), known.split, env, autocast)
     if env.is_main:
         text = json.dumps({"checkpoint": str(known.checkpoint), "split": known.split, "task": cfg.train.task,
                            **metrics}, indent=2)

@@ -78,11 +78,7 @@ class Trainer:
         self.raw_model = model
         self.model = dist.wrap_model(model, self.env, t.distributed, self.precision, cfg.model.compile)
 
-        self.tok = tdata.tokenizer(cfg)
-        model_vocab = model.text_encoder.config.vocab_size
-        if self.tok.vocab_size > model_vocab:
-            raise ValueError(f"model.overrides.text.vocab_size: the model has {model_vocab} token ids but data.vocab "
-                             f"({cfg.data.vocab}) has {self.tok.vocab_size}")
+        self.tok = self.task.tokenizer(cfg, model)  # None for a task without text
         self.loader, self.sampler = tdata.train_loader(cfg, self.tok, self.env.rank, self.env.world_size,
                                                        self.env.device)
         check_qa_data(t.task, getattr(self.loader, "dataset", self.loader), model, "train")

@@ -51,10 +51,12 @@ def count_step_flops(step: Callable[[], None], device: torch.device) -> int:
     return counter.get_total_flops()
 
 
-def batch_tokens(batch: dict, patch_hw: tuple[int, int]) -> torch.Tensor:
-    """Video patch tokens + real text tokens of ``batch``, as a device scalar (no host sync on the hot path)."""
+def batch_tokens(batch: dict, patch_hw: tuple[int, int]):
+    """Video patch tokens + real text tokens (none in a batch without text) of ``batch``, as a device scalar where
+    there is text (no host sync on the hot path)."""
     b, _, t, h, w = batch["video"].shape
-    return batch["text_mask"].sum() + b * t * math.ceil(h / patch_hw[0]) * math.ceil(w / patch_hw[1])
+    video = b * t * math.ceil(h / patch_hw[0]) * math.ceil(w / patch_hw[1])
+    return batch["text_mask"].sum() + video if "text_mask" in batch else video
 
 
 def step_terms(out: dict) -> dict[str, torch.Tensor]:

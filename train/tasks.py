@@ -5,10 +5,14 @@
     ``multichoice`` (How2QA, ``LFVILAForMultipleChoice``: CE over the candidates + ``span_weight`` x span loss) and
     ``classification`` (ActivityNet-QA, VIOLIN, ``LFVILAForClassification``: CE): QA batches (the loader's QA mode,
         which follows the annotation format and must match the task), evaluated by accuracy (:func:`evaluate_qa`,
-        ``eval.select: acc``).
+        ``eval.select: acc``);
+    ``video_classification`` (COIN, LVU, ``LFVILAForVideoClassification``: CE on the video alone): the loader's
+        ``video`` mode (``lfvila_video_cls``: no text tensors, no tokenizer, ``data.vocab`` unused), evaluated by
+        accuracy (:func:`evaluate_qa` with the task's ``predict``, ``eval.select: acc``).
 
 A new task is one entry of :data:`TASKS`: which models fit it, its loss on a batch, its evaluation, the loader mode
-it needs and the metric it is selected on. The trainer (``train.loop``) and ``train.evaluate`` read nothing else.
+it needs, the metric it is selected on and whether its batches carry text (``Task.text``: the tokenizer and the
+token count). The trainer (``train.loop``) and ``train.evaluate`` read nothing else.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ from lfvila import losses
 from lfvila.config import Config
 from lfvila.eval import both_directions, flatten, gather_by_index
 from lfvila.eval.qa import qa_metrics, qa_predictions
-from lfvila.models import LFVILA, LFVILAForClassification, LFVILAForMultipleChoice, LFVILARetrieval
+from lfvila.models import (
+    LFVILA,
+    LFVILAForClassification,
+    LFVILAForMultipleChoice,
+    LFVILAForVideoClassification,
+    LFVILARetrieval,
+)
 
 from . import data as tdata
 from . import dist
@@ -36,14 +46,14 @@ def evaluate_qa(model: nn.Module, cfg: Config, tok, split: str, env: dist.DistEn
     """QA accuracy of ``model`` on data split ``split``: ``{"acc": percent, "n": examples}``. Each rank predicts its
     disjoint part; the per-example results are gathered by annotation index, each example counted once
     (:func:`lfvila.eval.qa_metrics`, not the official mean of per-batch accuracies). Multiple choice: argmax over the
-    candidates; classification: argmax over the classes."""
+    candidates; classification (QA or video, the task's ``predict``): argmax over the classes."""
     task = get_task(cfg.train.task)
     was_training = model.training
     model.eval()
     loader = tdata.eval_loader(cfg, tok, split, env.rank, env.world_size)
     check_qa_data(task.name, loader.dataset, model, split)
     preds, labels, index = qa_predictions(model, tdata.Prefetcher(loader, env.device), task.label, autocast,
-                                          env.device)
+                                          env.device, forward=task.predict)
     metrics = qa_metrics(preds, labels, index=index)
     model.train(was_training)
     return metrics
@@ -111,16 +121,30 @@ def _classification(model, batch, tok):
                  real=batch["sentence_real"])
 
 
+def _video_classification(model, batch, tok):
+    return model(batch["video"], labels=batch["label"])
+
+
+def _video_logits(model, batch):
+    return model(batch["video"])
+
+
 # --------------------------------------------------------------------------------------------------- the table
 _QA = (LFVILAForMultipleChoice, LFVILAForClassification)
+
+
+def _text_model(m: nn.Module) -> bool:
+    return isinstance(m, LFVILA) and m.text_tower
 
 
 @dataclass(frozen=True)
 class Task:
     """``fits(model)``: the model can train this task; ``loss(model, batch, tok)``: its outputs on a batch;
     ``evaluate(model, cfg, tok, split, env, autocast)``: its metrics on a split; ``mode``: the loader's sample mode
-    it needs (``paragraph``, ``multichoice``, ``classification``); ``label``: the batch key of a QA answer;
-    ``select``: the only ``eval.select`` it accepts (None: any of its metrics)."""
+    it needs (``paragraph``, ``multichoice``, ``classification``, ``video``); ``label``: the batch key of a QA answer
+    or class; ``select``: the only ``eval.select`` it accepts (None: any of its metrics); ``text``: its batches
+    carry text (a tokenizer from ``data.vocab``; False: ``tok`` is None); ``predict(model, batch)``: the outputs
+    (``logits``) :func:`evaluate_qa` scores (None: the text QA call)."""
 
     name: str
     fits: Callable[[nn.Module], bool]
@@ -129,23 +153,40 @@ class Task:
     mode: str = "paragraph"
     label: str | None = None
     select: str | None = None
+    text: bool = True
+    predict: Callable[[nn.Module, dict], dict] | None = None
 
     @property
     def qa(self) -> bool:
-        return self.mode != "paragraph"
+        """A question-answering task (text QA batches; the ``train.finetune_qa`` entry point)."""
+        return self.text and self.mode != "paragraph"
+
+    def tokenizer(self, cfg: Config, model: nn.Module):
+        """The tokenizer of ``data.vocab``, checked to fit ``model``'s text encoder; None for a task without text
+        (``data.vocab`` is then not read)."""
+        if not self.text:
+            return None
+        tok = tdata.tokenizer(cfg)
+        model_vocab = unwrap_model(model).text_encoder.config.vocab_size
+        if tok.vocab_size > model_vocab:
+            raise ValueError(f"model.overrides.text.vocab_size: the model has {model_vocab} token ids but data.vocab "
+                             f"({cfg.data.vocab}) has {tok.vocab_size}")
+        return tok
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("stage1", lambda m: isinstance(m, LFVILA) and not isinstance(m, LFVILARetrieval) and m.cfg.stage == 1,
+    Task("stage1", lambda m: _text_model(m) and not isinstance(m, LFVILARetrieval) and m.cfg.stage == 1,
          _paragraph, evaluate_retrieval),
     Task("stage2", lambda m: isinstance(m, LFVILA) and getattr(m, "has_fusion", False)
          and not isinstance(m, (LFVILARetrieval, *_QA)), _stage2, evaluate_retrieval),
-    Task("retrieval", lambda m: isinstance(m, LFVILARetrieval) or (isinstance(m, LFVILA) and m.cfg.stage == 1),
+    Task("retrieval", lambda m: isinstance(m, LFVILARetrieval) or (_text_model(m) and m.cfg.stage == 1),
          _retrieval, evaluate_retrieval),
     Task("multichoice", lambda m: isinstance(m, LFVILAForMultipleChoice), _multichoice, evaluate_qa,
          mode="multichoice", label="answer", select="acc"),
     Task("classification", lambda m: isinstance(m, LFVILAForClassification), _classification, evaluate_qa,
          mode="classification", label="label", select="acc"),
+    Task("video_classification", lambda m: isinstance(m, LFVILAForVideoClassification), _video_classification,
+         evaluate_qa, mode="video", label="label", select="acc", text=False, predict=_video_logits),
 )}
 QA_TASKS = tuple(name for name, t in TASKS.items() if t.qa)
 
@@ -163,26 +204,27 @@ def check_task(cfg: Config, model: nn.Module) -> Task:
         raise ValueError(f"train.task {task.name!r} does not fit model.name {cfg.model.name!r} "
                          f"({type(model).__name__})")
     if task.select is not None and cfg.eval.select != task.select:
-        raise ValueError(f"eval.select: QA tasks report 'acc' (accuracy, %), got {cfg.eval.select!r}")
+        who = "QA tasks report" if task.qa else f"train.task {task.name!r} reports"
+        raise ValueError(f"eval.select: {who} {task.select!r} (accuracy, %), got {cfg.eval.select!r}")
     return task
 
 
 def check_qa_data(task: str, dataset, model: nn.Module, where: str) -> None:
     """The loader ``dataset`` (a ``VideoTextDataset``) fits ``task``: its mode is the task's, and every class label
     is one the classifier has (``model.cfg.num_classes``). ``where`` names the split in the error. A loader without
-    QA modes (no ``mode``: the DALI loader) passes for the paragraph tasks and is refused for QA."""
+    QA modes (no ``mode``: the DALI loader) passes for the paragraph tasks and is refused for the others."""
     want = get_task(task).mode
     mode = getattr(dataset, "mode", None)
     if mode is None:
         if want != "paragraph":
-            raise ValueError(f"data.backend: {type(dataset).__name__} makes paragraph batches only; QA tasks need "
-                             f"the PyAV DataLoader path (data.backend pyav)")
+            raise ValueError(f"data.backend: {type(dataset).__name__} makes paragraph batches only; QA and video "
+                             f"tasks need the PyAV DataLoader path (data.backend pyav)")
         return
     if mode != want:
         fmt = getattr(dataset.annotations, "format_name", "") or type(dataset.annotations).__name__
         raise ValueError(f"data.{where}: train.task {task!r} needs {want} samples, but data.format {fmt!r} gives "
                          f"{mode} samples")
-    if want == "classification":
+    if get_task(task).label == "label":  # class labels (QA or video classification)
         n = model.cfg.num_classes
         bad = [(i, dataset.annotations[i]["label"]) for i in range(len(dataset))
                if not 0 <= dataset.annotations[i]["label"] < n]

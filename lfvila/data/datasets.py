@@ -2,9 +2,10 @@
 
 No decoding or frame sampling happens here: a sample says which video file to read and what text goes with it;
 the loader combines samples with :mod:`lfvila.data.decode` and :mod:`lfvila.data.sampling`. Formats (registry name
--> class): ``lfvila_retrieval``, ``lfvila_pretrain``, ``lfvila_how2qa``, ``lfvila_violin``, ``lfvila_actnet_qa`` (the
-official LF-VILA jsonl files), ``activitynet_captions``, ``didemo``, ``how2qa_csv`` (the public How2QA release) and
-``generic_jsonl``. Build one with :func:`build_dataset`; split one over ranks with :func:`shard`.
+-> class): ``lfvila_retrieval``, ``lfvila_pretrain``, ``lfvila_how2qa``, ``lfvila_violin``, ``lfvila_actnet_qa``,
+``lfvila_video_cls`` (the official LF-VILA jsonl files; the last in :mod:`lfvila.data.video_cls`),
+``activitynet_captions``, ``didemo``, ``how2qa_csv`` (the public How2QA release) and ``generic_jsonl``. Build one
+with :func:`build_dataset`; split one over ranks with :func:`shard`.
 """
 
 from __future__ import annotations
@@ -699,3 +700,6 @@ def shard(items, rank: int, world_size: int, mode: str = "disjoint") -> list[int
     elif mode == "drop":
         idx = idx[: n - n % world_size]
     return idx[rank::world_size]
+
+
+from lfvila.data import video_cls  # noqa: E402, F401  (registers lfvila_video_cls; it imports this module)

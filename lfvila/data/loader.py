@@ -41,7 +41,10 @@ positions and pads the sentences. ``meta["clip_start"]`` is the window's start, 
     sentence_real         bool  (B, M)
     label                 int64 (B,)           the class
 
-QA samples always take ``T`` frames over the whole video, as the official QA loaders (eval uniform, train
+* ``"video"`` (COIN, LVU video classification, ``lfvila_video_cls``: a ``label`` and no text): no text tensors at all
+  (no tokenizer needed), ``label`` int64 (B,) the class.
+
+QA and video samples always take ``T`` frames over the whole video, as the official QA loaders (eval uniform, train
 jittered), whatever ``sampling`` says: the clip-aligned rule pairs clips with paragraph sentences, which QA text is
 not. The span labels use the sampled frames' true display times (the official code assumed 3 fps).
 
@@ -84,7 +87,7 @@ from .text import encode_sentences, tokenize_paragraph
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MODES = ("auto", "paragraph", "multichoice", "classification")
+MODES = ("auto", "paragraph", "multichoice", "classification", "video")
 ON_ERROR = ("raise", "skip", "replace")
 _REPLACE_INDEX, _REPLACE_DRAWS = 0x5E1EC7, 0x4EF111  # non-zero tags: seed streams of their own (module docstring)
 _QA_KEYS = {"answer": torch.int64, "label": torch.int64, "span_labels": torch.int64, "span_weights": torch.float32}
@@ -95,7 +98,8 @@ log = logging.getLogger(__name__)
 class LoaderConfig:
     """What a loader produces. ``sampling``: ``"uniform"`` (the retrieval rule: eval uniform, train jittered over the
     whole video) or ``"clips"`` (``clips`` x ``frames_per_clip``, clip i inside sentence i's span; paragraph mode
-    only). ``mode``: ``"auto"``, ``"paragraph"``, ``"multichoice"`` or ``"classification"`` (module docstring);
+    only). ``mode``: ``"auto"``, ``"paragraph"``, ``"multichoice"``, ``"classification"`` or ``"video"`` (module
+    docstring);
     ``sentences`` is M, the number of text segments, in every mode. ``on_error``: ``"raise"``, ``"skip"`` or
     ``"replace"`` (training only), ``replace_attempts`` the replacements tried for one bad sample (module
     docstring)."""
@@ -294,11 +298,11 @@ def load_replacement(load, n: int, index: int, cfg: LoaderConfig, epoch: int, wh
 
 def sample_mode(sample: dict) -> str:
     """What an annotation sample is for: ``"multichoice"`` (it has candidate ``answers``), ``"classification"`` (a
-    ``label``) or ``"paragraph"``."""
+    ``label`` and a question), ``"video"`` (a ``label`` and no question: video classification) or ``"paragraph"``."""
     if sample.get("answers") is not None:
         return "multichoice"
     if sample.get("label") is not None:
-        return "classification"
+        return "classification" if sample.get("question") is not None else "video"
     return "paragraph"
 
 
@@ -450,7 +454,9 @@ class VideoTextDataset(Dataset):
             self.skips.skip(path, e)  # raises under on_error="raise" (or when too many were skipped)
             return None
         self.skips.ok()
-        if qa:
+        if self.mode == "video":  # no text: the class is the whole target
+            text, extra["label"] = None, int(sample["label"])
+        elif qa:
             text = self._qa_text(sample)
             extra.update({k: text[k] for k in ("answer", "label") if k in text})
         else:
@@ -461,9 +467,8 @@ class VideoTextDataset(Dataset):
             video = _resize(video, cfg.size)
         return {
             "video": video,
-            "text_ids": text["ids"],
-            "text_mask": text["mask"],
-            "sentence_real": text["real"],
+            **({} if text is None else {"text_ids": text["ids"], "text_mask": text["mask"],
+                                        "sentence_real": text["real"]}),
             "index": index,
             **extra,
             "meta": {"video_id": sample["video_id"], "video": path, "frames": picks, "source": sample["source"],
@@ -473,21 +478,21 @@ class VideoTextDataset(Dataset):
 
 def collate(samples: list[dict | None]) -> dict | None:
     """Stack samples into a batch; skipped (``None``) samples are left out; ``None`` if nothing is left. QA targets
-    (``answer``, ``label``, ``span_labels``, ``span_weights``) are stacked when the samples carry them."""
+    (``answer``, ``label``, ``span_labels``, ``span_weights``) and the text tensors (all modes but ``"video"``) are
+    stacked when the samples carry them."""
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
-    ids = [s["text_ids"] for s in samples]
-    if any(x.shape != ids[0].shape for x in ids):  # multiple choice: every sample needs as many candidates
-        raise ValueError(f"samples' text shapes differ: {sorted({tuple(x.shape) for x in ids})} (rows "
-                         f"{[s['meta']['source'] for s in samples]})")
-    batch = {
-        "video": torch.stack([s["video"] for s in samples]),  # (B, T, H, W, C) uint8
-        "text_ids": torch.stack(ids),  # (B, M, L); multiple choice (B, C, M, L)
-        "text_mask": torch.stack([s["text_mask"] for s in samples]),
-        "sentence_real": torch.stack([s["sentence_real"] for s in samples]),  # (B, M) / (B, C, M)
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
-    }
+    batch = {"video": torch.stack([s["video"] for s in samples])}  # (B, T, H, W, C) uint8
+    if "text_ids" in samples[0]:  # every mode but "video"
+        ids = [s["text_ids"] for s in samples]
+        if any(x.shape != ids[0].shape for x in ids):  # multiple choice: every sample needs as many candidates
+            raise ValueError(f"samples' text shapes differ: {sorted({tuple(x.shape) for x in ids})} (rows "
+                             f"{[s['meta']['source'] for s in samples]})")
+        batch["text_ids"] = torch.stack(ids)  # (B, M, L); multiple choice (B, C, M, L)
+        batch["text_mask"] = torch.stack([s["text_mask"] for s in samples])
+        batch["sentence_real"] = torch.stack([s["sentence_real"] for s in samples])  # (B, M) / (B, C, M)
+    batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
     for key, dtype in _QA_KEYS.items():
         if key in samples[0]:
             batch[key] = torch.stack([torch.as_tensor(s[key], dtype=dtype) for s in samples])  # (B,) / (B, T)

@@ -80,21 +80,27 @@ def qa_metrics(outputs, labels, index=None, ignore_index: int | None = None, gro
     return {"acc": 100.0 * float(ok.sum()) / n if n else float("nan"), "n": n}
 
 
+def _qa_forward(model, batch: dict) -> dict:
+    return model(batch["video"], batch["text_ids"], batch["text_mask"], real=batch["sentence_real"])
+
+
 @torch.no_grad()
-def qa_predictions(model, batches, target: str, autocast=None, device=None
+def qa_predictions(model, batches, target: str, autocast=None, device=None, forward=None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run a QA model (``LFVILAForMultipleChoice`` / ``LFVILAForClassification``: ``model(video, ids, mask,
     real=...)["logits"]``, (B, C) either way) over ``batches`` (device batches of ``lfvila.data.loader`` in a QA mode;
     ``None`` entries, all-skipped batches, are passed over) -> ``(predictions int64 (N,), labels int64 (N,), index
-    int64 (N,))`` with the labels read from ``batch[target]`` (``"answer"`` or ``"label"``). ``autocast``: a
+    int64 (N,))`` with the labels read from ``batch[target]`` (``"answer"`` or ``"label"``). ``forward(model, batch)``
+    replaces that call for other models (video classification: ``model(batch["video"])``). ``autocast``: a
     context-manager factory (None: none). A rank without batches returns empty tensors on ``device``, ready for
     :func:`qa_metrics` (a collective every rank must join)."""
+    forward = _qa_forward if forward is None else forward
     preds, labels, index = [], [], []
     for batch in batches:
         if batch is None:
             continue
         with autocast() if autocast is not None else contextlib.nullcontext():
-            out = model(batch["video"], batch["text_ids"], batch["text_mask"], real=batch["sentence_real"])
+            out = forward(model, batch)
         preds.append(predictions_of(out["logits"].float()))
         labels.append(batch[target].reshape(-1).to(torch.int64))
         index.append(batch["index"])

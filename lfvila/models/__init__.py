@@ -3,7 +3,7 @@ conversion and the named-variant registry (``create_model``)."""
 
 from .lfvila import LFVILA, LFVILAConfig
 from .registry import create_model, list_models, model_config, register_model
-from .tasks import LFVILAForClassification, LFVILAForMultipleChoice, LFVILARetrieval
+from .tasks import LFVILAForClassification, LFVILAForMultipleChoice, LFVILAForVideoClassification, LFVILARetrieval
 from .video_encoder import (
     PatchEmbed3D,
     PatchMerging,
@@ -17,6 +17,7 @@ __all__ = [
     "LFVILAConfig",
     "LFVILAForClassification",
     "LFVILAForMultipleChoice",
+    "LFVILAForVideoClassification",
     "LFVILARetrieval",
     "PatchEmbed3D",
     "PatchMerging",

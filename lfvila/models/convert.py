@@ -20,8 +20,9 @@ missing, unexpected and mismatched key (strict by default). fp16 values are cast
 
 Which official file fits which class: ``lfvila_stage1.bin`` -> ``LFVILA`` with ``stage=1``; ``lfvila_stage2.bin`` ->
 ``stage=2``; fine-tuned retrieval checkpoints -> ``LFVILARetrieval``; How2QA -> ``LFVILAForMultipleChoice``;
-ActivityNet-QA / VIOLIN -> ``LFVILAForClassification``. Build the model with ``compat_official=True`` to reproduce the
-official forward with official weights (``OFFICIAL_LFVILA.md`` §1). Starting a task from a pre-training checkpoint is
+ActivityNet-QA / VIOLIN -> ``LFVILAForClassification``; COIN / LVU video classification ->
+``LFVILAForVideoClassification``. Build the model with ``compat_official=True`` to reproduce the
+official forward with official weights (``docs/official.md``). Starting a task from a pre-training checkpoint is
 :func:`init_from_pretraining` (the task's new heads may be missing, the pre-training heads it drops unused); stage 2
 from stage 1 is :func:`init_stage2` (BERT-large first for the fusion layers, then the stage-1 weights over it, as the
 official code does).
@@ -50,7 +51,7 @@ from lfvila.config import from_dict, to_dict
 
 from .lfvila import LFVILA, LFVILAConfig
 from .swin2d import inflate_swin2d, load_swin2d
-from .tasks import LFVILAForClassification, LFVILAForMultipleChoice, LFVILARetrieval
+from .tasks import LFVILAForClassification, LFVILAForMultipleChoice, LFVILAForVideoClassification, LFVILARetrieval
 from .text_encoder import load_bert_weights
 from .video_encoder import VideoEncoder, VideoEncoderConfig
 from .weights import (
@@ -185,6 +186,9 @@ def _pretraining_allowances(model: nn.Module) -> tuple[tuple[str, ...], tuple[st
         return (), (r"^(video|text)_local_proj\.", r"^video_token_pos\.", _layers_from(n))
     if isinstance(model, (LFVILAForMultipleChoice, LFVILAForClassification)):  # from stage 2
         return (r"^text_encoder\.(classifier|span_classifier)\.",), (heads, projections)
+    if isinstance(model, LFVILAForVideoClassification):  # from stage 1 (or 2): the video side only
+        return (r"^(classifier|video_frame_proj)\.",), (r"^text_", r"^sent_embedding\.", r"^video_local_proj\.",
+                                                        r"^video_token_pos\.")
     if isinstance(model, LFVILA):
         return (), ()
     raise TypeError(f"init_from_pretraining does not know {type(model).__name__}")
@@ -192,9 +196,11 @@ def _pretraining_allowances(model: nn.Module) -> tuple[tuple[str, ...], tuple[st
 
 def init_from_pretraining(model: nn.Module, src, *, allow_missing=(), allow_unexpected=()) -> LoadReport:
     """Initialise a task model from a pre-training checkpoint (official ``lfvila_stage1.bin`` / ``lfvila_stage2.bin``
-    or ours): strict except that the task's new heads may be missing (QA ``classifier`` / ``span_classifier``) and
-    the pre-training parts it does not have may be unused (retrieval: local projections, fusion layers; QA: MLM / VTM
-    heads and projections). A segment table of another size loads its overlapping rows. More patterns can be added."""
+    or ours): strict except that the task's new heads may be missing (QA ``classifier`` / ``span_classifier``; video
+    classification ``classifier``, ``video_frame_proj``) and the pre-training parts it does not have may be unused
+    (retrieval: local projections, fusion layers; QA: MLM / VTM heads and projections; video classification: the
+    whole text side and the local video projection). A segment table of another size loads its overlapping rows.
+    More patterns can be added."""
     missing, unused = _pretraining_allowances(model)
     return load_checkpoint(model, src, allow_missing=missing + tuple(allow_missing),
                            allow_unexpected=unused + tuple(allow_unexpected), resize_segments=True)
@@ -227,6 +233,7 @@ MODEL_CLASSES: dict[str, tuple[type[nn.Module], type]] = {
     "LFVILARetrieval": (LFVILARetrieval, LFVILAConfig),
     "LFVILAForMultipleChoice": (LFVILAForMultipleChoice, LFVILAConfig),
     "LFVILAForClassification": (LFVILAForClassification, LFVILAConfig),
+    "LFVILAForVideoClassification": (LFVILAForVideoClassification, LFVILAConfig),
     "VideoEncoder": (VideoEncoder, VideoEncoderConfig),
 }
 FORMAT_VERSION = 1

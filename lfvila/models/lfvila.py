@@ -1,6 +1,6 @@
 """The full LF-VILA pre-training model: video encoder + split BERT + projections + stage-1 / stage-2 losses.
 
-Structure (official numbers, ``OFFICIAL_LFVILA.md`` §1.1, §1.2, §2; D = 1024, M = 4 clips / sentences, T = 32):
+Structure (official numbers: ``docs/official.md``; D = 1024, M = 4 clips / sentences, T = 32):
 
     video --VideoEncoder--> grid (B, T, 3, 5, D) [final, after ``norm``], local (B, T, 3, 5, D) [intra-clip branch]
     pooled = per-frame 2 x 3 max-pool (``pool_video_tokens``)                  (B, T, 6, D)
@@ -105,14 +105,17 @@ def _l2(x: torch.Tensor) -> torch.Tensor:
 class LFVILA(nn.Module):
     """LF-VILA pre-training model (official ``LFVILA_Pretrain``'s parameter names); see the module docstring.
 
-    Task models (``tasks.py``) subclass it and change three class attributes: ``projections`` (which of the
-    ``{video,text}_{local,global}_proj`` pairs exist), ``text_head`` (``TextEncoderConfig.head``) and ``fusion``
-    (``None``: from ``cfg.stage``; True / False: always / never build the fusion layers and ``video_token_pos``).
+    Task models (``tasks.py``) subclass it and change four class attributes: ``projections`` (which of the
+    ``{video,text}_{local,global}_proj`` pairs exist), ``text_head`` (``TextEncoderConfig.head``), ``fusion``
+    (``None``: from ``cfg.stage``; True / False: always / never build the fusion layers and ``video_token_pos``) and
+    ``text_tower`` (False: a video-only model, no ``text_encoder``, ``sent_embedding`` or ``text_*_proj`` at all;
+    ``cfg.text`` then only gives ``pool_grid``).
     """
 
     projections: tuple[str, ...] = ("local", "global")
     text_head: str = "pretraining"
     fusion: bool | None = None
+    text_tower: bool = True
 
     def __init__(self, cfg: LFVILAConfig | None = None):
         super().__init__()
@@ -126,9 +129,13 @@ class LFVILA(nn.Module):
         self.cfg = cfg
         self.compat_official = cfg.compat_official
         self.has_fusion = fusion
+        if fusion and not self.text_tower:
+            raise ValueError(f"{type(self).__name__} has no text tower to fuse with")
         self.video_encoder = VideoEncoder(video_cfg)
-        self.text_encoder = SplitBertTextEncoder(text_cfg)
-        dv, dt, e = self.video_encoder.num_features, self.text_encoder.hidden_size, cfg.embed_dim
+        if self.text_tower:
+            self.text_encoder = SplitBertTextEncoder(text_cfg)
+        dv, e = self.video_encoder.num_features, cfg.embed_dim
+        dt = self.text_encoder.hidden_size if self.text_tower else None
         local_dv = self.video_encoder.norm_local.normalized_shape[0]
         if "local" in self.projections and not cfg.compat_official and local_dv != dv:
             raise ValueError(f"local branch width {local_dv} != final video width {dv}")
@@ -136,13 +143,16 @@ class LFVILA(nn.Module):
             raise ValueError(f"fusion needs video width {dv} == text hidden {dt}")
         for kind in self.projections:
             for side, d in (("video", dv), ("text", dt)):
+                if d is None:  # no text tower
+                    continue
                 proj = nn.Linear(d, e)
                 nn.init.normal_(proj.weight, std=0.02)
                 nn.init.zeros_(proj.bias)
                 setattr(self, f"{side}_{kind}_proj", proj)
-        self.sent_embedding = SentEmbedding(dt, text_cfg.max_position_embeddings, text_cfg.sent_type_vocab,
-                                            text_cfg.layer_norm_eps, text_cfg.hidden_dropout_prob)
-        self.sent_embedding.init_from_bert(self.text_encoder.bert)
+        if self.text_tower:
+            self.sent_embedding = SentEmbedding(dt, text_cfg.max_position_embeddings, text_cfg.sent_type_vocab,
+                                                text_cfg.layer_norm_eps, text_cfg.hidden_dropout_prob)
+            self.sent_embedding.init_from_bert(self.text_encoder.bert)
         if fusion:
             self.video_token_pos = VideoTokenPos(dt, text_cfg.num_frames, text_cfg.patches_per_frame,
                                                  text_cfg.layer_norm_eps)
@@ -165,7 +175,7 @@ class LFVILA(nn.Module):
         the global ones), ``tokens`` (B, T*P, D) for fusion (through ``video_token_pos`` when the model fuses),
         ``pooled`` (B, T, P, D) the pooled final grid."""
         out = self.video_encoder(video)
-        grid_pool = pool_video_tokens(out.grid, self.text_encoder.config.pool_grid)  # (B, T, P, D)
+        grid_pool = pool_video_tokens(out.grid, self.cfg.text.pool_grid)  # (B, T, P, D)
         result = {"pooled": grid_pool}
         if "global" in self.projections or "local" in self.projections:
             grid_clips = self._clip_mean(grid_pool)  # (B, M, D)
@@ -173,7 +183,7 @@ class LFVILA(nn.Module):
             if self.compat_official:
                 local_clips = grid_clips  # official: "local" is the final grid
             else:
-                local_clips = self._clip_mean(pool_video_tokens(out.local, self.text_encoder.config.pool_grid))
+                local_clips = self._clip_mean(pool_video_tokens(out.local, self.cfg.text.pool_grid))
             result["clip"] = _l2(self.video_local_proj(local_clips))
         if "global" in self.projections:
             result["global"] = _l2(self.video_global_proj(grid_clips.mean(1)))

@@ -1,8 +1,9 @@
-"""LF-VILA task models: paragraph-to-video retrieval, How2QA multiple choice, ActivityNet-QA / VIOLIN classification.
+"""LF-VILA task models: paragraph-to-video retrieval, How2QA multiple choice, ActivityNet-QA / VIOLIN classification,
+long-form video classification (COIN, LVU).
 
 Each is the pre-training model (``LFVILA``) with other heads, under the official parameter names of
-``LFVILA_Retrieval``, ``LFVILA_QA_Multichoice`` and ``LFVILA_QA_Classification``, so their checkpoints load without
-missing or unexpected keys:
+``LFVILA_Retrieval``, ``LFVILA_QA_Multichoice``, ``LFVILA_QA_Classification`` and ``LFVILA_Video_Classification``, so
+their checkpoints load without missing or unexpected keys:
 
     ``LFVILARetrieval``         dual encoder: ``video_encoder``, ``text_encoder`` (12 layers, ``cls`` +
                                 ``seq_relationship`` kept, unused), ``{video,text}_global_proj``, ``sent_embedding``.
@@ -13,6 +14,9 @@ missing or unexpected keys:
                                 ``CE(choice logits) + span_weight * span_loss`` (``losses.span_loss``).
     ``LFVILAForClassification``  as above with ``classifier`` Linear(D, num_classes); loss CE with
                                 ``label_smoothing``.
+    ``LFVILAForVideoClassification``  video only (no text encoder is built): ``video_encoder``, ``video_global_proj``,
+                                ``video_frame_proj`` (per-frame features, official, not in the loss), ``classifier``
+                                Linear(E, num_classes) on the L2-normed global feature; loss CE.
 
 To start a task from a pre-training checkpoint use ``convert.init_from_pretraining`` (it expects the heads the task
 adds to be missing and the pre-training heads it drops to be unused).
@@ -23,13 +27,14 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import losses
 from .lfvila import LFVILA, LFVILAConfig, lfvila_base_config, lfvila_tiny_config
 from .registry import register_model
 
-__all__ = ["LFVILAForClassification", "LFVILAForMultipleChoice", "LFVILARetrieval"]
+__all__ = ["LFVILAForClassification", "LFVILAForMultipleChoice", "LFVILAForVideoClassification", "LFVILARetrieval"]
 
 
 def _ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -124,6 +129,40 @@ class LFVILAForClassification(_FusionQA):
         return out
 
 
+class LFVILAForVideoClassification(LFVILA):
+    """Long-form video classification: COIN (180 tasks), LVU relationship (4), scene (6), way of speaking (5)
+    (official ``LFVILA_Video_Classification``). Only the video side is built (``text_tower = False``).
+
+    ``forward(video, labels=None)`` -> ``logits`` (B, num_classes) = ``classifier(global)``, ``global`` (B, E) the
+    L2-normed ``encode_video(video)["global"]`` (the official path: final grid, ``MaxPool2d((2, 3), stride 1)``, mean
+    over frames and patches, ``video_global_proj``, L2 norm), ``frames`` (B, T, E) the L2-normed
+    ``video_frame_proj`` of each frame's mean pooled token (official output, not in the loss) and, with ``labels``
+    (B,), ``loss`` (CE with ``label_smoothing``, 0 officially).
+    """
+
+    projections = ("global",)
+    fusion = False
+    text_tower = False
+
+    def __init__(self, cfg: LFVILAConfig | None = None):
+        super().__init__(cfg)
+        if self.cfg.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.cfg.num_classes}")
+        dv, e = self.video_encoder.num_features, self.cfg.embed_dim
+        self.video_frame_proj = nn.Linear(dv, e)
+        nn.init.normal_(self.video_frame_proj.weight, std=0.02)
+        nn.init.zeros_(self.video_frame_proj.bias)
+        self.classifier = nn.Linear(e, self.cfg.num_classes)  # torch's default init, as the official nn.Linear
+
+    def forward(self, video: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        v = self.encode_video(video)
+        out = {"logits": self.classifier(v["global"]), "global": v["global"],
+               "frames": F.normalize(self.video_frame_proj(v["pooled"].mean(2)), dim=-1)}
+        if labels is not None:
+            out["loss"] = _ce(out["logits"], labels.reshape(-1), self.cfg.label_smoothing)
+        return out
+
+
 def _qa(base, **overrides):
     def factory() -> LFVILAConfig:
         return dataclasses.replace(base(), stage=2, **overrides)
@@ -143,3 +182,18 @@ register_model("lfvila-tiny-multichoice", _qa(lfvila_tiny_config), LFVILAForMult
                "tiny multiple-choice QA model (tests)")
 register_model("lfvila-tiny-classification", _qa(lfvila_tiny_config, num_classes=5), LFVILAForClassification,
                "tiny classification QA model, 5 classes (tests)")
+
+
+def _video_cls(base, num_classes: int):
+    def factory() -> LFVILAConfig:
+        return dataclasses.replace(base(), stage=1, num_classes=num_classes)
+    return factory
+
+
+# long-form video classification (official coin_cls / lvu_*_cls.yaml: from stage 1, 32 frames = 4 clips x 8)
+VIDEO_CLS_CLASSES = {"coin": 180, "lvu-relationship": 4, "lvu-scene": 6, "lvu-wayspeaking": 5}
+for _dataset, _classes in VIDEO_CLS_CLASSES.items():
+    register_model(f"lfvila-base-{_dataset}-cls", _video_cls(lfvila_base_config, _classes),
+                   LFVILAForVideoClassification, f"{_dataset} long-form video classification, {_classes} classes")
+    register_model(f"lfvila-tiny-{_dataset}-cls", _video_cls(lfvila_tiny_config, _classes),
+                   LFVILAForVideoClassification, f"tiny {_dataset} video classification, {_classes} classes (tests)")

@@ -1,4 +1,4 @@
-"""Checkpoint tests: the official key set (lfvila-base, from OFFICIAL_LFVILA.md §6, written out here independently),
+"""Checkpoint tests: the official key set (lfvila-base, as docs/official.md lists it, written out here independently),
 official-format files into our models, task initialisation, errors that list keys, our save/load format."""
 
 from __future__ import annotations

@@ -90,6 +90,7 @@ def test_step_terms_and_tokens():
     assert set(terms) == {"loss", "vpc"} and not terms["loss"].requires_grad
     batch = {"video": torch.zeros(2, 3, 8, 64, 96), "text_mask": torch.ones(2, 4, 5)}
     assert int(batch_tokens(batch, (32, 32))) == 40 + 2 * 8 * 2 * 3
+    assert batch_tokens({"video": batch["video"]}, (32, 32)) == 2 * 8 * 2 * 3  # a batch without text
 
 
 def test_metrics_writer_main_rank_only(tmp_path):
