@@ -23,16 +23,16 @@ shards the loop refuses a resume that changes ``data.num_workers`` (``train.resu
 ``run.resume_changes: keep`` the rest of that epoch's shards is dealt anew and may repeat or miss samples; from the
 next epoch on it is exact again). A resume on another number of ranks does the same.
 
-``data.shard_order: sampler`` reads the shards as a map-style ``lfvila.data.shards.ShardDataset`` instead (each
-sample found by its annotation index and read by seeking into its tar), through the same :class:`EpochSampler` and
+``data.shard_order: sampler`` reads the shards as a map-style ``lfvila.data.shard_map.ShardDataset`` instead (each
+sample found by its annotation index and read by seeking into its tar), through the same sampler and
 DataLoader as the annotation path (evaluation: ``build_loader``'s samplers): for a seed the training and evaluation
 batches are the samples of the jsonl / LMDB path of the same annotations, in the same order, and a mid-epoch resume
 is exact by the sampler's rule, with any ``data.num_workers``. Samples left out of the shards count as bad samples
 (``data.on_error``), as their videos would on the annotation path.
 
-Resuming mid-epoch: :class:`EpochSampler` draws one permutation per ``(seed, epoch)``, deals it to the ranks like
-``DistributedSampler(drop_last=True)``, and can start at any batch of the epoch (``set_position``), so a resumed run
-sees exactly the samples the uninterrupted run would have, without decoding the ones it skips. Nothing here draws
+Resuming mid-epoch: the training sampler (``lfvila.data.samplers.EpochSampler``) draws one permutation per
+``(seed, epoch)`` and can start at any batch of the epoch (``set_position``), so a resumed run sees exactly the
+samples the uninterrupted run would have, without decoding the ones it skips. Nothing here draws
 from the global RNGs, which the checkpoint saves for the model and the losses (``train.persist.capture_rng``): the
 sampler's order is a function of ``(seed, epoch)``, each sample's jitter / crop / flip of ``(seed, epoch, index)``
 (``VideoTextDataset``), and the DataLoaders' worker seeds of ``(seed, rank, epoch)`` (``SeededDataLoader``; a plain
@@ -44,53 +44,21 @@ step (:class:`Prefetcher`): a global draw there would be taken before the checkp
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from lfvila.config import Config
 from lfvila.data import decode as decoding
 from lfvila.data.datasets import build_dataset
-from lfvila.data.loader import LoaderConfig, SeededDataLoader, VideoTextDataset, build_loader, collate, to_model_input
-from lfvila.data.shards import DALI_REFUSAL, ShardDataset, build_shard_loader, build_shard_map_loader
+from lfvila.data.loader import LoaderConfig, VideoTextDataset, build_loader, make_loader, to_model_input
+from lfvila.data.samplers import EpochSampler, build_sampler  # noqa: F401  (EpochSampler: the loop's sampler type)
+from lfvila.data.shard_map import ShardDataset
+from lfvila.data.shards import DALI_REFUSAL, build_shard_loader
 from lfvila.data.text import load_tokenizer
 
 SHARDS = "shards"  # data.format of WebDataset tar shards (an index.json per split)
-
-
-class EpochSampler(Sampler[int]):
-    """Shuffled, rank-sharded indices of one epoch, starting at batch ``start_batch`` (see the module docstring).
-
-    Every rank gets ``n // world_size`` indices (the tail is dropped so every rank runs the same number of steps)."""
-
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
-        if n < world_size:
-            raise ValueError(f"{n} samples cannot be shared by {world_size} ranks")
-        self.n, self.batch_size, self.rank, self.world_size, self.seed = n, batch_size, rank, world_size, seed
-        self.epoch, self.start_batch = 0, 0
-
-    @property
-    def per_rank(self) -> int:
-        return self.n // self.world_size
-
-    def batches_per_epoch(self, drop_last: bool = True) -> int:
-        return self.per_rank // self.batch_size if drop_last else math.ceil(self.per_rank / self.batch_size)
-
-    def set_position(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
-
-    def _indices(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[: self.per_rank * self.world_size]
-        return order[self.rank::self.world_size].tolist()
-
-    def __iter__(self):
-        return iter(self._indices()[self.start_batch * self.batch_size:])
-
-    def __len__(self) -> int:
-        return max(0, self.per_rank - self.start_batch * self.batch_size)
 
 
 def loader_config(cfg: Config, train: bool) -> LoaderConfig:
@@ -175,10 +143,12 @@ def train_loader(cfg: Config, tok, rank: int, world_size: int, device: torch.dev
                                         shuffle=True, buffer=cfg.data.shard_buffer, prefetch_factor=4)
             return loader, loader.dataset
         dataset = ShardDataset(_split_path(cfg, "train"), tok, lcfg)  # shard_order sampler: as the annotation path
-        sampler = EpochSampler(len(dataset), cfg.train.batch_size, rank, world_size, cfg.train.seed)
+        sampler = build_sampler(len(dataset), train=True, batch_size=cfg.train.batch_size, rank=rank,
+                                world_size=world_size, seed=cfg.train.seed)
     else:
         ann = annotations(cfg, "train")
-        sampler = EpochSampler(len(ann), cfg.train.batch_size, rank, world_size, cfg.train.seed)
+        sampler = build_sampler(len(ann), train=True, batch_size=cfg.train.batch_size, rank=rank,
+                                world_size=world_size, seed=cfg.train.seed)
         if use_dali(cfg, device):
             from lfvila.data.dali_loader import DaliLoader
 
@@ -186,11 +156,8 @@ def train_loader(cfg: Config, tok, rank: int, world_size: int, device: torch.dev
                                 world_size=world_size, num_threads=max(1, cfg.data.num_workers), sampler=sampler)
             return loader, sampler
         dataset = VideoTextDataset(ann, tok, lcfg)
-    workers = cfg.data.num_workers
-    loader = SeededDataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
-                              collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
-                              prefetch_factor=4 if workers else None, persistent_workers=False, seed=cfg.train.seed,
-                              rank=rank)
+    loader = make_loader(dataset, cfg.train.batch_size, sampler, num_workers=cfg.data.num_workers,
+                         seed=cfg.train.seed, rank=rank, drop_last=True, prefetch_factor=4, persistent_workers=False)
     return loader, sampler
 
 
@@ -202,8 +169,8 @@ def eval_loader(cfg: Config, tok, split: str, rank: int, world_size: int) -> Dat
     if cfg.data.format == SHARDS:
         path, lcfg = _split_path(cfg, split), loader_config(cfg, train=False)
         if cfg.data.shard_order == "sampler":  # build_loader's samplers and DataLoader over a ShardDataset
-            return build_shard_map_loader(path, tok, lcfg, batch, num_workers=cfg.data.num_workers, rank=rank,
-                                          world_size=world_size)
+            return build_loader(None, tok, lcfg, batch, num_workers=cfg.data.num_workers, rank=rank,
+                                world_size=world_size, dataset=ShardDataset(path, tok, lcfg))
         return build_shard_loader(path, tok, lcfg, batch, num_workers=cfg.data.num_workers, rank=rank,
                                   world_size=world_size, shuffle=False)
     return build_loader(annotations(cfg, split), tok, loader_config(cfg, train=False), batch,

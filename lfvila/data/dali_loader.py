@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 from . import decode as decoding
-from .datasets import AnnotationDataset, shard
+from .datasets import AnnotationDataset
 from .loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -46,6 +45,7 @@ from .loader import (
     plan_frames,
     sample_rng,
 )
+from .samplers import build_sampler
 from .sampling import Segment, merge_segments
 from .text import tokenize_paragraph
 
@@ -108,11 +108,11 @@ class _Plan:
 class DaliLoader:
     """Iterate batches of ``annotations`` for rank ``rank`` of ``world_size`` through a DALI pipeline on ``device``.
 
-    Sharding and order are the DataLoader path's: training shuffles with ``DistributedSampler`` (``set_epoch``),
-    evaluation gives each rank a disjoint ordered part. Frame indices (and clip windows) are planned with
-    ``loader.plan_frames`` (``loader.plan_clips``) and ``(seed, epoch, index)`` as in the DataLoader path. A video
-    that cannot be read is skipped and counted under ``cfg.on_error="skip"`` (the batch is smaller), replaced under
-    ``"replace"`` (module docstring) or raises a ``DecodeError`` naming it.
+    Sharding and order are the DataLoader path's (``lfvila.data.samplers.build_sampler``): training shuffles per
+    epoch (``set_epoch``), evaluation gives each rank a disjoint ordered part. Frame indices (and clip windows) are
+    planned with ``loader.plan_frames`` (``loader.plan_clips``) and ``(seed, epoch, index)`` as in the DataLoader
+    path. A video that cannot be read is skipped and counted under ``cfg.on_error="skip"`` (the batch is smaller),
+    replaced under ``"replace"`` (module docstring) or raises a ``DecodeError`` naming it.
 
     ``sampler``: any iterable of annotation indices for this rank (the training loop passes its resumable
     ``EpochSampler``) instead of the default ones. ``set_epoch`` reseeds DALI's generators from ``(seed, rank, epoch)``:
@@ -133,20 +133,15 @@ class DaliLoader:
         self.skips = decoding.SkipCounter("skip" if cfg.on_error == "replace" else cfg.on_error, cfg.max_skip_fraction)
         self.clip_rows = bool(len(annotations) and annotations[0].get("clips"))  # the kind of row served
         self.files = cfg.clips if self.clip_rows else 1  # pipeline inputs per sample
-        if sampler is not None:
-            self.sampler = sampler
-        elif cfg.train:
-            self.sampler = DistributedSampler(range(len(annotations)), num_replicas=world_size, rank=rank,
-                                              shuffle=True, seed=cfg.seed, drop_last=True)
-        else:
-            self.sampler = shard(len(annotations), rank, world_size, mode="disjoint")
+        self.sampler = sampler if sampler is not None else build_sampler(
+            len(annotations), train=cfg.train, batch_size=batch_size, rank=rank, world_size=world_size, seed=cfg.seed)
         self._pipe = None
         self._rebuild()
 
     def set_epoch(self, epoch: int) -> None:
         changed = epoch != self.epoch
         self.epoch = epoch
-        if isinstance(self.sampler, DistributedSampler):
+        if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         if changed and self.cfg.train:
             self._rebuild()

@@ -78,10 +78,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from . import decode as decoding
-from .datasets import AnnotationDataset, shard
+from .datasets import AnnotationDataset
+from .samplers import build_sampler
 from .sampling import Segment, clip_indices, consecutive_clip_start, jittered_indices, merge_segments, uniform_indices
 from .text import encode_sentences, tokenize_paragraph
 
@@ -541,7 +542,7 @@ class SeededDataLoader(DataLoader):
     worker loop): those depend on ``(seed, rank, epoch, i)`` only. :class:`VideoTextDataset` draws nothing from them
     (its per-sample randomness comes from ``(seed, epoch, index)``), so neither the worker that serves a sample nor the
     batch at which an epoch was resumed changes what a batch holds. An explicit sampler keeps its own randomness
-    (``DistributedSampler``, the training loop's ``EpochSampler``: seeded per epoch); with ``shuffle=True`` and no
+    (``lfvila.data.samplers``: seeded per epoch); with ``shuffle=True`` and no
     sampler, the DataLoader's ``RandomSampler`` would draw from this reseeded generator.
 
     ``set_epoch(epoch)`` selects the epoch's generator seed and passes the epoch on to the dataset and the sampler
@@ -567,43 +568,40 @@ class SeededDataLoader(DataLoader):
         return super().__iter__()
 
 
-class _ShardSampler(Sampler[int]):
-    """Evaluation sharding: this rank's disjoint part of the dataset, in order (every item once over all ranks)."""
-
-    def __init__(self, n: int, rank: int, world_size: int):
-        self.indices = shard(n, rank, world_size, mode="disjoint")
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+def make_loader(dataset, batch_size: int, sampler=None, *, num_workers: int = 0, seed: int = 0, rank: int = 0,
+                drop_last: bool = False, pin_memory: bool | None = None, prefetch_factor: int = 2,
+                persistent_workers: bool | None = None) -> SeededDataLoader:
+    """The one DataLoader of every loader path (annotations, shards in either order): a :class:`SeededDataLoader`
+    over ``dataset`` batching with :func:`collate`; ``sampler`` from ``lfvila.data.samplers`` (None: an iterable
+    dataset, the shard stream); pinned memory on CUDA machines unless ``pin_memory`` says otherwise."""
+    workers = num_workers > 0
+    return SeededDataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=drop_last,
+        prefetch_factor=prefetch_factor if workers else None,
+        persistent_workers=workers if persistent_workers is None else persistent_workers and workers,
+        seed=seed, rank=rank,
+    )
 
 
 def build_loader(annotations: AnnotationDataset, tokenizer, cfg: LoaderConfig, batch_size: int, num_workers: int = 0,
                  rank: int = 0, world_size: int = 1, pin_memory: bool | None = None, prefetch_factor: int = 2,
-                 drop_last: bool | None = None) -> DataLoader:
-    """A DataLoader over ``annotations`` for rank ``rank`` of ``world_size``.
+                 drop_last: bool | None = None, dataset=None) -> DataLoader:
+    """A DataLoader over ``annotations`` (or a prebuilt map-style ``dataset`` of the same samples, e.g. a
+    ``ShardDataset``) for rank ``rank`` of ``world_size``: the sampler of ``lfvila.data.samplers.build_sampler``.
 
-    Training (``cfg.train``): shuffled with ``DistributedSampler`` (seeded; call ``loader.set_epoch`` each epoch,
-    which sets the sampler's, the dataset's and the generator's epoch), ``drop_last`` by default. Evaluation: each rank
-    a disjoint, ordered part (no duplicate padding), so gathered results cover the dataset exactly once; use
-    ``batch["index"]`` to reorder. Either way a :class:`SeededDataLoader` seeded from ``(cfg.seed, rank, epoch)``:
-    iterating it never consumes the global torch RNG.
+    Training (``cfg.train``): the resumable ``EpochSampler`` (call ``loader.set_epoch`` each epoch, which sets the
+    sampler's, the dataset's and the generator's epoch), ``drop_last`` by default. Evaluation: each rank a disjoint,
+    ordered part (no duplicate padding), so gathered results cover the dataset exactly once; use ``batch["index"]``
+    to reorder. Either way a :class:`SeededDataLoader` seeded from ``(cfg.seed, rank, epoch)``: iterating it never
+    consumes the global torch RNG.
     """
-    dataset = VideoTextDataset(annotations, tokenizer, cfg)
-    if cfg.train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
-                                     drop_last=True)
-    else:
-        sampler = _ShardSampler(len(dataset), rank, world_size)
-    return SeededDataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        drop_last=cfg.train if drop_last is None else drop_last,
-        prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=num_workers > 0,
-        seed=cfg.seed, rank=rank,
-    )
+    dataset = VideoTextDataset(annotations, tokenizer, cfg) if dataset is None else dataset
+    sampler = build_sampler(len(dataset), train=cfg.train, batch_size=batch_size, rank=rank, world_size=world_size,
+                            seed=cfg.seed)
+    return make_loader(dataset, batch_size, sampler, num_workers=num_workers, seed=cfg.seed, rank=rank,
+                       drop_last=cfg.train if drop_last is None else drop_last, pin_memory=pin_memory,
+                       prefetch_factor=prefetch_factor)
 
 
 def to_model_input(batch: dict, device, dtype: torch.dtype = torch.float32) -> dict:

@@ -22,7 +22,7 @@ epoch (the schedule counts steps per epoch). The rest of a slot's samples are dr
 is an error. Each worker thus yields ``m / batch_size`` full batches and the DataLoader's round robin is deterministic:
 batch ``i`` of the rank comes from the worker playing role ``i % num_workers``.
 
-Resume (:meth:`ShardStream.set_position` ``(epoch, start_batch)``, as ``train.data.EpochSampler``): the role that
+Resume (:meth:`ShardStream.set_position` ``(epoch, start_batch)``, as ``samplers.EpochSampler``): the role that
 served global batch ``g`` is ``g % W``, and it served ``start_batch // W + (1 if role < start_batch % W else 0)`` of
 the first ``start_batch`` batches; those samples are read and skipped without being decoded. A fresh DataLoader asks
 worker 0 first, so worker ``w`` plays role ``(w + start_batch) % W``: the resumed epoch gets the remaining batches in
@@ -42,9 +42,9 @@ a resume after ``r`` replacements in the skipped part of a worker's stream is sh
 Evaluation (``equal_work=False``, no shuffle): each slot yields every sample of its shards (none dropped, slots
 without a shard yield nothing), so over all ranks every written sample comes exactly once.
 
-Exact order (``data.shard_order: sampler``; :class:`ShardDataset`, :func:`build_shard_map_loader`): the stream's order
-is its own (shards dealt to slots, a shuffle buffer), so its batches are the annotation path's samples in another
-order. :class:`ShardDataset` is the map-style alternative: ``len`` is the annotation count, item ``i`` is found by its
+Exact order (``data.shard_order: sampler``; ``lfvila.data.shard_map.ShardDataset``): the stream's order is its own
+(shards dealt to slots, a shuffle buffer), so its batches are the annotation path's samples in another order.
+``ShardDataset`` is the map-style alternative: ``len`` is the annotation count, item ``i`` is found by its
 annotation index through the per-sample byte ``offsets`` of ``index.json`` (version 2; a version-1 index is scanned
 once, headers only) and read with one ``pread``, and the training loop's ``EpochSampler`` / DataLoader (evaluation:
 ``build_loader``'s samplers) run over it unchanged: for a seed the batches are the jsonl / LMDB path's, sample for
@@ -65,7 +65,6 @@ single-process slot iteration (``DaliLoader`` runs in the training process, not 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import multiprocessing.util
@@ -73,27 +72,17 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from .loader import (
-    LoaderConfig,
-    SeededDataLoader,
-    VideoTextDataset,
-    _ShardSampler,
-    collate,
-    load_replacement,
-    sample_rng,
-)
-from .shard_index import IndexRows, ShardError, ShardInfo, load_index, sample_from_json, sample_key, scan_samples
+from .loader import LoaderConfig, SeededDataLoader, VideoTextDataset, make_loader
+from .shard_index import IndexRows, ShardError, ShardInfo, load_index, sample_from_json, sample_key
 
-__all__ = ["DALI_REFUSAL", "SHARD_ORDERS", "ShardDataset", "ShardError", "ShardStream", "build_shard_loader",
-           "build_shard_map_loader", "load_index", "sample_key"]
+__all__ = ["DALI_REFUSAL", "SHARD_ORDERS", "ShardError", "ShardStream", "build_shard_loader", "load_index",
+           "sample_key"]
 SHARD_ORDERS = ("stream", "sampler")  # data.shard_order: ShardStream (default) | ShardDataset under a sampler
 
 _SHARD_ORDER, _BUFFER = 0x5A4D0, 0xB0FF3  # non-zero tags: seed streams of their own
@@ -104,7 +93,7 @@ DALI_REFUSAL = ("DALI's fn.readers.webdataset splits and shuffles samples by its
 log = logging.getLogger(__name__)
 
 
-class _OneSample:
+class OneSample:
     """The annotations a ``VideoTextDataset`` reads here: the one sample being loaded, at its annotation index."""
 
     def __init__(self, n: int, path, format_name: str):
@@ -121,7 +110,7 @@ class _OneSample:
 
 
 @dataclass
-class _Entry:
+class Entry:
     """One sample read from a shard: its json member (``meta``) and video members (name -> bytes)."""
 
     shard: ShardInfo
@@ -134,7 +123,7 @@ class _Entry:
         return int(self.meta["index"])
 
 
-def _make_entry(shard: ShardInfo, key: str, group: dict[str, bytes]) -> _Entry:
+def make_entry(shard: ShardInfo, key: str, group: dict[str, bytes]) -> Entry:
     """The entry of sample ``key`` from its members ``group`` (extension -> bytes); a missing or bad json member or a
     missing video member is a :class:`ShardError`."""
     try:
@@ -150,10 +139,10 @@ def _make_entry(shard: ShardInfo, key: str, group: dict[str, bytes]) -> _Entry:
         if ext not in group:
             raise ShardError(f"sample {key} lacks its member {name}")
         files[name] = group[ext]
-    return _Entry(shard, key, meta, files)
+    return Entry(shard, key, meta, files)
 
 
-def _make_scratch(owner, base) -> Path:
+def make_scratch(owner, base) -> Path:
     """A new scratch folder for ``owner``'s video members (under ``base``; default ``/dev/shm`` when writable, else
     the temp folder), removed when ``owner`` goes or the process leaves."""
     if base is None and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
@@ -164,7 +153,7 @@ def _make_scratch(owner, base) -> Path:
     return tmp
 
 
-def _load_entry(entry: _Entry, scratch: Path, view: _OneSample, load) -> dict | None:
+def load_entry(entry: Entry, scratch: Path, view: OneSample, load) -> dict | None:
     """``load()`` (a ``VideoTextDataset`` sample of ``entry.index``, read through ``view``) with the entry's video
     members written under ``scratch`` for its duration; the meta's paths become ``<shard>/<member>``."""
     folder = scratch / Path(entry.shard.name).stem
@@ -261,7 +250,7 @@ class ShardStream(IterableDataset):
             self.quota = None
         mode = self.index.get("mode", "paragraph") if cfg.mode == "auto" else cfg.mode
         inner = replace(cfg, mode=mode, on_error="skip" if cfg.on_error == "replace" else cfg.on_error)
-        self._view = _OneSample(int(self.index["annotation_samples"]), self.path, self.index["annotation_format"])
+        self._view = OneSample(int(self.index["annotation_samples"]), self.path, self.index["annotation_format"])
         self.dataset = VideoTextDataset(self._view, tokenizer, inner)
         self.mode = self.dataset.mode
         self.annotations = IndexRows(self.index)
@@ -365,7 +354,7 @@ class ShardStream(IterableDataset):
         finally:
             self._clean()
 
-    def _replacement(self, bad: _Entry, entries):
+    def _replacement(self, bad: Entry, entries):
         """``on_error="replace"``: the next samples of the stream until one loads (``replace_attempts`` tries)."""
         for attempt in range(1, self.cfg.replace_attempts + 1):
             other = next(entries, None)
@@ -411,8 +400,8 @@ class ShardStream(IterableDataset):
         if n < shard.samples:
             self._bad_shard(shard, n, error)
 
-    def _entry(self, shard: ShardInfo, key: str, group: dict[str, bytes]) -> _Entry:
-        return _make_entry(shard, key, group)
+    def _entry(self, shard: ShardInfo, key: str, group: dict[str, bytes]) -> Entry:
+        return make_entry(shard, key, group)
 
     def _bad_shard(self, shard: ShardInfo, read: int, error: BaseException | None) -> None:
         why = f"{type(error).__name__}: {error}" if error is not None else "the tar ends early"
@@ -424,13 +413,13 @@ class ShardStream(IterableDataset):
         log.warning("%s; %d samples lost (%d bad shards in this process)", msg, shard.samples - read,
                     len(self.bad_shards))
 
-    def _load(self, entry: _Entry) -> dict | None:
+    def _load(self, entry: Entry) -> dict | None:
         """``VideoTextDataset``'s sample ``entry.index`` made from the entry's members; None when skipped."""
-        return _load_entry(entry, self._scratch_dir(), self._view, lambda: self.dataset[entry.index])
+        return load_entry(entry, self._scratch_dir(), self._view, lambda: self.dataset[entry.index])
 
     def _scratch_dir(self) -> Path:
         if self._tmp is None:
-            self._tmp = _make_scratch(self, self.scratch)
+            self._tmp = make_scratch(self, self.scratch)
         return self._tmp
 
     def _clean(self) -> None:
@@ -453,261 +442,5 @@ def build_shard_loader(index_path, tokenizer, cfg: LoaderConfig, batch_size: int
     RNG); ``loader.dataset`` is the stream (``set_position`` / ``set_epoch`` / ``batches_per_epoch``)."""
     stream = ShardStream(index_path, tokenizer, cfg, batch_size, rank, world_size, shuffle=shuffle, buffer=buffer,
                          num_workers=num_workers)
-    return SeededDataLoader(
-        stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=False,
-        prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=False,
-        seed=cfg.seed, rank=rank,
-    )
-
-
-# -- exact order: the shards as a map-style dataset (data.shard_order: sampler) ----------------------------------------
-class _Labels:
-    """The annotation view the trainer's QA check reads (``train.tasks.check_qa_data``): ``{"index", "label"}`` for
-    every annotation index ``0 .. N-1``; ``label`` None unless the index is of classification samples. A sample left
-    out of the shards is never loaded (skipped, replaced or an error); its label reads 0."""
-
-    def __init__(self, index: dict, n: int):
-        self.format_name, self.annotation_path, self.n = index["annotation_format"], index["path"], n
-        self.labels = None
-        if index.get("mode") == "classification":
-            self.labels = np.zeros(n, np.int64)
-            for s in index["shards"]:
-                if s.labels is not None:
-                    self.labels[list(s.indices)] = s.labels
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.n:
-            raise IndexError(f"index {i} out of range for {self.n} samples")
-        return {"index": int(i), "label": None if self.labels is None else int(self.labels[i])}
-
-
-class ShardDataset(Dataset):
-    """The shards of an index as a map-style dataset: item ``i`` is :class:`~lfvila.data.loader.VideoTextDataset`'s
-    sample ``i`` of the annotations the shards were written from (the same keys as :class:`ShardStream`'s samples),
-    read by seeking into its tar. ``len`` is the annotation count ``N``, so a sampler over it (the training loop's
-    ``EpochSampler``, ``DistributedSampler``, evaluation's ordered rank parts) deals the same indices as over the
-    annotation file itself, and the batches are those of the jsonl / LMDB path, sample for sample and in order.
-
-    Finding a sample: ``index.json`` (version 2) gives each sample's byte span in its tar (``offsets``,
-    :mod:`lfvila.data.shard_index`); a version-1 index has none, so each tar's headers are scanned once here
-    (:func:`~lfvila.data.shard_index.scan_samples`, the headers only), before any worker starts. A read is one
-    ``pread`` of the span; its members are parsed from their own headers (checksummed) and must all carry the sample's
-    key and fill the span exactly, so a truncated shard, a bad header or a stale index never gives another sample's
-    bytes. Each process opens its own read-only handles (at most ``max_open``, least recently used closed): a forked
-    DataLoader worker drops the handles it inherited (their file offset is shared with the parent) and opens its own.
-
-    Errors: a sample that is not in the shards (left out when they were written: ``index.json`` ``failed``), or whose
-    bytes cannot be read as above, is a :class:`ShardError` naming the shard file (or the index) and the sample key.
-    It follows ``cfg.on_error`` as a bad video does in ``VideoTextDataset``: ``raise`` raises it, ``skip`` counts it
-    (``skips``, ``max_skip_fraction``) and gives None, ``replace`` counts it and loads ``replacement_index``'s
-    sample, exactly as the annotation path would. ``bad_shards``: the shards of this process whose size differs from
-    the index's (logged once each)."""
-
-    def __init__(self, index_path, tokenizer, cfg: LoaderConfig, scratch=None, max_open: int = 16):
-        if max_open < 1:
-            raise ValueError(f"max_open must be >= 1, got {max_open}")
-        self.index = load_index(index_path)
-        self.path, self.shards = self.index["path"], self.index["shards"]
-        self.cfg, self.scratch, self.max_open = cfg, scratch, int(max_open)
-        self.n = n = int(self.index["annotation_samples"])
-        self._shard = np.full(n, -1, np.int32)  # the shard of each annotation index (-1: not written)
-        self._start, self._stop = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        self._problems: dict[int, str] = {}  # annotation index -> why its bytes were not found (version-1 scan)
-        scanned = 0
-        for j, shard in enumerate(self.shards):
-            idx = np.asarray(shard.indices, np.int64)
-            if idx.size and (idx.min() < 0 or idx.max() >= n):
-                raise ShardError(f"{self.path}: shard {shard.name} lists annotation indices outside [0, {n})")
-            self._shard[idx] = j
-            if shard.offsets is not None:
-                offsets = np.asarray(shard.offsets, np.int64)
-                self._start[idx], self._stop[idx] = offsets[:-1], offsets[1:]
-            else:
-                self._scan(shard, idx)
-                scanned += 1
-        if scanned:
-            log.info("%s: index version %s has no sample offsets: scanned the headers of %d shards", self.path,
-                     self.index["version"], scanned)
-        mode = self.index.get("mode", "paragraph") if cfg.mode == "auto" else cfg.mode
-        inner = replace(cfg, mode=mode, on_error="skip" if cfg.on_error == "replace" else cfg.on_error)
-        self._view = _OneSample(n, self.path, self.index["annotation_format"])
-        self.dataset = VideoTextDataset(self._view, tokenizer, inner)
-        self.mode = self.dataset.mode
-        self.annotations = _Labels(self.index, n)
-        self.epoch = 0
-        self.bad_shards: list[str] = []
-        self._pid, self._files, self._tmp = os.getpid(), OrderedDict(), None
-
-    def _scan(self, shard: ShardInfo, idx: np.ndarray) -> None:
-        """Offsets of a version-1 shard from its headers; samples not found get their reason in ``_problems``."""
-        samples, error = scan_samples(shard.path)
-        found = 0
-        for (key, start, stop), i in zip(samples, idx.tolist()):
-            if key != sample_key(i):
-                why = (f"{shard.path}: corrupt shard or stale index: the scan of its headers finds sample {key} at "
-                       f"byte {start} where index.json lists sample {sample_key(i)}")
-                self._problems.update(dict.fromkeys(idx.tolist(), why))
-                return
-            self._start[i], self._stop[i] = start, stop
-            found += 1
-        why = f"{type(error).__name__}: {error}" if error is not None else "the tar ends early"
-        for i in idx[found:].tolist():
-            self._problems[i] = (f"{shard.path}: cannot read the shard ({why})" if isinstance(error, OSError) and
-                                 not samples else f"{shard.path}: truncated or corrupt shard: sample {sample_key(i)} "
-                                 f"not found by the scan of its headers ({why})")
-
-    # -- Dataset -------------------------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.n
-
-    @property
-    def skips(self):
-        """The per-process count of loaded and skipped samples (``decode.SkipCounter``)."""
-        return self.dataset.skips
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = self.dataset.epoch = int(epoch)
-
-    def __getitem__(self, index: int) -> dict | None:
-        """As ``VideoTextDataset.__getitem__``: draws from ``(seed, epoch, index)``, ``replace`` by its rule."""
-        cfg = self.cfg
-        out = self._load(index, sample_rng(cfg.seed, self.epoch, index))
-        if out is not None or cfg.on_error != "replace":
-            return out
-        got = load_replacement(self._load, len(self), index, cfg, self.epoch, self.path)
-        if got is None:
-            return None
-        out = got[1]
-        out["meta"]["replaced"] = index
-        return out
-
-    def _load(self, index: int, rng: np.random.Generator) -> dict | None:
-        try:
-            entry = self.read(index)
-        except ShardError as e:
-            if self.skips.on_error == "raise":
-                raise
-            self.skips.skip(f"{self.path} (index {index})", e)
-            return None
-        return _load_entry(entry, self._scratch_dir(), self._view, lambda: self.dataset._load(index, rng))
-
-    # -- reading -------------------------------------------------------------------------------------------------
-    def read(self, index: int) -> _Entry:
-        """Sample ``index``'s json and video members from its tar (class docstring); a :class:`ShardError` naming
-        the shard (or the index) when it cannot be read exactly."""
-        index = int(index)
-        if not 0 <= index < self.n:
-            raise IndexError(f"index {index} out of range for {self.n} samples")
-        j = int(self._shard[index])
-        key = sample_key(index)
-        if j < 0:
-            raise ShardError(f"{self.path}: annotation index {index} (sample {key}) is not in the shards: it was left "
-                             f"out when they were written (its video failed or its row did not parse; index.json "
-                             f"'failed', prepare_report.jsonl)")
-        if index in self._problems:
-            raise ShardError(self._problems[index])
-        shard = self.shards[j]
-        start, stop = int(self._start[index]), int(self._stop[index])
-        try:
-            data = os.pread(self._fd(shard), stop - start, start)
-        except OSError as e:
-            raise ShardError(f"{shard.path}: cannot read sample {key} ({e})") from None
-        cut = (f"{shard.path}: truncated or corrupt shard: sample {key} (annotation index {index}, bytes "
-               f"[{start}, {stop}))")
-        if len(data) != stop - start:
-            raise ShardError(f"{cut}: the file ends at byte {start + len(data)}")
-        group: dict[str, bytes] = {}
-        try:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-                for member in tar:
-                    k, _, ext = member.name.partition(".")
-                    if k != key:
-                        raise ShardError(f"{shard.path}: corrupt shard or stale index: member {member.name!r} at byte "
-                                         f"{start + member.offset} where index.json puts sample {key}")
-                    if member.isfile():
-                        group[ext] = tar.extractfile(member).read()
-                end = tar.offset
-        except ShardError:
-            raise
-        except (tarfile.TarError, EOFError, ValueError) as e:
-            raise ShardError(f"{cut}: {type(e).__name__}: {e}") from None
-        if end != len(data):
-            raise ShardError(f"{cut}: no valid tar header at byte {start + end}")
-        try:
-            return _make_entry(shard, key, group)
-        except ShardError as e:
-            raise ShardError(f"{shard.path}: corrupt shard: {e}") from None
-
-    def _fd(self, shard: ShardInfo) -> int:
-        """This process's read-only descriptor of ``shard`` (opened on first use; the least recently used closed)."""
-        self._own()
-        f = self._files.get(shard.name)
-        if f is not None:
-            self._files.move_to_end(shard.name)
-            return f.fileno()
-        f = open(shard.path, "rb", buffering=0)
-        size = os.fstat(f.fileno()).st_size
-        if shard.bytes is not None and size != shard.bytes and shard.name not in self.bad_shards:
-            self.bad_shards.append(shard.name)
-            log.warning("%s: %d bytes where index.json says %d (a truncated copy or a changed shard): its samples are "
-                        "checked as they are read", shard.path, size, shard.bytes)
-        self._files[shard.name] = f
-        while len(self._files) > self.max_open:
-            self._files.popitem(last=False)[1].close()
-        return f.fileno()
-
-    def _own(self) -> None:
-        """In a process other than the one that opened them (a forked DataLoader worker), drop the inherited shard
-        handles (their file offsets are shared with the parent) and scratch folder: this process makes its own."""
-        if self._pid != os.getpid():
-            inherited, self._files, self._tmp, self._pid = self._files, OrderedDict(), None, os.getpid()
-            for f in inherited.values():
-                f.close()  # this process's copy of the descriptor only
-
-    def _scratch_dir(self) -> Path:
-        self._own()
-        if self._tmp is None:
-            self._tmp = _make_scratch(self, self.scratch)
-        return self._tmp
-
-    def close(self) -> None:
-        """Close this process's shard handles (reopened on the next read)."""
-        if self._pid == os.getpid():
-            while self._files:
-                self._files.popitem()[1].close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.update(_files=OrderedDict(), _tmp=None, _pid=None)  # each process opens its own handles and scratch
-        return state
-
-
-def build_shard_map_loader(index_path, tokenizer, cfg: LoaderConfig, batch_size: int, num_workers: int = 0,
-                           rank: int = 0, world_size: int = 1, pin_memory: bool | None = None,
-                           prefetch_factor: int = 2, drop_last: bool | None = None) -> SeededDataLoader:
-    """``loader.build_loader`` over a :class:`ShardDataset` of ``index_path``: the same samplers (training
-    ``DistributedSampler``, evaluation each rank's ordered part) and DataLoader, so the same batches as
-    ``build_loader`` over the annotations the shards were written from."""
-    dataset = ShardDataset(index_path, tokenizer, cfg)
-    if cfg.train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
-                                     drop_last=True)
-    else:
-        sampler = _ShardSampler(len(dataset), rank, world_size)
-    return SeededDataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        drop_last=cfg.train if drop_last is None else drop_last,
-        prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=num_workers > 0,
-        seed=cfg.seed, rank=rank,
-    )
+    return make_loader(stream, batch_size, None, num_workers=num_workers, seed=cfg.seed, rank=rank, drop_last=False,
+                       pin_memory=pin_memory, prefetch_factor=prefetch_factor, persistent_workers=False)

@@ -1,4 +1,4 @@
-"""``data.shard_order: sampler`` (``lfvila.data.shards.ShardDataset``): the shards read as a map-style dataset by
+"""``data.shard_order: sampler`` (``shard_map.ShardDataset``): the shards read as a map-style dataset by
 seeking into their tars, through the training loop's sampler and DataLoader. For a seed the training (shuffled) and
 evaluation batches are the samples of the jsonl-with-cache and LMDB paths of the same annotations, in the same order
 and bit for bit; a mid-epoch resume is the rest of the epoch; forked workers open their own handles; a truncated shard
@@ -22,8 +22,9 @@ import torch
 
 from lfvila.config import load_config
 from lfvila.data.shard_index import INDEX_VERSION, scan_samples
+from lfvila.data.shard_map import ShardDataset
 from lfvila.data.shard_writer import write_shards
-from lfvila.data.shards import ShardDataset, ShardError, load_index, sample_key
+from lfvila.data.shards import ShardError, load_index, sample_key
 from lfvila.data.text import load_tokenizer
 from train import data as tdata
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from lfvila.config import load_config
+from lfvila.data.shard_map import ShardDataset
 from lfvila.data.shard_writer import write_shards
-from lfvila.data.shards import ShardDataset, ShardStream, load_index
+from lfvila.data.shards import ShardStream, load_index
 from lfvila.data.synthetic import make_dataset
 from train import data as tdata
 from train.loop import Trainer
