@@ -2,7 +2,7 @@
 
 A run's config is one :class:`Config` with five sections, written in YAML::
 
-    model:  {name: lfvila-base-model, overrides: {stage: 1}, attn_impl: auto, init: [{kind: swin2d, path: ...}]}
+    model:  {name: lfvila-base, overrides: {stage: 1}, attn_impl: auto, init: [{kind: swin2d, path: ...}]}
     data:   {format: activitynet_captions, video_root: ..., train: ..., val: ..., test: ..., vocab: ...}
     train:  {task: stage1, epochs: 10, batch_size: 16, lr: 5.0e-5, schedule: linear, warmup_epochs: 1, ...}
     eval:   {split: val, test_split: test, select: t2v_R@1}
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from lfvila.data.spec import SampleSpec
 
 __all__ = [
     "Config",
@@ -68,11 +70,12 @@ class InitStep:
 
 @dataclass
 class ModelConfig:
-    """``name``: a registered variant (``lfvila.models.list_models()``); ``overrides``: its config fields
-    (``create_model(name, **overrides)``); ``attn_impl`` / ``loss_impl``: ``auto | triton | torch`` for the window
-    attention and the contrastive loss; ``grad_checkpointing`` per video block; ``compile``: ``torch.compile``."""
+    """``name``: a registered variant or alias (``lfvila.models.list_models()``, ``list_aliases()``); ``overrides``:
+    its config fields (``create_model(name, **overrides)``, e.g. ``num_classes`` of a classification head);
+    ``attn_impl`` / ``loss_impl``: ``auto | triton | torch`` for the window attention and the contrastive loss;
+    ``grad_checkpointing`` per video block; ``compile``: ``torch.compile``."""
 
-    name: str = "lfvila-base-model"
+    name: str = "lfvila-base"
     overrides: dict = field(default_factory=dict)
     attn_impl: str = "auto"
     loss_impl: str = "auto"
@@ -87,14 +90,17 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Annotations (``format``: a ``lfvila.data.datasets`` registry name, or ``shards``: ``train`` / ``val`` / ``test``
+class DataConfig(SampleSpec):
+    """The sample (:class:`~lfvila.data.spec.SampleSpec`: size, clips, frames_per_clip, sentences, max_len,
+    sampling, flip, on_error, max_skip_fraction; the loaders' ``LoaderConfig`` shares these very fields), the
+    annotations (``format``: a ``lfvila.data.datasets`` registry name, or ``shards``: ``train`` / ``val`` / ``test``
     are ``index.json`` files of WebDataset tar shards, ``lfvila.data.shards``) and the loader (``lfvila.data.loader``).
-    ``on_error``: ``raise``, ``skip`` or ``replace`` (training samples replaced, evaluation skipped; ``train.data``).
-    ``shard_buffer``: shards only, the samples in each worker's shuffle buffer (memory: about that many samples'
-    encoded bytes per worker). ``shard_order``: shards only, ``stream`` (``ShardStream``: each worker reads whole
-    shards front to back, its own seeded order) or ``sampler`` (``ShardDataset``: samples read by seeking, in the
-    training sampler's order, so the batches are those of the jsonl / LMDB path of the same annotations)."""
+    ``on_error: replace`` replaces training samples; evaluation skips them (``train.data``). ``backend``: ``pyav``
+    (the DataLoader), ``dali`` or ``auto`` (``train.data``). ``shard_buffer``: shards only, the samples in each
+    worker's shuffle buffer (memory: about that many samples' encoded bytes per worker). ``shard_order``: shards
+    only, ``stream`` (``ShardStream``: each worker reads whole shards front to back, its own seeded order) or
+    ``sampler`` (``ShardDataset``: samples read by seeking, in the training sampler's order, so the batches are those
+    of the jsonl / LMDB path of the same annotations)."""
 
     format: str = "activitynet_captions"
     video_root: str = ""
@@ -103,29 +109,22 @@ class DataConfig:
     test: str | None = None
     vocab: str = ""
     format_kwargs: dict = field(default_factory=dict)
-    size: tuple[int, int] = (192, 320)
-    clips: int = 4
-    frames_per_clip: int = 8
-    sentences: int = 4
-    max_len: int = 50
-    sampling: str = "uniform"
-    flip: bool = True
     backend: str = "pyav"
     num_workers: int = 4
-    on_error: str = "raise"
-    max_skip_fraction: float = 0.05
     shard_buffer: int = 256
     shard_order: str = "stream"
 
     def __post_init__(self):
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.shard_buffer < 0:
             raise ConfigError(f"shard_buffer: must be >= 0, got {self.shard_buffer}")
         if self.shard_order not in ("stream", "sampler"):
             raise ConfigError(f"shard_order: must be stream or sampler, got {self.shard_order!r}")
         if self.backend not in ("pyav", "dali", "auto"):
             raise ConfigError(f"backend: must be pyav, dali or auto, got {self.backend!r}")
-        if self.on_error not in ("raise", "skip", "replace"):
-            raise ConfigError(f"on_error: must be raise, skip or replace, got {self.on_error!r}")
 
 
 @dataclass
@@ -407,11 +406,20 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def load_config(path=None, overrides: list[str] | dict | None = None) -> Config:
-    """The validated :class:`Config` from YAML ``path`` (None: the defaults) and ``overrides``."""
+    """The validated :class:`Config` from YAML ``path`` (None: the defaults) and ``overrides``: every key and type,
+    then the data section's shapes against the model's (``lfvila.models.factory.check_data_shapes``: a
+    :class:`ConfigError` naming both keys)."""
     data = _read_yaml(Path(path)) if path is not None else {}
     if overrides:
         data = _merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    return from_dict(Config, data)
+    cfg = from_dict(Config, data)
+    from lfvila.models.factory import check_data_shapes  # the model side: torch, transformers
+
+    try:
+        check_data_shapes(cfg.model, cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
 
 
 def save_config(cfg: Config, path) -> None:

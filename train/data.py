@@ -1,12 +1,12 @@
 """Training and evaluation data for the loop: datasets from the config, a resumable sampler, device prefetching.
 
 Batches are the loader's (``lfvila.data.loader``): ``video`` uint8 (B, T, H, W, C), ``text_ids`` / ``text_mask``
-(B, M, L), ``sentence_real`` (B, M), ``index`` (B,). :func:`to_device` moves one to the device and normalises the
-video there (float (B, C, T, H, W)); :class:`Prefetcher` does that for batch k+1 while step k runs (a side CUDA
-stream on GPUs).
+(B, M, L), ``sentence_real`` (B, M), ``index`` (B,). :func:`to_device` moves one to the device (the frames stay
+uint8: the model normalises them, ``VideoEncoder.normalize``); :class:`Prefetcher` does that for batch k+1 while
+step k runs (a side CUDA stream on GPUs).
 
 ``data.backend``: ``pyav`` (the DataLoader path: PyAV decodes in worker processes), ``dali`` (``DaliLoader``: NVDEC
-decodes and augments on the GPU; its batches arrive on the device already normalised, and the Prefetcher passes them
+decodes and augments on the GPU; its batches arrive on the device, and the Prefetcher passes them
 through), ``auto`` (DALI for training on a CUDA device when it is installed, PyAV otherwise). Evaluation always uses
 the DataLoader path: its frames are the exact ones (DALI's resize differs from the torch one by a few grey levels).
 
@@ -56,6 +56,7 @@ from lfvila.data.loader import LoaderConfig, VideoTextDataset, build_loader, mak
 from lfvila.data.samplers import EpochSampler, build_sampler  # noqa: F401  (EpochSampler: the loop's sampler type)
 from lfvila.data.shard_map import ShardDataset
 from lfvila.data.shards import DALI_REFUSAL, build_shard_loader
+from lfvila.data.spec import spec_fields
 from lfvila.data.text import load_tokenizer
 
 SHARDS = "shards"  # data.format of WebDataset tar shards (an index.json per split)
@@ -66,11 +67,10 @@ def loader_config(cfg: Config, train: bool) -> LoaderConfig:
     or ``replace`` (the pretraining configs' default: a bad training sample is replaced by another, deterministically,
     so the batch keeps its size; ``lfvila.data.loader``). Evaluation never replaces: under ``replace`` its loaders
     skip and count (a duplicate would bias the metrics)."""
-    d = cfg.data
-    on_error = "skip" if d.on_error == "replace" and not train else d.on_error
-    return LoaderConfig(size=tuple(d.size), clips=d.clips, frames_per_clip=d.frames_per_clip, sentences=d.sentences,
-                        max_len=d.max_len, sampling=d.sampling, flip=d.flip, train=train, backend="pyav",
-                        on_error=on_error, max_skip_fraction=d.max_skip_fraction, seed=cfg.train.seed)
+    spec = spec_fields(cfg.data)  # the sample's fields, declared once (lfvila.data.spec.SampleSpec)
+    if spec["on_error"] == "replace" and not train:
+        spec["on_error"] = "skip"
+    return LoaderConfig(**spec, train=train, backend="pyav", seed=cfg.train.seed)
 
 
 def annotations(cfg: Config, split: str):
@@ -178,10 +178,8 @@ def eval_loader(cfg: Config, tok, split: str, rank: int, world_size: int) -> Dat
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """A loader batch on ``device`` with the normalised float video (B, C, T, H, W). DALI batches (float video,
-    already normalised on the device) pass through."""
-    if batch["video"].is_floating_point():
-        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """A loader batch on ``device`` (``loader.to_model_input``: the video stays uint8 ``(B, T, H, W, C)``, the model
+    normalises it). DALI batches, already on the device, are moved nowhere."""
     return to_model_input(batch, device)
 
 

@@ -5,7 +5,7 @@
 
 1. generates the synthetic long-form dataset (``lfvila.data.synthetic``: real H.264 / VP9 videos of scripted events,
    paragraphs with time stamps, families of videos sharing events in different orders) unless it is there already;
-2. pre-trains ``lfvila-tiny-model`` stage 1 (VPC + MTC) on its train split (``train/configs/demo_stage1.yaml``);
+2. pre-trains ``lfvila-tiny`` stage 1 (VPC + MTC) on its train split (``train/configs/demo_stage1.yaml``);
 3. evaluates it zero-shot on the test split (paragraph-to-video and video-to-paragraph retrieval), with the stage-1
    checkpoint that was best on the val split and the retrieval protocol (frames uniform over the whole video; stage 1
    itself samples clip i inside sentence i's span, which needs the test annotations' time stamps);

@@ -1,12 +1,13 @@
-"""The DALI loading path: encoded file bytes and frame indices in, decoded + augmented + normalised batches out.
+"""The DALI loading path: encoded file bytes and frame indices in, decoded + augmented batches out.
 
-On a GPU the frames are decoded by NVDEC (DALI's ``mixed`` video decoder) and cropped, flipped, resized and
-normalised on the GPU, so the CPU only reads files and plans frame indices. On the CPU, DALI's CPU backend runs the
+On a GPU the frames are decoded by NVDEC (DALI's ``mixed`` video decoder) and cropped, flipped and resized on the
+GPU, so the CPU only reads files and plans frame indices. On the CPU, DALI's CPU backend runs the
 same pipeline for the codecs it decodes (VP8 / VP9 / MJPEG), which is how it is tested without a GPU.
 
 It yields what ``loader.build_loader`` + ``loader.to_model_input`` yield::
 
-    video          float32 (B, C, T, H, W) on the device, ImageNet mean/std
+    video          uint8 (B, T, H, W, C) on the device (the video encoder normalises: ``VideoEncoder.normalize``, the
+                   one place where frames are normalised)
     text_ids       int64 (B, M, L), text_mask int64 (B, M, L), sentence_real bool (B, M), index int64 (B,)
     meta           list of dicts (video_id, video path, frame indices, source row)
 
@@ -36,8 +37,6 @@ import torch
 from . import decode as decoding
 from .datasets import AnnotationDataset
 from .loader import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     LoaderConfig,
     fetch_sample,
     load_replacement,
@@ -76,10 +75,7 @@ def _pipeline(cfg: LoaderConfig, batch_size: int, device: str, num_threads: int,
             video = fn.crop(video, crop=[216, 385])
             video = fn.resize(video, size=list(cfg.size))
             mirror = 0
-        video = fn.crop_mirror_normalize(
-            video, dtype=types.FLOAT, output_layout="CFHW", mirror=mirror,
-            mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
-        )
+        video = fn.flip(video, horizontal=mirror)  # uint8 (T, H, W, C): the encoder normalises
         pipe.set_outputs(video)
     pipe.build()
     return pipe
@@ -196,7 +192,7 @@ class DaliLoader:
             self._rebuild()
             raise decoding.DecodeError(plans[0].name if len(plans) == 1 else f"one of {len(plans)} videos",
                                        f"DALI: {' '.join(str(e).split())[:300]}") from e
-        out = torch.empty((len(plans), *video[0].shape()), dtype=torch.float32, device=self.device)  # (B, C, T, H, W)
+        out = torch.empty((len(plans), *video[0].shape()), dtype=torch.uint8, device=self.device)  # (B, T, H, W, C)
         if self.device == "cpu":
             for i in range(len(plans)):
                 out[i] = torch.from_numpy(np.array(video[i]))
@@ -220,8 +216,8 @@ class DaliLoader:
         return video
 
     def _decode(self, plans: list[_Plan]) -> list[torch.Tensor | None]:
-        """Decode a batch, one ``(1, C, T, H, W)`` video per plan; if DALI fails on the batch, retry video by video so
-        the bad file is named (and maybe skipped: its entry is None)."""
+        """Decode a batch, one uint8 ``(1, T, H, W, C)`` video per plan; if DALI fails on the batch, retry video by
+        video so the bad file is named (and maybe skipped: its entry is None)."""
         try:
             video = self._run(plans)
         except decoding.DecodeError:
@@ -266,7 +262,7 @@ class DaliLoader:
             if not kept:
                 continue
             plans = [p for p, _ in kept]
-            video = torch.cat([v for _, v in kept])  # (B, C, T, H, W) float32, normalised
+            video = torch.cat([v for _, v in kept])  # uint8 (B, T, H, W, C)
             texts = [tokenize_paragraph(self.tokenizer, p.segments, self.cfg.sentences, self.cfg.max_len)
                      for p in plans]
             yield {

@@ -48,8 +48,9 @@ QA and video samples always take ``T`` frames over the whole video, as the offic
 jittered), whatever ``sampling`` says: the clip-aligned rule pairs clips with paragraph sentences, which QA text is
 not. The span labels use the sampled frames' true display times (the official code assumed 3 fps).
 
-``to_model_input(batch, device)`` moves it to the device and returns the normalised float video ``(B, C, T, H, W)``
-(ImageNet mean/std) there.
+``to_model_input(batch, device)`` moves it to the device, the video still uint8 ``(B, T, H, W, C)``: the model
+normalises it there (ImageNet mean/std; ``VideoEncoder.normalize``, the one place where frames are normalised and
+turned channels-first).
 
 A bad video (missing, corrupt or truncated file, clips of different sizes, ...) is handled by ``on_error``:
 
@@ -84,60 +85,42 @@ from . import decode as decoding
 from .datasets import AnnotationDataset
 from .samplers import build_sampler
 from .sampling import Segment, clip_indices, consecutive_clip_start, jittered_indices, merge_segments, uniform_indices
+from .spec import ON_ERROR, SampleSpec  # noqa: F401  (ON_ERROR: re-exported)
 from .text import encode_sentences, tokenize_paragraph
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("auto", "paragraph", "multichoice", "classification", "video")
-ON_ERROR = ("raise", "skip", "replace")
 _REPLACE_INDEX, _REPLACE_DRAWS = 0x5E1EC7, 0x4EF111  # non-zero tags: seed streams of their own (module docstring)
 _QA_KEYS = {"answer": torch.int64, "label": torch.int64, "span_labels": torch.int64, "span_weights": torch.float32}
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class LoaderConfig:
-    """What a loader produces. ``sampling``: ``"uniform"`` (the retrieval rule: eval uniform, train jittered over the
-    whole video) or ``"clips"`` (``clips`` x ``frames_per_clip``, clip i inside sentence i's span; paragraph mode
-    only). ``mode``: ``"auto"``, ``"paragraph"``, ``"multichoice"``, ``"classification"`` or ``"video"`` (module
-    docstring);
-    ``sentences`` is M, the number of text segments, in every mode. ``on_error``: ``"raise"``, ``"skip"`` or
-    ``"replace"`` (training only), ``replace_attempts`` the replacements tried for one bad sample (module
-    docstring)."""
+class LoaderConfig(SampleSpec):
+    """What a loader produces: the sample (:class:`~lfvila.data.spec.SampleSpec`, shared with the run config's
+    ``data`` section) and the loader's own settings. ``train``: training draws (jitter, crop, flip) or evaluation;
+    ``augment``: False resizes frames to ``size`` only (no crop / flip), for checks and visualisation; ``backend``:
+    the decoder (``lfvila.data.decode``); ``replace_attempts``: the replacements tried for one bad sample under
+    ``on_error="replace"`` (module docstring); ``seed``: every per-sample draw comes from ``(seed, epoch, index)``;
+    ``mode``: ``"auto"``, ``"paragraph"``, ``"multichoice"``, ``"classification"`` or ``"video"`` (module
+    docstring); ``sentences`` is M, the number of text segments, in every mode."""
 
-    size: tuple[int, int] = (192, 320)
-    clips: int = 4
-    frames_per_clip: int = 8
-    sentences: int = 4
-    max_len: int = 50
-    sampling: str = "uniform"
     train: bool = False
-    augment: bool = True  # False: frames only resized to ``size`` (no crop / flip), for checks and visualisation
-    flip: bool = True  # train augmentation's horizontal flip (official: on); off where captions name left / right
+    augment: bool = True
     backend: str = "pyav"
-    on_error: str = "raise"
-    max_skip_fraction: float = 0.05
     replace_attempts: int = 3
     seed: int = 0
     mode: str = "auto"
 
     def __post_init__(self):
-        if self.sampling not in ("uniform", "clips"):
-            raise ValueError(f"sampling must be 'uniform' or 'clips', got {self.sampling!r}")
+        super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.on_error == "replace" and not self.train:
             raise ValueError("on_error='replace' is for training only: evaluation must not replace samples (a "
                              "duplicate would bias the metrics); use 'skip' or 'raise'")
         if isinstance(self.replace_attempts, bool) or int(self.replace_attempts) != self.replace_attempts \
                 or self.replace_attempts < 1:
             raise ValueError(f"replace_attempts must be a positive integer, got {self.replace_attempts!r}")
-
-    @property
-    def frames(self) -> int:
-        return self.clips * self.frames_per_clip
 
 
 def _resize(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -180,7 +163,7 @@ def augment(video: torch.Tensor, size: tuple[int, int], train: bool, rng: np.ran
     train: RandomResizedCrop to ``size`` (scale 0.8-1), horizontal flip with p = 0.5 (when ``flip``; the draw is
     made either way, so switching it off leaves the crops unchanged). eval: resize to 240x428, centre
     crop 216x385, resize to ``size`` (the official ``Resize(240, 428)``, ``CenterCrop(216, 385)``,
-    ``Resize(192, 320)``). Normalisation happens on the device (:func:`to_model_input`).
+    ``Resize(192, 320)``). Normalisation happens in the model, on the device (``VideoEncoder.normalize``).
     """
     if train:
         top, left, ch, cw = _random_resized_crop_box(video.shape[1], video.shape[2], rng)
@@ -604,18 +587,12 @@ def build_loader(annotations: AnnotationDataset, tokenizer, cfg: LoaderConfig, b
                        prefetch_factor=prefetch_factor)
 
 
-def to_model_input(batch: dict, device, dtype: torch.dtype = torch.float32) -> dict:
-    """Move a batch to ``device`` (non-blocking) and normalise the video there.
-
-    Returns the batch with ``video`` float ``(B, C, T, H, W)`` (ImageNet mean/std, ``dtype``) and the text tensors
-    (and QA targets, where present) on the device.
-    """
+def to_model_input(batch: dict, device) -> dict:
+    """Move a batch's tensors to ``device`` (non-blocking): ``video`` stays uint8 ``(B, T, H, W, C)`` (a quarter of
+    the bytes of float frames over the bus), normalised by the model (``VideoEncoder.normalize``: the one place where
+    frames are normalised and turned channels-first); the text tensors and QA targets, where present."""
     out = dict(batch)
-    video = batch["video"].to(device, non_blocking=True)  # (B, T, H, W, C) uint8
-    video = video.permute(0, 4, 1, 2, 3).to(dtype).div_(255.0)  # (B, C, T, H, W)
-    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1, 1)
-    out["video"] = video.sub_(mean).div_(std)
+    out["video"] = batch["video"].to(device, non_blocking=True)  # (B, T, H, W, C) uint8
     for key in ("text_ids", "text_mask", "sentence_real", "index", *_QA_KEYS):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)

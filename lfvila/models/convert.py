@@ -49,7 +49,7 @@ from transformers import BertConfig
 
 from lfvila.config import from_dict, to_dict
 
-from .lfvila import LFVILA, LFVILAConfig
+from .pretraining import LFVILA, LFVILAConfig
 from .swin2d import inflate_swin2d, load_swin2d
 from .tasks import LFVILAForClassification, LFVILAForMultipleChoice, LFVILAForVideoClassification, LFVILARetrieval
 from .text_encoder import load_bert_weights

@@ -24,11 +24,12 @@ Module names are the official top-level ones (``video_encoder``, ``text_encoder`
 only)), so an official ``pytorch_model.bin`` maps by prefix (drop ``sent_embedding.position_ids``: non-persistent
 here).
 
-Registered variants (importing this module registers them):
-    ``lfvila-base-model``: official sizes (video encoder ``lfvila-base``, BERT-large split 8/12/24, D = 1024).
-    ``lfvila-tiny-model``: the ``lfvila-tiny`` video encoder (final width 256) with a tiny BERT of hidden 256
+Registered variants (importing this module registers them; names and aliases: ``registry``):
+    ``lfvila-base``: official sizes (video encoder ``lfvila-base-video``, BERT-large split 8/12/24, D = 1024).
+    ``lfvila-tiny``: the ``lfvila-tiny-video`` video encoder (final width 256) with a tiny BERT of hidden 256
         (4 heads, FFN 512, layers 2/4/6, vocab 128, 4 sentences x 12 tokens, 8 frames); intended input 8 x 64 x 96,
         i.e. 4 clips of 2 frames.
+    Aliases: ``lfvila-base-model`` -> ``lfvila-base``, ``lfvila-tiny-model`` -> ``lfvila-tiny`` (the old names).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import losses
-from .registry import _tiny_video_config, register_model
+from .registry import _tiny_video_config, register_alias, register_model
 from .text_encoder import (
     SentEmbedding,
     SplitBertTextEncoder,
@@ -250,7 +251,9 @@ class LFVILA(nn.Module):
         return (self.forward_stage1 if self.cfg.stage == 1 else self.forward_stage2)(*args, **kwargs)
 
 
-register_model("lfvila-base-model", lfvila_base_config, LFVILA,
+register_model("lfvila-base", lfvila_base_config, LFVILA,
                "official LF-VILA pre-training model (video encoder + BERT-large split, D = 1024)")
-register_model("lfvila-tiny-model", lfvila_tiny_config, LFVILA,
+register_model("lfvila-tiny", lfvila_tiny_config, LFVILA,
                "scaled-down LF-VILA pre-training model for tests and the CPU demo (D = 256)")
+register_alias("lfvila-base-model", "lfvila-base", "old name of lfvila-base (the full pre-training model)")
+register_alias("lfvila-tiny-model", "lfvila-tiny", "old name of lfvila-tiny (the full pre-training model)")

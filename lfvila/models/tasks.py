@@ -18,6 +18,11 @@ their checkpoints load without missing or unexpected keys:
                                 ``video_frame_proj`` (per-frame features, official, not in the loss), ``classifier``
                                 Linear(E, num_classes) on the L2-normed global feature; loss CE.
 
+Registered variants, by head (``registry`` lists them with the aliases that keep the old dataset names):
+``lfvila-{base,tiny}-retrieval``, ``-multichoice``, ``-classification`` and ``-video-classification``. The two
+classification heads take their class count from the config (``model.overrides.num_classes``: ActivityNet-QA 1654,
+VIOLIN 2, COIN 180, LVU relationship 4 / scene 6 / way of speaking 5); built without one they raise naming that key.
+
 To start a task from a pre-training checkpoint use ``convert.init_from_pretraining`` (it expects the heads the task
 adds to be missing and the pre-training heads it drops to be unused).
 """
@@ -31,10 +36,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import losses
-from .lfvila import LFVILA, LFVILAConfig, lfvila_base_config, lfvila_tiny_config
-from .registry import register_model
+from .pretraining import LFVILA, LFVILAConfig, lfvila_base_config, lfvila_tiny_config
+from .registry import register_alias, register_model
 
 __all__ = ["LFVILAForClassification", "LFVILAForMultipleChoice", "LFVILAForVideoClassification", "LFVILARetrieval"]
+
+
+def _require_num_classes(cfg: LFVILAConfig | None, cls: type) -> None:
+    """A classification head needs its class count: the variants leave it unset (it is the dataset's)."""
+    n = (cfg or LFVILAConfig()).num_classes
+    if n < 1:
+        raise ValueError(f"{cls.__name__}: num_classes is not set (got {n}): set model.overrides.num_classes in the "
+                         "config (create_model(name, num_classes=N) in code), e.g. 1654 for ActivityNet-QA, 2 for "
+                         "VIOLIN, 180 for COIN")
 
 
 def _ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -120,6 +134,10 @@ class LFVILAForClassification(_FusionQA):
 
     text_head = "classification"
 
+    def __init__(self, cfg: LFVILAConfig | None = None):
+        _require_num_classes(cfg, type(self))
+        super().__init__(cfg)
+
     def forward(self, video: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None,
                 real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         fused = self._fused(video, ids, mask, 1, real)
@@ -145,9 +163,8 @@ class LFVILAForVideoClassification(LFVILA):
     text_tower = False
 
     def __init__(self, cfg: LFVILAConfig | None = None):
+        _require_num_classes(cfg, type(self))
         super().__init__(cfg)
-        if self.cfg.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.cfg.num_classes}")
         dv, e = self.video_encoder.num_features, self.cfg.embed_dim
         self.video_frame_proj = nn.Linear(dv, e)
         nn.init.normal_(self.video_frame_proj.weight, std=0.02)
@@ -169,31 +186,32 @@ def _qa(base, **overrides):
     return factory
 
 
-register_model("lfvila-base-retrieval", lfvila_base_config, LFVILARetrieval,
-               "retrieval fine-tuning model (ActivityNet, DiDeMo, QuerYD, Condensed Movies)")
-register_model("lfvila-base-how2qa", _qa(lfvila_base_config), LFVILAForMultipleChoice,
-               "How2QA multiple choice with the per-frame span loss")
-register_model("lfvila-base-actnet-qa", _qa(lfvila_base_config, num_classes=1654), LFVILAForClassification,
-               "ActivityNet-QA, 1654 answer classes")
-register_model("lfvila-base-violin", _qa(lfvila_base_config, num_classes=2), LFVILAForClassification,
-               "VIOLIN, 2 classes")
-register_model("lfvila-tiny-retrieval", lfvila_tiny_config, LFVILARetrieval, "tiny retrieval model (tests, demo)")
-register_model("lfvila-tiny-multichoice", _qa(lfvila_tiny_config), LFVILAForMultipleChoice,
-               "tiny multiple-choice QA model (tests)")
-register_model("lfvila-tiny-classification", _qa(lfvila_tiny_config, num_classes=5), LFVILAForClassification,
-               "tiny classification QA model, 5 classes (tests)")
-
-
-def _video_cls(base, num_classes: int):
+def _video_cls(base):
     def factory() -> LFVILAConfig:
-        return dataclasses.replace(base(), stage=1, num_classes=num_classes)
+        return dataclasses.replace(base(), stage=1)
     return factory
 
 
-# long-form video classification (official coin_cls / lvu_*_cls.yaml: from stage 1, 32 frames = 4 clips x 8)
+# Variants by head (names: ``registry``); the class count of a classification head is a config value (num_classes).
+# Long-form video classification starts from stage 1 (official coin_cls / lvu_*_cls.yaml: 32 frames = 4 clips x 8).
+for _size, _base in (("base", lfvila_base_config), ("tiny", lfvila_tiny_config)):
+    _what = "official" if _size == "base" else "tiny (tests, demo)"
+    register_model(f"lfvila-{_size}-retrieval", _base, LFVILARetrieval,
+                   f"{_what} paragraph-to-video retrieval (ActivityNet, DiDeMo, QuerYD, Condensed Movies)")
+    register_model(f"lfvila-{_size}-multichoice", _qa(_base), LFVILAForMultipleChoice,
+                   f"{_what} multiple-choice QA with the per-frame span loss (How2QA)")
+    register_model(f"lfvila-{_size}-classification", _qa(_base), LFVILAForClassification,
+                   f"{_what} QA as classification (ActivityNet-QA 1654, VIOLIN 2); set num_classes")
+    register_model(f"lfvila-{_size}-video-classification", _video_cls(_base), LFVILAForVideoClassification,
+                   f"{_what} long-form video classification (COIN 180, LVU 4 / 6 / 5); set num_classes")
+
+# Aliases: the old dataset names, each a head with its dataset's class count.
+register_alias("lfvila-base-how2qa", "lfvila-base-multichoice", "How2QA multiple choice")
+register_alias("lfvila-base-actnet-qa", "lfvila-base-classification", "ActivityNet-QA, 1654 answer classes",
+               num_classes=1654)
+register_alias("lfvila-base-violin", "lfvila-base-classification", "VIOLIN, 2 classes", num_classes=2)
 VIDEO_CLS_CLASSES = {"coin": 180, "lvu-relationship": 4, "lvu-scene": 6, "lvu-wayspeaking": 5}
 for _dataset, _classes in VIDEO_CLS_CLASSES.items():
-    register_model(f"lfvila-base-{_dataset}-cls", _video_cls(lfvila_base_config, _classes),
-                   LFVILAForVideoClassification, f"{_dataset} long-form video classification, {_classes} classes")
-    register_model(f"lfvila-tiny-{_dataset}-cls", _video_cls(lfvila_tiny_config, _classes),
-                   LFVILAForVideoClassification, f"tiny {_dataset} video classification, {_classes} classes (tests)")
+    for _size in ("base", "tiny"):
+        register_alias(f"lfvila-{_size}-{_dataset}-cls", f"lfvila-{_size}-video-classification",
+                       f"{_dataset} long-form video classification, {_classes} classes", num_classes=_classes)

@@ -139,7 +139,8 @@ def bert_large_text_config(stage: int = 2, **overrides) -> TextEncoderConfig:
 
 
 def tiny_text_config(**overrides) -> TextEncoderConfig:
-    """``lfvila-tiny`` text side: hidden 64, 4 heads, layers 2/2/2, vocab 128, 4 sentences x 12 tokens, 8 frames."""
+    """A tiny text side (``lfvila-tiny`` takes it with hidden 256, 4 heads, FFN 512): hidden 64, 4 heads, layers
+    2/2/2, vocab 128, 4 sentences x 12 tokens, 8 frames."""
     base = TextEncoderConfig(
         vocab_size=128, hidden_size=64, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
         num_layers=6, num_local_layers=2, stage1_layers=4, num_sentences=4, max_len=12, num_frames=8,

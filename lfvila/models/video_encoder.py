@@ -2,7 +2,7 @@
 
 Layout everywhere inside the encoder: channels-last tokens ``(B, T, H, W, C)``, as Video-Swin.
 
-Structure (``lfvila-base``, the official numbers; ``docs/design.md``, "The model"):
+Structure (``lfvila-base-video``, the official numbers; ``docs/design.md``, "The model"):
 
     video (B, 3, 32, 192, 320) --PatchEmbed3D (Conv3d k=s=(1,8,8) + LN)--> (B, 32, 24, 40, 128)
     layer 0: 2 blocks, 4 heads,  window (2, 3, 5)   (B, 32, 24, 40, 128) --PatchMerging--> (B, 32, 12, 20, 256)
@@ -16,9 +16,9 @@ Odd blocks shift their windows by ``(0, wh // 2, ww // 2)`` (never in time); ``l
 applies Video-Swin's clipping rule per call (an axis whose window covers the grid takes that size and shift 0).
 
 The local (intra-clip) branch: the output of the last layer whose temporal window is ``<= local_window`` (8 frames,
-one clip; layer 2 in ``lfvila-base``) goes through ``local_feat_proj`` (a spatial PatchMerging) and ``norm_local``:
-``(B, 32, 6, 10, 512) -> (B, 32, 3, 5, 1024)``. The official loop resets that feature inside the loop, so it returns the
-final grid as "local" instead; ``compat_official=True`` reproduces that.
+one clip; layer 2 in ``lfvila-base-video``) goes through ``local_feat_proj`` (a spatial PatchMerging) and
+``norm_local``: ``(B, 32, 6, 10, 512) -> (B, 32, 3, 5, 1024)``. The official loop resets that feature inside the loop,
+so it returns the final grid as "local" instead; ``compat_official=True`` reproduces that.
 
 Module names follow the official checkpoint keys (``patch_embed.proj``, ``layers.{i}.blocks.{j}.attn.qkv``,
 ``layers.{i}.downsample.reduction``, ``norm``, ``norm_local``, ``local_feat_proj.{norm,reduction}``, ...), so an
@@ -45,7 +45,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class VideoEncoderConfig:
-    """Hyper-parameters of the video encoder; defaults are the official LF-VILA numbers (``lfvila-base``).
+    """Hyper-parameters of the video encoder; defaults are the official LF-VILA numbers (``lfvila-base-video``).
 
     ``window_size`` is per layer, ``(T, H, W)`` in tokens. ``stages[i]`` sets layer ``i``'s width
     ``embed_dim * 2 ** stages[i]``; ``downsample_stages`` are the layers followed by a spatial PatchMerging.
@@ -87,7 +87,7 @@ class VideoEncoderConfig:
 
     @property
     def local_layer(self) -> int | None:
-        """Index of the last layer whose temporal window is ``<= local_window`` (``lfvila-base``: 2), or None."""
+        """Index of the last layer whose temporal window is ``<= local_window`` (``lfvila-base-video``: 2), or None."""
         fits = [i for i, w in enumerate(self.window_size) if w[0] <= self.local_window]
         return fits[-1] if fits else None
 
@@ -314,7 +314,12 @@ class VideoEncoder(nn.Module):
 
     def normalize(self, video: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, T, H, W, C)`` -> float ``(B, C, T, H, W)`` ImageNet-normalised, on ``video``'s device; float
-        input ``(B, C, T, H, W)`` is returned cast to the model dtype (assumed normalised already)."""
+        input ``(B, C, T, H, W)`` is returned cast to the model dtype (assumed normalised already).
+
+        The one place where frames are normalised (the loaders, DALI's included, deliver uint8 frames). The frames
+        are never transposed in memory: the channels-first view of the channels-last uint8 batch keeps its
+        ``channels_last_3d`` strides through the cast and the normalisation, so the patch embedding's convolution
+        runs channels-last and its output, permuted back to ``(B, T, H, W, C)`` tokens, is contiguous as it is."""
         dtype = self.patch_embed.proj.weight.dtype
         if video.dtype != torch.uint8:
             if video.ndim != 5 or video.shape[1] != self.cfg.in_chans:

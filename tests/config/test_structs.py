@@ -28,7 +28,7 @@ def test_errors_name_the_dotted_key():
 
 
 def test_overrides_change_only_the_keys_given_nested_too():
-    base = model_config("lfvila-tiny-model")
+    base = model_config("lfvila-tiny")
     out = with_overrides(base, {"text": {"vocab_size": 300}, "video": {"window_size": [[1, 2, 3]] * 6}}, "m")
     assert out.text.vocab_size == 300 and out.text.hidden_size == base.text.hidden_size
     assert out.video.window_size == ((1, 2, 3),) * 6 and out.video.embed_dim == base.video.embed_dim
@@ -42,7 +42,7 @@ def test_overrides_change_only_the_keys_given_nested_too():
 def test_model_config_round_trips_with_its_bert_config_and_tuples_in_dicts():
     from transformers import BertConfig
 
-    cfg = model_config("lfvila-tiny-model")
+    cfg = model_config("lfvila-tiny")
     cfg = with_overrides(cfg, {"text": {"bert_config": None}}, "m")
     bert = BertConfig(hidden_size=64, num_attention_heads=2, intermediate_size=128)
     import dataclasses

@@ -1,5 +1,5 @@
-"""The DALI loading path on DALI's CPU backend (VP9): same frames, layout and normalisation as the DataLoader path;
-for rows with one file per clip, the same clip windows, sentences and replacements."""
+"""The DALI loading path on DALI's CPU backend (VP9): same frames and layout (uint8, the model normalises) as the
+DataLoader path; for rows with one file per clip, the same clip windows, sentences and replacements."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from lfvila.data import decode as decoding
 from lfvila.data.dali_loader import DaliLoader
 from lfvila.data.datasets import build_dataset
-from lfvila.data.loader import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig, build_loader, to_model_input
+from lfvila.data.loader import LoaderConfig, build_loader, to_model_input
 from lfvila.data.synthetic import make_dataset
 from lfvila.data.text import load_tokenizer
 
@@ -37,6 +37,14 @@ def synthetic(tmp_path_factory):
     return out
 
 
+def _norm(video: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, T, H, W, C)`` -> the encoder's normalised float ``(B, C, T, H, W)`` (``VideoEncoder.normalize``)."""
+    from lfvila.models.video_encoder import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+    return (video.permute(0, 4, 1, 2, 3).float() / 255.0 - mean) / std
+
+
 def _ann(out, name, **kw):
     return build_dataset("activitynet_captions", out / name, out, **kw)
 
@@ -47,18 +55,19 @@ def test_eval_batches_match_the_dataloader_path(synthetic):
     dali = list(DaliLoader(_ann(synthetic, "vp9.json"), tok, cfg, batch_size=2, device="cpu"))
     torch_batches = [to_model_input(b, "cpu") for b in build_loader(_ann(synthetic, "vp9.json"), tok, cfg, 2)]
     for d, t in zip(dali, torch_batches, strict=True):
-        assert d["video"].shape == t["video"].shape == (d["video"].shape[0], 3, 32, *SIZE)
+        assert d["video"].dtype == t["video"].dtype == torch.uint8  # the encoder normalises, not the loaders
+        assert d["video"].shape == t["video"].shape == (d["video"].shape[0], 32, *SIZE, 3)
         assert [m["frames"] for m in d["meta"]] == [m["frames"] for m in t["meta"]]
         assert torch.equal(d["text_ids"], t["text_ids"]) and torch.equal(d["index"], t["index"])
         # different resize kernels (DALI vs torch antialiased bilinear): close, not equal, in normalised units
-        assert (d["video"] - t["video"]).abs().mean() < 0.1
+        assert (_norm(d["video"]) - _norm(t["video"])).abs().mean() < 0.1
 
 
 def test_train_batches_are_seeded(synthetic):
     tok = load_tokenizer(synthetic / "vocab.txt")
     cfg = LoaderConfig(size=SIZE, sampling="clips", train=True, seed=5)
     runs = [next(iter(DaliLoader(_ann(synthetic, "vp9.json"), tok, cfg, batch_size=2, device="cpu"))) for _ in "ab"]
-    assert runs[0]["video"].shape == (2, 3, 32, *SIZE)
+    assert runs[0]["video"].shape == (2, 32, *SIZE, 3)
     assert torch.equal(runs[0]["video"], runs[1]["video"])
 
 
@@ -98,10 +107,9 @@ def _clip_loaders(clip_rows, **kw):
 
 
 def _grey_clips(video: torch.Tensor) -> list[int]:
-    """The clip of each frame of a normalised ``(C, T, H, W)`` video, from its grey level below the frame code."""
-    h, w = video.shape[-2:]
-    level = (video[0, :, int(0.6 * h) : int(0.9 * h), w // 4 : 3 * w // 4].mean((-2, -1)) * IMAGENET_STD[0]
-             + IMAGENET_MEAN[0]) * 255
+    """The clip of each frame of a uint8 ``(T, H, W, C)`` video, from its grey level below the frame code."""
+    h, w = video.shape[1:3]
+    level = video[:, int(0.6 * h) : int(0.9 * h), w // 4 : 3 * w // 4, 0].float().mean((-2, -1))
     return [clip_of_grey(float(v)) for v in level]
 
 
@@ -115,7 +123,7 @@ def test_clip_rows_take_the_dataloader_paths_window_frames_and_sentences(clip_ro
         for d, t in zip(dali, torch_loader, strict=True):
             assert torch.equal(d["index"], t["index"]) and torch.equal(d["text_ids"], t["text_ids"])
             assert d["meta"] == t["meta"]  # frames, clip_start, clips
-            assert d["video"].shape == (2, 3, 8, *FRAME)
+            assert d["video"].shape == (2, 8, *FRAME, 3)
             for b, meta in enumerate(d["meta"]):
                 start, words = meta["clip_start"], sentence_words(tok, d["text_ids"][b])
                 clips = _grey_clips(d["video"][b])[::2]  # one frame per clip position
@@ -124,7 +132,7 @@ def test_clip_rows_take_the_dataloader_paths_window_frames_and_sentences(clip_ro
                 assert clips[0] == start
                 starts.append(start)
             if not train:  # eval: the same frames up to the resize kernels
-                assert (d["video"] - to_model_input(t, "cpu")["video"]).abs().mean() < 0.1
+                assert (_norm(d["video"]) - _norm(to_model_input(t, "cpu")["video"])).abs().mean() < 0.1
         assert (set(starts) == {0}) != train
 
 

@@ -149,4 +149,4 @@ def test_collate_refuses_mixed_candidate_counts_and_moves_targets(syn):
     moved = to_model_input(batch, "cpu")
     for key in ("answer", "span_labels", "span_weights"):
         assert torch.equal(moved[key], batch[key])
-    assert moved["video"].shape == (2, 3, 8, *SIZE)
+    assert moved["video"].shape == (2, 8, *SIZE, 3)

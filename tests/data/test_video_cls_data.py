@@ -113,7 +113,7 @@ def test_video_mode_batches(syn, train):
     if not train:
         assert sorted(seen) == list(range(len(ann)))
     moved = to_model_input(batch, "cpu")
-    assert moved["video"].shape == (b, 3, 32, *SIZE) and torch.equal(moved["label"], batch["label"])
+    assert moved["video"].shape == (b, 32, *SIZE, 3) and torch.equal(moved["label"], batch["label"])
 
 
 def test_video_mode_refuses_other_samples(syn, tmp_path):

@@ -96,7 +96,7 @@ def _official_base_keys(stage: int) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize("stage", [1, 2])
 def test_official_base_key_set_maps_exactly(stage):
     with torch.device("meta"):
-        model = create_model("lfvila-base-model", stage=stage)
+        model = create_model("lfvila-base", stage=stage)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     official = _official_base_keys(stage)
     mapped = {}
@@ -152,10 +152,10 @@ def _features(model, video, ids, mask):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_official_file_loads_strictly_and_reproduces_outputs(tmp_path, stage):
     torch.manual_seed(0)
-    source = _randomise(create_model("lfvila-tiny-model", stage=stage, compat_official=True).eval(), 3)
+    source = _randomise(create_model("lfvila-tiny", stage=stage, compat_official=True).eval(), 3)
     path = _official_file(source, tmp_path / "pytorch_model.bin")
     torch.manual_seed(1)
-    model = create_model("lfvila-tiny-model", stage=stage, compat_official=True).eval()
+    model = create_model("lfvila-tiny", stage=stage, compat_official=True).eval()
     report = cv.load_checkpoint(model, path)
     assert report.unexpected == [] and report.mismatched == []
     assert set(report.dropped) >= {"sent_embedding.position_ids", "text_encoder.bert.embeddings.position_ids"}
@@ -171,7 +171,7 @@ def test_official_file_loads_strictly_and_reproduces_outputs(tmp_path, stage):
 
 def test_errors_list_offending_keys(tmp_path):
     torch.manual_seed(0)
-    model = create_model("lfvila-tiny-model")
+    model = create_model("lfvila-tiny")
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sd["video_encoder.layers.0.blocks.0.attn.qkv.weightX"] = sd.pop("video_encoder.layers.0.blocks.0.attn.qkv.weight")
     sd["text_global_proj.weight"] = torch.zeros(3, 3)
@@ -196,7 +196,7 @@ class _Evil:
 
 
 def test_unreadable_files_name_the_file(tmp_path):
-    model = create_model("lfvila-tiny")
+    model = create_model("lfvila-tiny-video")
     truncated = tmp_path / "cut.bin"
     torch.save(model.state_dict(), truncated)
     truncated.write_bytes(truncated.read_bytes()[:1000])
@@ -220,24 +220,24 @@ def test_unreadable_files_name_the_file(tmp_path):
 
 def test_task_models_official_key_sets():
     torch.manual_seed(0)
-    stage1 = set(create_model("lfvila-tiny-model").state_dict())
+    stage1 = set(create_model("lfvila-tiny").state_dict())
     retrieval = set(create_model("lfvila-tiny-retrieval").state_dict())
     assert retrieval == {k for k in stage1 if not k.startswith(("video_local_proj", "text_local_proj"))}
-    stage2 = set(create_model("lfvila-tiny-model", stage=2).state_dict())
+    stage2 = set(create_model("lfvila-tiny", stage=2).state_dict())
     mc = set(create_model("lfvila-tiny-multichoice").state_dict())
     common = {k for k in stage2 if not k.startswith(("text_encoder.cls.", "text_encoder.seq_relationship.",
                                                      "video_local", "text_local", "video_global", "text_global"))}
     assert mc - common == {f"text_encoder.{h}.{p}" for h in ("classifier", "span_classifier")
                            for p in ("weight", "bias")}
     assert common <= mc
-    cl = set(create_model("lfvila-tiny-classification").state_dict())
+    cl = set(create_model("lfvila-tiny-classification", num_classes=5).state_dict())
     assert cl - common == {"text_encoder.classifier.weight", "text_encoder.classifier.bias"}
 
 
 def test_init_from_pretraining(tmp_path):
     torch.manual_seed(0)
-    stage1 = _randomise(create_model("lfvila-tiny-model"), 4)
-    stage2 = _randomise(create_model("lfvila-tiny-model", stage=2), 5)
+    stage1 = _randomise(create_model("lfvila-tiny"), 4)
+    stage2 = _randomise(create_model("lfvila-tiny", stage=2), 5)
     retrieval = create_model("lfvila-tiny-retrieval")
     report = cv.init_from_pretraining(retrieval, stage1.state_dict())
     assert report.missing == [] and set(report.unexpected) == {
@@ -250,7 +250,7 @@ def test_init_from_pretraining(tmp_path):
                                     for p in ("bias", "weight"))
     assert torch.equal(qa.video_token_pos.t_pos_embed, stage2.video_token_pos.t_pos_embed)
     with pytest.raises(CheckpointError, match=r"missing .*text_encoder\.bert\.encoder\.layer\.4\."):
-        cv.init_from_pretraining(create_model("lfvila-tiny-classification"), stage1.state_dict())
+        cv.init_from_pretraining(create_model("lfvila-tiny-classification", num_classes=5), stage1.state_dict())
     # a segment table of another size: overlapping rows load, the others keep the model's (official rule)
     sd = dict(stage2.state_dict())
     sd["sent_embedding.segment_embeddings.weight"] = sd["sent_embedding.segment_embeddings.weight"][:3].clone()
@@ -263,8 +263,8 @@ def test_init_from_pretraining(tmp_path):
 
 def test_init_stage2_from_stage1_and_bert(tmp_path):
     torch.manual_seed(0)
-    stage1 = _randomise(create_model("lfvila-tiny-model"), 6)
-    model = create_model("lfvila-tiny-model", stage=2)
+    stage1 = _randomise(create_model("lfvila-tiny"), 6)
+    model = create_model("lfvila-tiny", stage=2)
     bert = BertForPreTraining(model.text_encoder.config.to_bert_config())
     bert_report, report = cv.init_stage2(model, stage1.state_dict(), bert.state_dict())
     assert report.unexpected == []
@@ -278,14 +278,15 @@ def test_init_stage2_from_stage1_and_bert(tmp_path):
     assert torch.equal(te.bert.embeddings.word_embeddings.weight, words)
     assert torch.equal(model.video_encoder.norm.weight, stage1.video_encoder.norm.weight)
     with pytest.raises(ValueError, match="stage-2"):
-        cv.init_stage2(create_model("lfvila-tiny-model"), stage1.state_dict(), bert.state_dict())
+        cv.init_stage2(create_model("lfvila-tiny"), stage1.state_dict(), bert.state_dict())
 
 
 # ------------------------------------------------------------------------------ our own format
 
 
-@pytest.mark.parametrize("name,overrides", [("lfvila-tiny-model", {"stage": 2}), ("lfvila-tiny-classification", {}),
-                                            ("lfvila-tiny-retrieval", {}), ("lfvila-tiny", {})])
+@pytest.mark.parametrize("name,overrides", [("lfvila-tiny", {"stage": 2}),
+                                            ("lfvila-tiny-classification", {"num_classes": 5}),
+                                            ("lfvila-tiny-retrieval", {}), ("lfvila-tiny-video", {})])
 def test_save_from_pretrained_round_trip(tmp_path, name, overrides):
     torch.manual_seed(0)
     model = _randomise(create_model(name, **overrides), 7).eval()
@@ -299,7 +300,7 @@ def test_save_from_pretrained_round_trip(tmp_path, name, overrides):
         assert k == k2 and torch.equal(a, b), k
     video = torch.randn(1, 3, T, H, W)
     with torch.no_grad():
-        if name == "lfvila-tiny":
+        if name == "lfvila-tiny-video":
             torch.testing.assert_close(loaded(video).grid, model(video).grid, rtol=0, atol=0)
         else:
             torch.testing.assert_close(loaded.encode_video(video)["tokens"], model.encode_video(video)["tokens"],
@@ -308,9 +309,9 @@ def test_save_from_pretrained_round_trip(tmp_path, name, overrides):
 
 def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    first = create_model("lfvila-tiny")
+    first = create_model("lfvila-tiny-video")
     target = cv.save_pretrained(first, tmp_path / "ckpt")
-    second = _randomise(create_model("lfvila-tiny"), 8)
+    second = _randomise(create_model("lfvila-tiny-video"), 8)
 
     import safetensors.torch as st
 
@@ -347,7 +348,7 @@ def test_from_pretrained_errors(tmp_path):
         cv.from_pretrained(tmp_path / "empty")
     # weights of another variant under a valid config: every offending key is listed
     target = cv.save_pretrained(create_model("lfvila-tiny-retrieval"), tmp_path / "ckpt")
-    other = cv.save_pretrained(create_model("lfvila-tiny-model"), tmp_path / "other")
+    other = cv.save_pretrained(create_model("lfvila-tiny"), tmp_path / "other")
     os.replace(other / "model.safetensors", target / "model.safetensors")
     with pytest.raises(CheckpointError, match="unexpected .*video_local_proj"):
         cv.from_pretrained(target)

@@ -1,4 +1,4 @@
-"""Tests of the full LF-VILA model on ``lfvila-tiny-model`` (video width 256 = BERT hidden 256, 8 x 64 x 96 input,
+"""Tests of the full LF-VILA model on ``lfvila-tiny`` (video width 256 = BERT hidden 256, 8 x 64 x 96 input,
 4 clips / sentences of 12 tokens)."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from lfvila import losses
 from lfvila.models import create_model, list_models, model_config
-from lfvila.models.lfvila import LFVILA, LFVILAConfig
+from lfvila.models.pretraining import LFVILA, LFVILAConfig
 from lfvila.models.text_encoder import pool_video_tokens
 
 B, M, L, T, H, W, D = 2, 4, 12, 8, 64, 96, 256
@@ -17,7 +17,7 @@ PROJ = ("video_local_proj", "text_local_proj", "video_global_proj", "text_global
 
 def _model(**overrides) -> LFVILA:
     torch.manual_seed(0)
-    return create_model("lfvila-tiny-model", **overrides)
+    return create_model("lfvila-tiny", **overrides)
 
 
 def _inputs(seed=1):
@@ -31,8 +31,8 @@ def _inputs(seed=1):
 
 
 def test_registered():
-    assert {"lfvila-tiny-model", "lfvila-base-model"} <= set(list_models())
-    base = model_config("lfvila-base-model")
+    assert {"lfvila-tiny", "lfvila-base"} <= set(list_models())
+    base = model_config("lfvila-base")
     assert isinstance(base, LFVILAConfig)
     assert base.embed_dim == base.text.hidden_size == 1024 and base.num_clips == 4 and base.stage == 1
     assert (base.temperature, base.mtc_weight, base.vtm_weight) == (0.05, 0.25, 10.0)

@@ -13,21 +13,21 @@ OFFICIAL_PARAMS = 89_229_448
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
-    return create_model("lfvila-base", attn_impl="torch").eval()
+    return create_model("lfvila-base-video", attn_impl="torch").eval()
 
 
 def _tiny(**kw):
     torch.manual_seed(0)
-    return create_model("lfvila-tiny", **{"attn_impl": "torch", **kw})
+    return create_model("lfvila-tiny-video", **{"attn_impl": "torch", **kw})
 
 
 def test_registry():
-    assert {"lfvila-base", "lfvila-tiny"} <= set(list_models())
-    assert model_config("lfvila-base") == VideoEncoderConfig(extra={"input": (32, 192, 320)})
+    assert {"lfvila-base-video", "lfvila-tiny-video"} <= set(list_models())
+    assert model_config("lfvila-base-video") == VideoEncoderConfig(extra={"input": (32, 192, 320)})
     with pytest.raises(ValueError, match="unknown model"):
         create_model("lfvila-nope")
     with pytest.raises(TypeError):
-        model_config("lfvila-tiny", not_a_field=1)
+        model_config("lfvila-tiny-video", not_a_field=1)
 
 
 def test_base_parameter_count_and_official_keys(base):
@@ -172,5 +172,5 @@ def test_patch_embed_pads_and_patch_merging_order():
 
 
 def test_lfvila_create_model_reexport():
-    model = lfvila.create_model("lfvila-tiny", attn_impl="torch", depths=(1, 1, 1, 1, 1, 1))
+    model = lfvila.create_model("lfvila-tiny-video", attn_impl="torch", depths=(1, 1, 1, 1, 1, 1))
     assert len(model.layers[2].blocks) == 1

@@ -31,7 +31,7 @@ def test_tied_tensors_stored_once_and_read_back_under_every_name(tmp_path):
 
 
 def test_save_pretrained_stores_the_tied_decoder_once_and_old_files_still_load(tmp_path):
-    model = create_model("lfvila-tiny-model", stage=2)
+    model = create_model("lfvila-tiny", stage=2)
     out = convert.save_pretrained(model, tmp_path / "new")
     tensors, meta = w.read_safetensors(out / "model.safetensors")
     assert json.loads(meta["aliases"]), "the tied decoder weight should be an alias"

@@ -1,5 +1,5 @@
 """Tests of ``train.optim``: the official AdamW groups, the per-step schedules and the stage-2 freezing, on
-``lfvila-tiny-model`` (BERT layers 2 / 4 / 6: stage-1 layers 0..3, fusion layers 4, 5)."""
+``lfvila-tiny`` (BERT layers 2 / 4 / 6: stage-1 layers 0..3, fusion layers 4, 5)."""
 
 import pytest
 import torch
@@ -31,7 +31,7 @@ PROJ = [f"{s}_{k}_proj.{p}" for k in ("local", "global") for s in ("video", "tex
 
 def _model(stage=2):
     torch.manual_seed(0)
-    return create_model("lfvila-tiny-model", stage=stage)
+    return create_model("lfvila-tiny", stage=stage)
 
 
 def _names(groups):

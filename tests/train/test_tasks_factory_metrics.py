@@ -17,12 +17,12 @@ CPU = torch.device("cpu")
 
 
 def test_factory_puts_every_switch_in_the_model_config():
-    mc = ModelConfig(name="lfvila-tiny-model", overrides={"stage": 2, "text": {"vocab_size": 300}},
+    mc = ModelConfig(name="lfvila-tiny", overrides={"stage": 2, "text": {"vocab_size": 300}},
                      attn_impl="torch", loss_impl="torch", grad_checkpointing=True)
     cfg = model_config_from(mc)
     assert (cfg.stage, cfg.text.vocab_size, cfg.loss_impl) == (2, 300, "torch")
     assert (cfg.video.attn_impl, cfg.video.grad_checkpointing) == ("torch", True)
-    video_only = model_config_from(ModelConfig(name="lfvila-tiny", attn_impl="torch"))
+    video_only = model_config_from(ModelConfig(name="lfvila-tiny-video", attn_impl="torch"))
     assert video_only.attn_impl == "torch" and not hasattr(video_only, "loss_impl")
     model = build_model(mc)
     assert model.cfg == cfg and model.text_encoder.config.vocab_size == 300
@@ -30,38 +30,41 @@ def test_factory_puts_every_switch_in_the_model_config():
 
 def test_factory_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"model\.overrides\.text\.nope"):
-        build_model(ModelConfig(name="lfvila-tiny-model", overrides={"text": {"nope": 1}}))
+        build_model(ModelConfig(name="lfvila-tiny", overrides={"text": {"nope": 1}}))
     with pytest.raises(ValueError, match="model.name"):
         build_model(ModelConfig(name="no-such-model"))
     with pytest.raises(Exception, match="missing.safetensors"):
         missing = InitStep("checkpoint", str(tmp_path / "missing.safetensors"))
-        build_model(ModelConfig(name="lfvila-tiny-model", init=[missing]))
+        build_model(ModelConfig(name="lfvila-tiny", init=[missing]))
 
 
 def test_factory_init_chain_loads_in_order(tmp_path):
     from lfvila.models import convert
 
-    source = build_model(ModelConfig(name="lfvila-tiny-model"))
+    source = build_model(ModelConfig(name="lfvila-tiny"))
     convert.save_pretrained(source, tmp_path / "src")
     torch.manual_seed(1)
-    loaded = build_model(ModelConfig(name="lfvila-tiny-model", init=[InitStep("pretrained", str(tmp_path / "src"))]))
+    loaded = build_model(ModelConfig(name="lfvila-tiny", init=[InitStep("pretrained", str(tmp_path / "src"))]))
     for (k, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
 
 
 @pytest.mark.parametrize("name, fits", [
-    ("lfvila-tiny-model", {"stage1", "retrieval"}),
+    ("lfvila-tiny", {"stage1", "retrieval"}),
+    ("lfvila-tiny-model", {"stage1", "retrieval"}),  # the old name, an alias
     ("lfvila-tiny-retrieval", {"retrieval"}),
     ("lfvila-tiny-multichoice", {"multichoice"}),
     ("lfvila-tiny-classification", {"classification"}),
+    ("lfvila-tiny-video-classification", {"video_classification"}),
 ])
 def test_task_table_says_which_models_fit(name, fits):
-    model = build_model(ModelConfig(name=name))
+    overrides = {"num_classes": 5} if name.endswith("classification") else {}
+    model = build_model(ModelConfig(name=name, overrides=overrides))
     assert {t.name for t in tasks.TASKS.values() if t.fits(model)} == fits
 
 
 def test_task_table_stage2_and_errors():
-    stage2 = build_model(ModelConfig(name="lfvila-tiny-model", overrides={"stage": 2}))
+    stage2 = build_model(ModelConfig(name="lfvila-tiny", overrides={"stage": 2}))
     assert {t.name for t in tasks.TASKS.values() if t.fits(stage2)} == {"stage2"}
     assert tasks.QA_TASKS == ("multichoice", "classification")
     assert all(tasks.get_task(n).select == "acc" and tasks.get_task(n).evaluate is tasks.evaluate_qa
