@@ -93,7 +93,7 @@ class ModelConfig:
 class DataConfig(SampleSpec):
     """The sample (:class:`~lfvila.data.spec.SampleSpec`: size, clips, frames_per_clip, sentences, max_len,
     sampling, flip, on_error, max_skip_fraction; the loaders' ``LoaderConfig`` shares these very fields), the
-    annotations (``format``: a ``lfvila.data.datasets`` registry name, or ``shards``: ``train`` / ``val`` / ``test``
+    annotations (``format``: a ``lfvila.data.formats`` registry name, or ``shards``: ``train`` / ``val`` / ``test``
     are ``index.json`` files of WebDataset tar shards, ``lfvila.data.shards``) and the loader (``lfvila.data.loader``).
     ``on_error: replace`` replaces training samples; evaluation skips them (``train.data``). ``backend``: ``pyav``
     (the DataLoader), ``dali`` or ``auto`` (``train.data``). ``shard_buffer``: shards only, the samples in each

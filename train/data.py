@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 
 from lfvila.config import Config
 from lfvila.data import decode as decoding
-from lfvila.data.datasets import build_dataset
+from lfvila.data.formats import build_dataset
 from lfvila.data.loader import LoaderConfig, VideoTextDataset, build_loader, make_loader, to_model_input
 from lfvila.data.samplers import EpochSampler, build_sampler  # noqa: F401  (EpochSampler: the loop's sampler type)
 from lfvila.data.shard_map import ShardDataset

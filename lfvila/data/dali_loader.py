@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import decode as decoding
-from .datasets import AnnotationDataset
+from .formats import AnnotationDataset
 from .loader import (
     LoaderConfig,
     fetch_sample,

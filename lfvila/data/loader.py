@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import decode as decoding
-from .datasets import AnnotationDataset
+from .formats import AnnotationDataset
 from .samplers import build_sampler
 from .sampling import Segment, clip_indices, consecutive_clip_start, jittered_indices, merge_segments, uniform_indices
 from .spec import ON_ERROR, SampleSpec  # noqa: F401  (ON_ERROR: re-exported)

@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     s.add_argument("--shards", action="store_true",
                    help="write the samples of --annotations into WebDataset tar shards + DST/index.json")
     s.add_argument("--annotations", help="the annotation file (video paths relative to SRC)")
-    s.add_argument("--format", help="its lfvila.data.datasets format (lfvila_pretrain, generic_jsonl, ...)")
+    s.add_argument("--format", help="its lfvila.data.formats format (lfvila_pretrain, generic_jsonl, ...)")
     s.add_argument("--format-kwargs", default="{}",
                    help="JSON object of the format's options, e.g. '{\"min_clips\": 2}'")
     s.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad annotation rows")

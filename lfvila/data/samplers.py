@@ -16,11 +16,40 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
-from .datasets import shard
+__all__ = ["EpochSampler", "RankPartSampler", "build_sampler", "shard"]
 
-__all__ = ["EpochSampler", "RankPartSampler", "build_sampler"]
+
+def shard(items, rank: int, world_size: int, mode: str = "disjoint") -> list[int]:
+    """The indices rank ``rank`` of ``world_size`` handles. ``items``: a dataset (anything with ``len``), a number
+    of items, or a sequence of indices. Ranks take strided positions (``rank, rank + W, ...``) as torch's
+    DistributedSampler does.
+
+    ``mode``:
+      * ``"disjoint"`` (default, for evaluation): every item exactly once over all ranks, no duplicates; rank sizes
+        differ by at most one when ``W`` does not divide ``N``, so gather variable-size results.
+      * ``"pad"``: DistributedSampler's choice: the list is extended with its own head to a multiple of ``W``, so
+        every rank has ``ceil(N / W)`` items and some items appear twice (training only: it biases metrics).
+      * ``"drop"``: the last ``N mod W`` items are left out, every rank has ``floor(N / W)`` items, no duplicates.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if isinstance(items, int):
+        idx = list(range(items))
+    elif isinstance(items, Dataset) or not hasattr(items, "__iter__"):
+        idx = list(range(len(items)))
+    else:
+        idx = [int(i) for i in items]
+    if mode not in ("disjoint", "pad", "drop"):
+        raise ValueError(f"mode must be 'disjoint', 'pad' or 'drop', got {mode!r}")
+    n = len(idx)
+    if mode == "pad" and n:
+        total = -(-n // world_size) * world_size
+        idx = (idx * (total // n + 1))[:total]
+    elif mode == "drop":
+        idx = idx[: n - n % world_size]
+    return idx[rank::world_size]
 
 
 class EpochSampler(Sampler[int]):

@@ -16,7 +16,7 @@ Written by ``python -m lfvila.data.prepare SRC DST --shards --annotations ANN --
 ``index.json``::
 
     format, version          "lfvila-webdataset-shards", 2 (version 1, without ``offsets``, is still read)
-    annotation_format        the ``lfvila.data.datasets`` format of the annotation file; annotations, video_root
+    annotation_format        the ``lfvila.data.formats`` format of the annotation file; annotations, video_root
     annotation_samples       N, the number of samples of the annotation dataset (indices are 0 .. N-1);
                              annotation_rows_skipped: bad rows the dataset skipped (``--on-error skip``)
     mode                     "paragraph" | "multichoice" | "classification" (``loader.sample_mode``)

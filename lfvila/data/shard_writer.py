@@ -5,7 +5,7 @@
         --codec h264 --crf 18 --workers N --timeout S] [--force] [--report FILE]
 
 The annotation file is read with ``build_dataset(FMT, ANN, SRC, on_error=..., **format_kwargs)``, so every
-``lfvila.data.datasets`` format works and the annotation indices are that dataset's. Each sample's video file(s)
+``lfvila.data.formats`` format works and the annotation indices are that dataset's. Each sample's video file(s)
 (``sample["clips"]`` for rows with one file per clip, else ``sample["video"]``) are re-encoded with
 :func:`lfvila.data.prepare.prepare_one` (the same fps / GOP / height / codec options, ``--workers`` processes, a
 bounded window of samples prepared ahead) into a temporary folder under DST, and the sample is written as one
@@ -38,7 +38,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from . import rowstore
-from .datasets import build_dataset
+from .formats import build_dataset
 from .loader import sample_mode
 from .prepare import OUT_EXTS, prepare_one
 from .shard_index import (

@@ -5,17 +5,17 @@ Official LF-VILA jsonl (``src/datasets/video_classification_dataset.py``): one r
 way-of-speaking class); the video is ``video_root/<video_id>.mp4`` (other extensions as fallback). A sample has a
 ``label`` and no text at all (``question`` None, no segments): the loader's ``"video"`` mode
 (:func:`lfvila.data.loader.sample_mode`), which decodes 32 frames over the whole video (train jittered, eval uniform,
-the official rule) and makes no text tensors. Importing :mod:`lfvila.data.datasets` registers it.
+the official rule) and makes no text tensors. Importing :mod:`lfvila.data.formats` registers it.
 """
 
 from __future__ import annotations
 
-from lfvila.data.annotations import RowError, as_int, as_str, get_field
-from lfvila.data.datasets import AnnotationDataset, register
+from lfvila.data.formats import AnnotationDataset, register
+from lfvila.data.row_parsing import RowError, as_int, as_str, get_field
 
 
 @register("lfvila_video_cls")
-class LFVILAVideoClassification(AnnotationDataset):
+class LFVILAVideoClassificationFormat(AnnotationDataset):
     """Official LF-VILA video classification jsonl: ``video_id``, ``recipe_type`` (int class -> ``label``, checked
     against ``num_classes`` when given: COIN 180, LVU relationship 4, scene 6, way of speaking 5)."""
 

@@ -15,7 +15,7 @@ from benchmarks import harness  # noqa: E402
 def test_inputs_are_the_same_official_rows_in_jsonl_and_lmdb(tmp_path):
     import lmdb
 
-    from lfvila.data.datasets import LFVILAPretrain
+    from lfvila.data.official_formats import LFVILAPretrainFormat
 
     jsonl, db = bdata.make_inputs(50, tmp_path, seed=3)
     assert bdata.make_inputs(50, tmp_path, seed=3) == (jsonl, db)  # generated once
@@ -25,7 +25,7 @@ def test_inputs_are_the_same_official_rows_in_jsonl_and_lmdb(tmp_path):
     with env.begin() as txn:
         assert env.stat()["entries"] == 50
         for i in (0, 49):
-            assert LFVILAPretrain.parse_value(txn.get(str(i).encode())) == json.loads(lines[i])
+            assert LFVILAPretrainFormat.parse_value(txn.get(str(i).encode())) == json.loads(lines[i])
     env.close()
     row = json.loads(lines[7])
     assert 4 <= len(row) <= 8 and all(8 <= len(c["text"].split()) <= 20 for c in row)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lfvila.data.datasets import build_dataset
+from lfvila.data.formats import build_dataset
 from lfvila.data.loader import LoaderConfig, VideoTextDataset, build_loader, plan_clips, sample_rng
 from lfvila.data.text import load_tokenizer, tokenize_paragraph
 

@@ -11,7 +11,7 @@ import torch
 
 from lfvila.data import decode as decoding
 from lfvila.data.dali_loader import DaliLoader
-from lfvila.data.datasets import build_dataset
+from lfvila.data.formats import build_dataset
 from lfvila.data.loader import LoaderConfig, build_loader, to_model_input
 from lfvila.data.synthetic import make_dataset
 from lfvila.data.text import load_tokenizer

@@ -7,8 +7,10 @@ import pickle
 
 import pytest
 
-from lfvila.data.annotations import AnnotationError, parse_literal
-from lfvila.data.datasets import REGISTRY, AnnotationDataset, LFVILAPretrain, build_dataset, shard
+from lfvila.data.formats import REGISTRY, AnnotationDataset, build_dataset
+from lfvila.data.official_formats import LFVILAPretrainFormat
+from lfvila.data.row_parsing import AnnotationError, parse_literal
+from lfvila.data.samplers import shard
 from lfvila.data.sampling import Segment
 
 KEYS = {"video_id", "video", "clips", "duration", "segments", "text", "question", "answers", "answer", "span",
@@ -67,8 +69,8 @@ def test_pretrain_code_in_a_row_is_refused_not_executed(tmp_path):
     good = [[{"clip_id": f"yt{i}.0.mp4", "text": "hi"}] for i in range(30)]
     path = jsonl(tmp_path / "p.jsonl", [*good, evil, f"[{evil}]"])
     with pytest.raises(AnnotationError, match=r"p\.jsonl: line 31: .*code is refused"):
-        LFVILAPretrain(path, tmp_path)
-    ds = LFVILAPretrain(path, tmp_path, on_error="skip", max_skip_fraction=0.1)
+        LFVILAPretrainFormat(path, tmp_path)
+    ds = LFVILAPretrainFormat(path, tmp_path, on_error="skip", max_skip_fraction=0.1)
     assert len(ds) == 30 and ds.skipped == 2 and ds.skip_reasons["malformed literal"] == 2
     assert not marker.exists()
 
@@ -76,10 +78,10 @@ def test_pretrain_code_in_a_row_is_refused_not_executed(tmp_path):
 def test_pretrain_mixed_videos_and_min_clips(tmp_path):
     path = jsonl(tmp_path / "p.jsonl", [[{"clip_id": "a.0.mp4", "text": "x"}, {"clip_id": "b.1.mp4", "text": "y"}]])
     with pytest.raises(AnnotationError, match="line 1: .*not from video 'a'"):
-        LFVILAPretrain(path, tmp_path)
+        LFVILAPretrainFormat(path, tmp_path)
     path = jsonl(tmp_path / "q.jsonl", [[{"clip_id": "a.0.mp4", "text": "x"}]])
     with pytest.raises(AnnotationError, match="min_clips 4"):
-        LFVILAPretrain(path, tmp_path, min_clips=4)
+        LFVILAPretrainFormat(path, tmp_path, min_clips=4)
 
 
 def test_how2qa_jsonl(tmp_path):
@@ -243,7 +245,7 @@ def test_bad_row_raises_naming_file_and_row(tmp_path, case):
 def test_bad_row_is_skipped_and_counted(tmp_path, case, caplog):
     line, _ = BAD_LINES[case]
     path = write_with_bad(tmp_path / "ann.jsonl", 20, [line])
-    with caplog.at_level(logging.WARNING, logger="lfvila.data.annotations"):
+    with caplog.at_level(logging.WARNING, logger="lfvila.data.row_parsing"):
         ds = build_dataset("generic_jsonl", path, tmp_path, on_error="skip")  # 1 / 21 < 5 %
     assert len(ds) == 20 and ds.skipped == 1 and sum(ds.skip_reasons.values()) == 1
     assert "ann.jsonl: line 21" in caplog.text

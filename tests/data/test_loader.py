@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lfvila.data import decode as decoding
-from lfvila.data.datasets import build_dataset
+from lfvila.data.formats import build_dataset
 from lfvila.data.framecode import read_index
 from lfvila.data.loader import LoaderConfig, augment, build_loader, to_model_input
 from lfvila.data.synthetic import make_dataset

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lfvila.data.datasets import build_dataset
+from lfvila.data.formats import build_dataset
 from lfvila.data.framecode import read_index
 from lfvila.data.loader import LoaderConfig, VideoTextDataset, build_loader, collate, span_targets, to_model_input
 from lfvila.data.sampling import merge_segments, uniform_indices

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lfvila.data import decode as decoding
-from lfvila.data.datasets import build_dataset
+from lfvila.data.formats import build_dataset
 from lfvila.data.loader import (
     LoaderConfig,
     VideoTextDataset,

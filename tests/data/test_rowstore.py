@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from lfvila.data import rowstore
-from lfvila.data.annotations import AnnotationError
-from lfvila.data.datasets import build_dataset
+from lfvila.data.formats import build_dataset
+from lfvila.data.row_parsing import AnnotationError
 
 lmdb = pytest.importorskip("lmdb")
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from lfvila.data.datasets import build_dataset
 from lfvila.data.decode import probe
 from lfvila.data.encode import write_video
+from lfvila.data.formats import build_dataset
 from lfvila.data.loader import LoaderConfig, VideoTextDataset
 from lfvila.data.prepare import main, prepare_one
 from lfvila.data.shards import ShardError, ShardStream, build_shard_loader, load_index, sample_key

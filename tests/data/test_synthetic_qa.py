@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from lfvila.data.datasets import build_dataset
+from lfvila.data.formats import build_dataset
 from lfvila.data.synthetic import COLOURS, MOTIONS, make_dataset
 from lfvila.data.synthetic_qa import ANSWERS, SyntheticQAError, main, make_qa, parse_caption
 

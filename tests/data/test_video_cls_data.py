@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from lfvila.data import decode
-from lfvila.data.annotations import AnnotationError
-from lfvila.data.datasets import build_dataset
+from lfvila.data.formats import build_dataset
 from lfvila.data.framecode import read_index
 from lfvila.data.loader import (
     LoaderConfig,
@@ -22,6 +21,7 @@ from lfvila.data.loader import (
     sample_rng,
     to_model_input,
 )
+from lfvila.data.row_parsing import AnnotationError
 from lfvila.data.sampling import jittered_indices, uniform_indices
 from lfvila.data.synthetic import make_dataset
 from lfvila.data.synthetic_cls import CLASSES, make_cls, video_class

@@ -1,4 +1,4 @@
-"""Annotation-file parsing helpers for :mod:`lfvila.data.datasets`: readers that name the file and the row, safe
+"""Annotation-file parsing helpers for :mod:`lfvila.data.formats`: readers that name the file and the row, safe
 literal parsing (never ``eval``), typed field access, time-span cleaning, and the strict / skip error policy.
 
 A *row* is the unit an error names and a skip drops: a line of a jsonl or CSV file (``"line 7"``), a key of a JSON
