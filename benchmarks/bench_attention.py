@@ -56,21 +56,15 @@ everywhere: a window axis at least as large as the grid axis is clipped to it an
 
 from __future__ import annotations
 
-import argparse
-import functools
-import os
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from benchmarks import harness
+from benchmarks import harness, suite
 from benchmarks.attention_shapes import SHAPE_SETS, Case
 
 KERNEL = "window_attention"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METRICS = (
     ("time", "ms"),
     ("tflops", "TFLOP/s"),
@@ -191,33 +185,14 @@ def reference_output(case: Case, computes: str, inputs) -> torch.Tensor | str:
     return f"no reference for {computes} attention here (a speed reference computing another function)"
 
 
-def _rows(case, provider, mode, dtype_name, values: dict, status="ok", note=""):
-    """The metric rows of one (case, provider, mode); ``values`` maps metric -> {p50,p20,p80}, or a string (the
-    reason that metric is skipped), or nothing (not measured)."""
-    out = []
-    for metric, unit in METRICS:
-        if (metric == "max_abs_err" and mode != "fwd") or (metric == "bias_grad_deterministic" and mode != "fwd+bwd"):
-            continue
-        vals = values.get(metric)
-        row_status, row_note = status, note
-        if status == "ok" and not isinstance(vals, dict):
-            row_status, row_note, vals = "skipped", vals or "not measured", None
-        out.append(
-            harness.make_row(
-                kernel=KERNEL, provider=provider, mode=mode, x_name=case.x_name, x_value=case.name,
-                shape=case.describe(), metric=metric, unit=unit, dtype=dtype_name, values=vals,
-                status=row_status, note=row_note,
-            )
-        )  # fmt: skip
-    return out
+def metrics(mode: str) -> list[tuple[str, str]]:
+    """The (metric, unit) rows of one (shape, provider, mode): the error in fwd only, the determinism in fwd+bwd."""
+    only = {"max_abs_err": "fwd", "bias_grad_deterministic": "fwd+bwd"}
+    return [(m, u) for m, u in METRICS if only.get(m, mode) == mode]
 
 
-def _once(value: float) -> dict:
-    return {"p50": value, "p20": value, "p80": value}
-
-
-def _measure_one(variant, case, mode, inputs, reference, device, timing) -> dict:
-    """Build, check and time one (provider, mode); raises whatever the provider raises.
+def _measure_one(variant, case, mode, inputs, reference, device, timing) -> dict[str, suite.Cell]:
+    """Build, check and time one (provider, mode); return metric -> cell. Raises whatever the provider raises.
 
     ``reference``: the fp32 output of the provider's function, or the reason there is none.
     """
@@ -255,28 +230,25 @@ def _measure_one(variant, case, mode, inputs, reference, device, timing) -> dict
         def step():
             graph_out.backward(g, retain_graph=True)
 
-    values = {}
+    cells: dict[str, suite.Cell] = {}
     first = step()  # compiles / autotunes where the provider does; its output is checked in fwd mode
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    values["compile_time"] = _once(time.perf_counter() - built)
+    cells["compile_time"] = ("ok", suite.once(time.perf_counter() - built), "")
     if mode == "fwd":
         if isinstance(reference, torch.Tensor):
             got = forward.to_tokens(first) if prepared else first
-            values["max_abs_err"] = _once((got.float() - reference).abs().max().item())
+            cells["max_abs_err"] = ("ok", suite.once((got.float() - reference).abs().max().item()), "")
         else:
-            values["max_abs_err"] = reference
+            cells["max_abs_err"] = ("skipped", None, reference)
     del first
     t = harness.measure(step, device=device, grad_to_none=leaves, **timing)
-    values["time"] = t
-    flops = attention_flops(case, mode, variant.computes)
-    # The 20th percentile of throughput comes from the 80th percentile of time, and vice versa.
-    pairs = (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))
-    values["tflops"] = {key: flops / (t[src] * 1e-3) / 1e12 for key, src in pairs}
+    cells["time"] = ("ok", t, "")
+    cells["tflops"] = ("ok", suite.per_second(t, attention_flops(case, mode, variant.computes), 1e12), "")
 
     if mode == "fwd+bwd":
         if table is None:
-            values["bias_grad_deterministic"] = "no relative-position bias in this provider"
+            cells["bias_grad_deterministic"] = ("skipped", None, "no relative-position bias in this provider")
         else:
             grads = []
             for _ in range(3):
@@ -284,13 +256,15 @@ def _measure_one(variant, case, mode, inputs, reference, device, timing) -> dict
                     leaf.grad = None
                 step()
                 grads.append(table.grad.clone())
-            values["bias_grad_deterministic"] = _once(float(all(torch.equal(grads[0], x) for x in grads[1:])))
+            same = float(all(torch.equal(grads[0], x) for x in grads[1:]))
+            cells["bias_grad_deterministic"] = ("ok", suite.once(same), "")
 
     for leaf in leaves:  # the last call's gradients would otherwise count in the baseline, not the peak
         leaf.grad = None
     mem = harness.peak_memory(step, device)
-    values["memory"] = "peak memory is measured on CUDA only" if mem is None else _once(mem)
-    return values
+    cells["memory"] = ("skipped", None, "peak memory is measured on CUDA only") if mem is None else \
+        ("ok", suite.once(mem), "")  # fmt: skip
+    return cells
 
 
 def default_full_max_flops(device: torch.device) -> float:
@@ -311,7 +285,8 @@ def run(
     full_max_flops: float | None = None,
     compile_budget: float | None = None,
 ) -> list[dict]:
-    """Benchmark every (case, provider, mode); append its rows to ``writer`` as soon as they exist; return all rows.
+    """Benchmark every (case, provider, mode) (:func:`benchmarks.suite.run_grid`); append its rows to ``writer`` as
+    soon as they exist; return all rows.
 
     ``variants``: provider name -> :class:`benchmarks.attention_variants.Variant`. ``timing``: keyword arguments of
     :func:`benchmarks.harness.measure` (``warmup``, ``reps``, ``warmup_ms``, ``rep_ms``). ``full_max_flops``: full
@@ -322,49 +297,42 @@ def run(
     skipped with the reason. None: no bound.
     """
     device = torch.device(device)
-    dtype_name = str(dtype).replace("torch.", "")
     timing = dict(timing or {})
     full_max_flops = default_full_max_flops(device) if full_max_flops is None else full_max_flops
-    written: list[dict] = []
     compiled_s: dict[str, float] = {}  # seconds of build + first call so far, per compiling provider
-    for case in cases:
-        inputs = make_inputs(case, dtype, device)
-        references: dict[str, torch.Tensor | str] = {}
-        for provider, variant in variants.items():
-            refusal = variant.refusal(device, dtype) if variant.refusal else None
-            for mode in modes:
-                reason = refusal
-                flops = attention_flops(case, mode, variant.computes)
-                if not reason and variant.computes == "full" and flops > full_max_flops:
-                    reason = f"full attention: {flops:.3g} FLOPs per call exceeds the budget of {full_max_flops:.3g}"
-                spent = compiled_s.get(provider, 0.0)
-                if not reason and variant.compiles and compile_budget is not None and spent > compile_budget:
-                    reason = (f"compile budget: {provider} already spent {spent:.1f} s compiling in this run, over "
-                              f"--compile-budget {compile_budget:g} s; not run for the remaining shapes")  # fmt: skip
-                if reason:
-                    rows = _rows(case, provider, mode, dtype_name, {}, "skipped", reason)
-                    log(f"{case.name:8s} {provider:16s} {mode:8s} skipped: {reason}")
-                else:
-                    if mode == "fwd" and variant.computes not in references:
-                        references[variant.computes] = reference_output(case, variant.computes, inputs)
-                    job = functools.partial(
-                        _measure_one, variant, case, mode, inputs, references.get(variant.computes), device, timing
-                    )
-                    started = time.perf_counter()
-                    values, note = harness.guarded(job, device)
-                    if variant.compiles:
-                        took = values["compile_time"]["p50"] if note is None else time.perf_counter() - started
-                        compiled_s[provider] = spent + took
-                    if note is None:
-                        rows = _rows(case, provider, mode, dtype_name, values)
-                        log(f"{case.name:8s} {provider:16s} {mode:8s} {values['time']['p50']:10.3f} ms")
-                    else:
-                        rows = _rows(case, provider, mode, dtype_name, {}, "failed", note)
-                        log(f"{case.name:8s} {provider:16s} {mode:8s} failed: {note}")
-                written.extend(writer.write(rows))
-        inputs = references = None  # drop this case's tensors before the next one
-        harness.free_memory(device)
-    return written
+
+    def skip(case, provider, variant, mode):
+        flops = attention_flops(case, mode, variant.computes)
+        if variant.computes == "full" and flops > full_max_flops:
+            return f"full attention: {flops:.3g} FLOPs per call exceeds the budget of {full_max_flops:.3g}"
+        spent = compiled_s.get(provider, 0.0)
+        if variant.compiles and compile_budget is not None and spent > compile_budget:
+            return (f"compile budget: {provider} already spent {spent:.1f} s compiling in this run, over "
+                    f"--compile-budget {compile_budget:g} s; not run for the remaining shapes")  # fmt: skip
+        return None
+
+    def setup(case):
+        return make_inputs(case, dtype, device), {}  # the inputs; the references, made when first needed
+
+    def measure(case, provider, variant, mode, state):
+        inputs, references = state
+        if mode == "fwd" and variant.computes not in references:
+            references[variant.computes] = reference_output(case, variant.computes, inputs)
+        started = time.perf_counter()
+        try:
+            cells = _measure_one(variant, case, mode, inputs, references.get(variant.computes), device, timing)
+        except Exception:  # a failed attempt counts against the compile budget with its whole wall time
+            if variant.compiles:
+                compiled_s[provider] = compiled_s.get(provider, 0.0) + time.perf_counter() - started
+            raise
+        if variant.compiles:
+            compiled_s[provider] = compiled_s.get(provider, 0.0) + cells["compile_time"][1]["p50"]
+        return cells
+
+    grid = suite.Grid(KERNEL, suite.dtype_name(dtype), metrics, lambda c: (c.x_name, c.name, c.describe()),
+                      lambda c: c.name)  # fmt: skip
+    return suite.run_grid(grid, cases, variants, modes, measure, writer, device=device,
+                          refusal=suite.provider_refusal(device, dtype), skip=skip, setup=setup, log=log)  # fmt: skip
 
 
 def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
@@ -376,13 +344,9 @@ def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
     for metric in ("time", "memory"):
         if any(r["metric"] == metric and r["status"] == "ok" for r in rows):
             parts += [markdown_table(rows, metric, mode, baseline) for mode in dict.fromkeys(r["mode"] for r in rows)]
-    targets = targets_report(rows)
-    if targets:
-        parts.append("**Targets** (measured, not asserted)\n\n" + "\n".join(targets))
-    compiled = compile_report(rows)
-    if compiled:
-        parts.append("**Build + first call** (compilation included)\n\n" + "\n".join(compiled))
-    return "\n\n".join(p for p in parts if p)
+    parts.append(suite.section(suite.TARGETS_TITLE, targets_report(rows)))
+    parts.append(suite.section("**Build + first call** (compilation included)", compile_report(rows)))
+    return suite.join(parts)
 
 
 # The window-attention issue's targets for htwa-triton, fwd+bwd on the lfvila set: at least this speed-up over each.
@@ -508,14 +472,13 @@ def compile_report(rows: Sequence[dict]) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------- CLI
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_attention", description=__doc__.split("\n")[0])
+    p = suite.parser("benchmarks.bench_attention", __doc__)
     p.add_argument("--shapes", default="lfvila", choices=list(SHAPE_SETS))
-    p.add_argument("--label", default="local", help="free text stored in every row (which run this is)")
+    suite.add_output(p, "benchmarks/results/attention-<cpu|cuda>.csv")
     p.add_argument("--providers", default=None, help="comma-separated subset of the providers (default: all but "
                    "full-sdpa, which the long-form set adds)")  # fmt: skip
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
+    suite.add_device(p, suite.DTYPES)
     p.add_argument("--cases", default=None, help="comma-separated subset of the set's shapes by x value (e.g. "
                    "layer0,layer5 or 32,64); default: all")  # fmt: skip
     p.add_argument("--batch", type=int, default=None, help="batch of every shape (default: the set's)")
@@ -526,49 +489,29 @@ def _parse(argv):
     p.add_argument("--compile-budget", type=float, default=None, metavar="S", help="seconds a compiling provider "
                    "(flex) may spend compiling in this run before its remaining shapes are skipped (default: no "
                    "bound)")  # fmt: skip
-    p.add_argument("--out", default=None, help="CSV to append to; default benchmarks/results/attention-<cpu|cuda>.csv")
-    p.add_argument("--markdown", default=None, help="also write the summary table to this file")
-    p.add_argument("--reps", type=int, default=10, help="CPU: timed calls per measurement")
-    p.add_argument("--warmup", type=int, default=2, help="CPU: untimed calls before timing")
-    p.add_argument("--cpu-budget-ms", type=float, default=3000.0, help="CPU: time fewer calls (at least 3) where "
-                   "--reps calls would take longer than this (0: always --reps)")  # fmt: skip
-    p.add_argument("--rep-ms", type=float, default=100.0, help="CUDA: do_bench's timed budget in ms")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="CUDA: do_bench's warm-up budget in ms")
-    p.add_argument(
-        "--interpret-ok", action="store_true", help="on the CPU, run htwa-triton through TRITON_INTERPRET=1 (slow)"
-    )
+    suite.add_timing(p, reps=10, warmup=2, cpu_budget_ms=3000.0)
+    suite.add_interpret(p, "htwa-triton")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the benchmark from command-line arguments; print progress and the summary; return the rows written."""
     args = _parse(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
-    device = device or torch.device(args.device)
+    device = suite.resolve_device(args.device)
     cpu = device.type == "cpu"
-    if cpu and args.interpret_ok:
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            print("warning: triton is already imported, TRITON_INTERPRET=1 may not take effect", file=sys.stderr)
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' module (and so triton.jit) is imported
+    suite.use_interpreter(device, args.interpret_ok)  # before the kernels' module (and so triton.jit) is imported
 
     from benchmarks.attention_variants import DEFAULT_PROVIDERS, VARIANTS
 
     shape_set = SHAPE_SETS[args.shapes]
-    if args.providers:
-        names = args.providers.split(",")
-    else:
-        names = list(DEFAULT_PROVIDERS) + [n for n in shape_set.extra_providers if n not in DEFAULT_PROVIDERS]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown providers {unknown}; choose from {list(VARIANTS)}")
-    modes = args.modes.split(",")
-    if not modes or any(m not in MODES for m in modes):
-        raise SystemExit(f"--modes must be a comma-separated subset of {','.join(MODES)}; got {args.modes!r}")
+    default = list(DEFAULT_PROVIDERS) + [n for n in shape_set.extra_providers if n not in DEFAULT_PROVIDERS]
+    names = suite.pick(args.providers, VARIANTS, "providers", default)
+    modes = suite.pick(args.modes, MODES, "modes")
     for name in ("batch", "frames"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     reduced = cpu and not args.full
-    dtype = DTYPES[args.dtype or ("fp32" if cpu else "bf16")]
+    dtype = suite.DTYPES[args.dtype or ("fp32" if cpu else "bf16")]
     cases = (shape_set.reduced if reduced else shape_set.full)(args.batch, args.frames)
     if args.cases:
         wanted = args.cases.split(",")
@@ -578,18 +521,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         cases = [case for case in cases if case.name in wanted]
     if args.compile_budget is not None and args.compile_budget < 0:
         raise SystemExit(f"--compile-budget must be >= 0, got {args.compile_budget}")
-    out = Path(args.out or f"benchmarks/results/attention-{device.type}.csv")
-    env = harness.environment(device)
-    writer = harness.ResultWriter(out, env, args.label)
-    timing = {"warmup": args.warmup, "reps": args.reps, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
-              "cpu_budget_ms": args.cpu_budget_ms or None}  # fmt: skip
-
-    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}", flush=True)
-    print(f"# {args.shapes}: {len(cases)} shapes, dtype {dtype}, providers {names}, modes {modes} -> {out}", flush=True)
-    start = time.perf_counter()
-    rows = run(cases, {n: VARIANTS[n] for n in names}, modes, dtype, device, writer, timing, log=harness.log,
-               full_max_flops=args.full_max_flops, compile_budget=args.compile_budget)  # fmt: skip
-    return harness.finish(rows, out, start, markdown_summary(rows), args.markdown)
+    session = suite.start(args, device, f"benchmarks/results/attention-{device.type}.csv")
+    print(f"# {args.shapes}: {len(cases)} shapes, dtype {dtype}, providers {names}, modes {modes} -> {session.out}",
+          flush=True)  # fmt: skip
+    rows = run(cases, {n: VARIANTS[n] for n in names}, modes, dtype, device, session.writer, suite.timing(args),
+               log=harness.log, full_max_flops=args.full_max_flops, compile_budget=args.compile_budget)  # fmt: skip
+    return session.finish(rows, markdown_summary(rows))
 
 
 if __name__ == "__main__":

@@ -39,29 +39,21 @@ is ``skipped`` at every larger N. Benchmarks measure; the targets of the issue a
 
 from __future__ import annotations
 
-import argparse
 import functools
-import os
-import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks import harness
+from benchmarks import harness, suite
 from benchmarks.contrastive_variants import PROVIDERS, SCALE, TEMPERATURE, Forward, Provider
 
 KERNEL = "contrastive_loss"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_FLAGS = {v: k for k, v in DTYPES.items()}  # torch dtype -> its --dtype value
 BASELINE = "naive"
 MODES = ("fwd", "fwd+bwd")
 CUDA_SIZES = tuple(1024 * 2**k for k in range(9))  # 1k ... 256k
 CPU_SIZES = (1024, 2048, 4096)
 RSS_SIZE, RSS_DIM = 32768, 256
-_OOM_MARKS = ("out of memory", "outofmemoryerror", "can't allocate memory", "cannot allocate memory", "memoryerror")
 
 
 # --------------------------------------------------------------------------------------------------- inputs, reference
@@ -122,13 +114,12 @@ def _make_step(provider: Provider, a, b, mode: str) -> Forward:
     return step
 
 
-def _measure_one(provider, n, dim, mode, inputs, reference, device, timing) -> dict:
-    """Check and time one (provider, N, mode); return metric -> (status, values, note). Raises what the provider
-    raises."""
+def _measure_one(provider, n, dim, mode, inputs, reference, device, timing) -> dict[str, suite.Cell]:
+    """Check and time one (provider, N, mode); return metric -> cell. Raises what the provider raises."""
     a = inputs[0].detach().clone().requires_grad_(True)
     b = inputs[1].detach().clone().requires_grad_(True)
     step = _make_step(provider, a, b, mode)
-    cells: dict[str, tuple] = {}
+    cells: dict[str, suite.Cell] = {}
     first = step()  # compiles / autotunes where the provider does; checked against the float64 reference
     if reference is None:
         cells["max_abs_err"] = ("skipped", None, "no float64 reference (--no-check)")
@@ -136,42 +127,33 @@ def _measure_one(provider, n, dim, mode, inputs, reference, device, timing) -> d
         cells["max_abs_err"] = ("failed", None, f"float64 reference failed: {reference}")
     elif mode == "fwd":
         err = abs(first.double().item() - reference[0].item())
-        cells["max_abs_err"] = ("ok", _one(err), f"|loss - float64 loss|, loss = {reference[0].item():.6g}")
+        cells["max_abs_err"] = ("ok", suite.once(err), f"|loss - float64 loss|, loss = {reference[0].item():.6g}")
     else:
         err = max(
             (g.double() - r.to(g.device)).abs().max().item()
             for g, r in ((a.grad, reference[1]), (b.grad, reference[2]))
         )
         top = max(reference[1].abs().max().item(), reference[2].abs().max().item())
-        cells["max_abs_err"] = ("ok", _one(err), f"max |grad - float64 grad| over a and b; max |grad| = {top:.3g}")
+        cells["max_abs_err"] = ("ok", suite.once(err), f"max |grad - float64 grad| over a and b; max |grad| = "
+                                f"{top:.3g}")  # fmt: skip
     del first
     t = harness.measure(step, device=device, grad_to_none=[a, b], **timing)
     cells["time"] = ("ok", t, "")
-    flops = loss_flops(n, dim, mode)
-    pairs = (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))  # throughput's p20 comes from time's p80
-    cells["tflops"] = ("ok", {k: flops / (t[src] * 1e-3) / 1e12 for k, src in pairs}, "")
+    cells["tflops"] = ("ok", suite.per_second(t, loss_flops(n, dim, mode), 1e12), "")
     a.grad = b.grad = None  # the last timed call's gradients would otherwise count in the baseline
     mem = harness.peak_memory(step, device)
     if mem is None:
         cells["memory"] = ("skipped", None, "peak memory is measured on CUDA only (CPU: the peak_rss rows)")
     else:
-        cells["memory"] = ("ok", _one(mem), "")
+        cells["memory"] = ("ok", suite.once(mem), "")
     return cells
-
-
-def _one(value: float) -> dict[str, float]:
-    return {"p50": value, "p20": value, "p80": value}
 
 
 def measure_rss(name: str, n: int, dim: int, dtype_name: str, max_mb: float | None = None, timeout: float = 3600.0):
     """Peak RSS increase (MB) of one CPU forward+backward of provider ``name`` at ``(n, dim)``, in a fresh process
-    (which inherits this one's environment, TRITON_INTERPRET included).
-
-    Returns ``harness.peak_rss_increase``'s dict plus ``"seconds"`` (the measured call); raises RuntimeError with the
-    child's reason if it failed (allocation refused, killed, ...)."""
-    argv = ["-m", "benchmarks.bench_contrastive", "--rss-child", name, "--sizes", str(n), "--dim", str(dim),
-            "--dtype", dtype_name] + ([] if max_mb is None else ["--rss-max-mb", str(max_mb)])  # fmt: skip
-    return harness.run_fresh_process(argv, timeout=timeout)
+    (which inherits this one's environment, TRITON_INTERPRET included): :func:`benchmarks.suite.measure_rss`."""
+    argv = ["--sizes", str(n), "--dim", str(dim), "--dtype", dtype_name]
+    return suite.measure_rss("benchmarks.bench_contrastive", name, argv, max_mb, timeout)
 
 
 def _rss_child(args) -> None:
@@ -179,7 +161,7 @@ def _rss_child(args) -> None:
 
     def prepare():
         provider = PROVIDERS[args.rss_child]
-        dtype, cpu = DTYPES[args.dtype or "fp32"], torch.device("cpu")
+        dtype, cpu = suite.DTYPES[args.dtype or "fp32"], torch.device("cpu")
         refusal = provider.refusal(cpu, dtype) if provider.refusal else None
         if refusal:
             raise RuntimeError(refusal)
@@ -192,31 +174,18 @@ def _rss_child(args) -> None:
     harness.rss_child(prepare, args.rss_max_mb)
 
 
+def _rss_cell(name, n, dim, dtype, rss_opts, log) -> suite.Cell:
+    def note(result):
+        return f"{suite.rss_note(result)}; one fwd+bwd took {result['seconds']:.1f} s"
+
+    measure = functools.partial(measure_rss, name, n, dim, suite.dtype_flag(dtype), **rss_opts)
+    return suite.rss_cell(measure, note, f"N={n:<7d} {name:10s}", log)
+
+
 # --------------------------------------------------------------------------------------------------- running
-def _metrics(mode: str, device: torch.device, rss: bool) -> list[tuple[str, str]]:
-    out = [("time", "ms"), ("tflops", "TFLOP/s"), ("memory", "MB"), ("max_abs_err", "abs")]
-    if rss and device.type == "cpu" and mode == "fwd+bwd":
-        out.append(("peak_rss", "MB"))
-    return out
-
-
-def _rows(n, dim, provider, mode, dtype_name, metrics, cells, status="ok", note=""):
-    """The metric rows of one (N, provider, mode): from ``cells`` (metric -> (status, values, note)) when the
-    provider ran, else every metric with ``status`` and ``note``."""
-    rows = []
-    for metric, unit in metrics:
-        missing = ("skipped", None, "not measured")
-        row_status, vals, row_note = cells.get(metric, missing) if status == "ok" else (status, None, note)
-        rows.append(harness.make_row(
-            kernel=KERNEL, provider=provider, mode=mode, x_name="N", x_value=str(n),
-            shape=f"N={n} M={n} d={dim} temperature={TEMPERATURE}", metric=metric, unit=unit, dtype=dtype_name,
-            values=vals, status=row_status, note=row_note,
-        ))  # fmt: skip
-    return rows
-
-
-def _is_oom(note: str) -> bool:
-    return any(mark in note.lower() for mark in _OOM_MARKS)
+def _grid(dim: int, dtype: torch.dtype, metrics) -> suite.Grid:
+    return suite.Grid(KERNEL, suite.dtype_name(dtype), metrics,
+                      lambda n: ("N", str(n), f"N={n} M={n} d={dim} temperature={TEMPERATURE}"), lambda n: f"N={n}")
 
 
 def run(
@@ -233,79 +202,52 @@ def run(
     rss_opts: dict | None = None,
     log=print,
 ) -> list[dict]:
-    """Benchmark every (N, provider, mode); append its rows to ``writer`` as soon as they exist; return all rows.
+    """Benchmark every (N, provider, mode) (:func:`benchmarks.suite.run_grid`); append its rows to ``writer`` as soon
+    as they exist; return all rows. After an out-of-memory failure at some N, a provider is skipped at every larger N.
 
     ``timing``: keyword arguments of :func:`benchmarks.harness.measure`. ``check``: compute the float64 reference
     once per N and record ``max_abs_err``. ``rss`` (CPU): a ``peak_rss`` row per (provider, N) for fwd+bwd, measured
     by :func:`measure_rss` (``rss_opts``: its keyword arguments), only for providers that ran in this process.
     """
     device = torch.device(device)
-    dtype_name = str(dtype).replace("torch.", "")
     timing = dict(timing or {})
-    written: list[dict] = []
-    oom_at: dict[str, int] = {}
-    for n in sorted(sizes):
+    rss = rss and device.type == "cpu"
+
+    def metrics(mode):
+        out = [("time", "ms"), ("tflops", "TFLOP/s"), ("memory", "MB"), ("max_abs_err", "abs")]
+        return out + ([("peak_rss", "MB")] if rss and mode == "fwd+bwd" else [])
+
+    def setup(n):
         inputs = make_inputs(n, dim, dtype, device)
-        reference = None
-        if check:
-            reference, ref_note = harness.guarded(functools.partial(reference_loss_and_grads, *inputs), device)
-            reference = reference if ref_note is None else ref_note
-        for name, provider in providers.items():
-            refusal = provider.refusal(device, dtype) if provider.refusal else None
-            for mode in modes:
-                metrics = _metrics(mode, device, rss)
-                if refusal is None and name in oom_at:
-                    skip = f"not run: out of memory at N={oom_at[name]}"
-                    rows = _rows(n, dim, name, mode, dtype_name, metrics, {}, "skipped", skip)
-                    log(f"N={n:<7d} {name:10s} {mode:8s} skipped: {skip}")
-                elif refusal:
-                    rows = _rows(n, dim, name, mode, dtype_name, metrics, {}, "skipped", refusal)
-                    log(f"N={n:<7d} {name:10s} {mode:8s} skipped: {refusal}")
-                else:
-                    job = functools.partial(_measure_one, provider, n, dim, mode, inputs, reference, device, timing)
-                    cells, note = harness.guarded(job, device)
-                    if note is None:
-                        if rss and device.type == "cpu" and mode == "fwd+bwd":
-                            cells["peak_rss"] = _rss_cell(name, n, dim, DTYPE_FLAGS[dtype], rss_opts or {}, log)
-                        rows = _rows(n, dim, name, mode, dtype_name, metrics, cells)
-                        log(f"N={n:<7d} {name:10s} {mode:8s} {cells['time'][1]['p50']:10.3f} ms")
-                    else:
-                        rows = _rows(n, dim, name, mode, dtype_name, metrics, {}, "failed", note)
-                        log(f"N={n:<7d} {name:10s} {mode:8s} failed: {note}")
-                        if _is_oom(note):
-                            oom_at[name] = n
-                written.extend(writer.write(rows))
-        inputs = reference = None  # drop this size's tensors before the next one
-        harness.free_memory(device)
-    return written
+        if not check:
+            return inputs, None
+        reference, note = harness.guarded(functools.partial(reference_loss_and_grads, *inputs), device)
+        return inputs, reference if note is None else note
 
+    def measure(n, name, provider, mode, state):
+        cells = _measure_one(provider, n, dim, mode, *state, device, timing)
+        if rss and mode == "fwd+bwd":
+            cells["peak_rss"] = _rss_cell(name, n, dim, dtype, rss_opts or {}, log)
+        return cells
 
-def _rss_cell(name, n, dim, dtype_name, rss_opts, log) -> tuple:
-    result, note = harness.guarded(functools.partial(measure_rss, name, n, dim, dtype_name, **rss_opts), "cpu")
-    if note is not None:
-        log(f"N={n:<7d} {name:10s} peak_rss failed: {note}")
-        return ("failed", None, note)
-    log(f"N={n:<7d} {name:10s} peak_rss {result['increase_mb']:10.1f} MB")
-    remark = (f"VmHWM increase over VmRSS {result['baseline_mb']:.0f} MB ({result['method']}"
-              f"{'' if result['exact'] else ', lower bound'}); one fwd+bwd took {result['seconds']:.1f} s")  # fmt: skip
-    return ("ok", _one(result["increase_mb"]), remark)
+    return suite.run_grid(_grid(dim, dtype, metrics), sorted(sizes), providers, modes, measure, writer,
+                          device=device, refusal=suite.provider_refusal(device, dtype), setup=setup, oom_skip=True,
+                          log=log)  # fmt: skip
 
 
 def run_rss(sizes, dim, providers: dict[str, Provider], dtype, writer, rss_opts=None, log=print) -> list[dict]:
     """RSS mode: one ``peak_rss`` row per (N, provider), each from a fresh CPU process, one process at a time."""
-    dtype_name = str(dtype).replace("torch.", "")
-    written = []
-    for n in sorted(sizes):
-        for name, provider in providers.items():
-            refusal = provider.refusal(torch.device("cpu"), dtype) if provider.refusal else None
-            if refusal:
-                log(f"N={n:<7d} {name:10s} peak_rss skipped: {refusal}")
-                cell = ("skipped", None, refusal)
-            else:
-                cell = _rss_cell(name, n, dim, DTYPE_FLAGS[dtype], rss_opts or {}, log)
-            rows = _rows(n, dim, name, "fwd+bwd", dtype_name, [("peak_rss", "MB")], {"peak_rss": cell})
-            written.extend(writer.write(rows))
-    return written
+
+    def measure(n, name, provider, mode, state):
+        return {"peak_rss": _rss_cell(name, n, dim, dtype, rss_opts or {}, lambda message: None)}
+
+    def describe(cells):  # the progress line: the increase, or why there is none
+        status, values, note = cells["peak_rss"]
+        return f"peak_rss {values['p50']:10.1f} MB" if status == "ok" else f"peak_rss {status}: {note}"
+
+    grid = _grid(dim, dtype, lambda mode: [("peak_rss", "MB")])
+    return suite.run_grid(grid, sorted(sizes), providers, ["fwd+bwd"], measure, writer,
+                          refusal=suite.provider_refusal("cpu", dtype), describe=describe, log=log)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- summary
@@ -352,13 +294,13 @@ def targets_report(rows: Sequence[dict]) -> list[str]:
             lines.append(f"{head} not measured ({why})")
             continue
         ratio = float(pair[0]["p50"]) / float(pair[1]["p50"])
-        met = ratio <= bound if sign == "<=" else ratio >= bound
+        met = suite.meets(ratio, sign, bound)
         lines.append(f"{head} {ratio:.4g}, {'met' if met else 'NOT met'}")
     big = CUDA_SIZES[-1]
     ours, naive = _pick(rows, "ours", "time", big), _pick(rows, "naive", "time", big)
     if ours or naive:
         ours_ok = ours is not None and ours["status"] == "ok"
-        naive_oom = naive is not None and naive["status"] != "ok" and _is_oom(naive["note"])
+        naive_oom = naive is not None and naive["status"] != "ok" and suite.is_oom(naive["note"])
         lines.append(
             f"- N={big} (target: ours runs where naive runs out of memory): ours "
             f"{ours['status'] if ours else 'not run'}, naive {naive['status'] if naive else 'not run'}"
@@ -402,41 +344,26 @@ def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
 
     parts = [markdown_table(rows, m, mode, baseline, rel, title.format(baseline))
              for m, mode, title, rel in SUMMARY_TABLES]  # fmt: skip
-    targets = targets_report(rows)
-    if targets:
-        parts.append("**Targets** (measured, not asserted)\n\n" + "\n".join(targets))
-    largest = largest_n_report(rows)
-    if largest:
-        parts.append("**Largest N** (the sizes of this run)\n\n" + "\n".join(largest))
-    return "\n\n".join(p for p in parts if p)
+    parts.append(suite.section(suite.TARGETS_TITLE, targets_report(rows)))
+    parts.append(suite.section("**Largest N** (the sizes of this run)", largest_n_report(rows)))
+    return suite.join(parts)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_contrastive", description=__doc__.split("\n")[0])
-    p.add_argument("--label", default="local", help="free text stored in every row (which run this is)")
+    p = suite.parser("benchmarks.bench_contrastive", __doc__)
+    suite.add_output(p, "benchmarks/results/contrastive-<device>.csv (--rss: contrastive-cpu-rss.csv)")
     p.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all;"
                    " --rss: naive,chunked)")  # fmt: skip
     p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
     p.add_argument("--sizes", default=None, help="comma-separated N; default: 1024..262144 (x2) on CUDA, "
                    "1024,2048,4096 on the CPU, 32768 with --rss")  # fmt: skip
     p.add_argument("--dim", type=int, default=None, help="feature dim d; default: 512 on CUDA, 256 on the CPU")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
-    p.add_argument("--out", default=None, help="CSV to append to; default benchmarks/results/contrastive-<device>.csv"
-                   " (--rss: contrastive-cpu-rss.csv)")  # fmt: skip
-    p.add_argument("--markdown", default=None, help="also write the summary to this file")
-    p.add_argument("--reps", type=int, default=5, help="CPU: timed calls per measurement")
-    p.add_argument("--warmup", type=int, default=1, help="CPU: untimed calls before timing")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="CUDA: do_bench's timed budget in ms")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="CUDA: do_bench's warm-up budget in ms")
+    suite.add_device(p, suite.DTYPES)
+    suite.add_timing(p, reps=5, warmup=1)
     p.add_argument("--no-check", action="store_true", help="skip the float64 reference and the max_abs_err rows")
-    p.add_argument("--no-rss", action="store_true", help="CPU: no peak_rss rows (no fresh process per provider)")
-    p.add_argument("--rss", action="store_true", help="RSS mode: only peak_rss rows, CPU, one fresh process each")
-    p.add_argument("--rss-max-mb", type=float, default=None, help="RSS child's memory cap (MB, default: free - 1024)")
-    p.add_argument("--rss-timeout", type=float, default=3600.0, help="seconds before an RSS child is given up")
-    p.add_argument("--interpret-ok", action="store_true", help="on the CPU, run ours through TRITON_INTERPRET=1")
-    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    suite.add_rss(p, rss_mode=True)
+    suite.add_interpret(p, "ours")
     return p.parse_args(argv)
 
 
@@ -447,44 +374,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         _rss_child(args)
         return []
     rss_mode = args.rss
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
-    device = torch.device("cpu") if rss_mode else device or torch.device(args.device)
+    device = torch.device("cpu") if rss_mode else suite.resolve_device(args.device)
     cpu = device.type == "cpu"
-    if cpu and args.interpret_ok:
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            print("warning: triton is already imported, TRITON_INTERPRET=1 may not take effect", file=sys.stderr)
-        os.environ["TRITON_INTERPRET"] = "1"  # before lfvila_kernels (and so triton.jit) is imported
+    suite.use_interpreter(device, args.interpret_ok)  # before lfvila_kernels (and so triton.jit) is imported
 
-    default_names = "naive,chunked" if rss_mode else ",".join(PROVIDERS)
-    names = (args.providers or default_names).split(",")
-    unknown = [n for n in names if n not in PROVIDERS]
-    if unknown:
-        raise SystemExit(f"unknown providers {unknown}; choose from {list(PROVIDERS)}")
-    modes = args.modes.split(",")
-    if any(m not in MODES for m in modes):
-        raise SystemExit(f"--modes must be a comma-separated subset of fwd,fwd+bwd; got {args.modes!r}")
+    names = suite.pick(args.providers, PROVIDERS, "providers", ["naive", "chunked"] if rss_mode else None)
+    modes = suite.pick(args.modes, MODES, "modes")
     default_sizes = (RSS_SIZE,) if rss_mode else CPU_SIZES if cpu else CUDA_SIZES
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(default_sizes)
     dim = args.dim or (256 if cpu else 512)
-    dtype = DTYPES[args.dtype or ("fp32" if cpu else "bf16")]
-    kind = "cpu-rss" if rss_mode else device.type
-    out = Path(args.out or f"benchmarks/results/contrastive-{kind}.csv")
-    env = harness.environment(device)
-    writer = harness.ResultWriter(out, env, args.label)
-    timing = {"warmup": args.warmup, "reps": args.reps, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms}
-    rss_opts = {"max_mb": args.rss_max_mb, "timeout": args.rss_timeout}
+    dtype = suite.DTYPES[args.dtype or ("fp32" if cpu else "bf16")]
+    session = suite.start(args, device, f"benchmarks/results/contrastive-{'cpu-rss' if rss_mode else device.type}.csv")
     providers = {n: PROVIDERS[n] for n in names}
-
-    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}", flush=True)
     print(f"# N={sizes} d={dim} dtype {dtype}, providers {names}" + ("" if rss_mode else f", modes {modes}")
-          + f" -> {out}", flush=True)  # fmt: skip
-    start = time.perf_counter()
+          + f" -> {session.out}", flush=True)  # fmt: skip
     if rss_mode:
-        rows = run_rss(sizes, dim, providers, dtype, writer, rss_opts, log=harness.log)
+        rows = run_rss(sizes, dim, providers, dtype, session.writer, suite.rss_options(args), log=harness.log)
     else:
-        rows = run(sizes, dim, providers, modes, dtype, device, writer, timing, check=not args.no_check,
-                   rss=cpu and not args.no_rss, rss_opts=rss_opts, log=harness.log)  # fmt: skip
-    return harness.finish(rows, out, start, markdown_summary(rows), args.markdown)
+        rows = run(sizes, dim, providers, modes, dtype, device, session.writer, suite.timing(args),
+                   check=not args.no_check, rss=cpu and not args.no_rss, rss_opts=suite.rss_options(args),
+                   log=harness.log)  # fmt: skip
+    return session.finish(rows, markdown_summary(rows))
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def make_inputs(n: int, root, seed: int = 0) -> tuple[Path, Path]:
 
 # --------------------------------------------------------------------------------------------------- children
 def _load(mode: str, jsonl: str, db: str, cache: str):
-    from lfvila.data.datasets import build_dataset
+    from lfvila.data.formats import build_dataset
 
     if mode == "lmdb-open":
         return build_dataset("lfvila_pretrain", db, "videos")
@@ -123,7 +123,7 @@ def _load(mode: str, jsonl: str, db: str, cache: str):
 def child_annotations(mode: str, jsonl: str, db: str, cache: str) -> None:
     """Fresh process: imports, then one measured load (harness.rss_child reports peak RSS and seconds)."""
     from benchmarks import harness
-    from lfvila.data import datasets  # noqa: F401  (the imports are part of the baseline, not of the load)
+    from lfvila.data import formats  # noqa: F401  (the imports are part of the baseline, not of the load)
 
     harness.rss_child(lambda: (lambda: _load(mode, jsonl, db, cache)))
 
@@ -197,11 +197,6 @@ def child_workers(mode: str, jsonl: str, db: str, cache: str, workers: int, samp
 
 
 # --------------------------------------------------------------------------------------------------- parts
-def _values(xs: Sequence[float]) -> dict[str, float]:
-    q = np.percentile(xs, [20, 50, 80])
-    return {"p20": float(q[0]), "p50": float(q[1]), "p80": float(q[2])}
-
-
 def _row(provider, part, n, metric, unit, values=None, status="ok", note=""):
     from benchmarks import harness
 
@@ -213,6 +208,7 @@ def _row(provider, part, n, metric, unit, values=None, status="ok", note=""):
 def run_annotations(n: int, jsonl: Path, db: Path, repeats: int, scratch: Path, log,
                     objects_max_rows: int = 200_000) -> list[dict]:
     from benchmarks import harness
+    from benchmarks.suite import quantiles
 
     rows = []
     with tempfile.TemporaryDirectory(dir=scratch, prefix="cache-") as warm:
@@ -239,9 +235,9 @@ def run_annotations(n: int, jsonl: Path, db: Path, repeats: int, scratch: Path, 
                          for m, u in (("load_s", "s"), ("peak_rss_mb", "MB"))]
                 log(f"  {mode:13s} failed: {exc}")
                 continue
-            rows.append(_row(mode, "annotations", n, "load_s", "s", _values(seconds),
+            rows.append(_row(mode, "annotations", n, "load_s", "s", quantiles(seconds),
                              note=f"{repeats} fresh processes"))
-            rows.append(_row(mode, "annotations", n, "peak_rss_mb", "MB", _values(peaks), note=note))
+            rows.append(_row(mode, "annotations", n, "peak_rss_mb", "MB", quantiles(peaks), note=note))
             log(f"  {mode:13s} {statistics.median(seconds):8.3f} s  {statistics.median(peaks):8.1f} MB")
     return rows
 
@@ -391,9 +387,11 @@ def plot(rows: Sequence[dict], path) -> None:
 
 # --------------------------------------------------------------------------------------------------- CLI
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n")[0])
+    from benchmarks import suite
+
+    p = suite.parser("benchmarks.bench_data", __doc__)
+    suite.add_output(p, "benchmarks/results/data-cpu.csv", "benchmarks/results/data-cpu.csv")
     arg = p.add_argument
-    arg("--label", default="local")
     arg("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     arg("--rows", default="10000,30000,100000,200000", help="row counts of the annotations part")
     arg("--repeats", type=int, default=3, help="fresh-process loads per (rows, mode); decode: timed passes")
@@ -405,8 +403,6 @@ def _parse(argv):
     arg("--decode-seconds", type=float, default=60.0)
     arg("--seed", type=int, default=0)
     arg("--scratch", default="benchmarks/results/_scratch/data-inputs", help="where generated inputs are kept")
-    arg("--out", default="benchmarks/results/data-cpu.csv")
-    arg("--markdown", default=None)
     arg("--plot", default=None, help="PNG of the annotation scaling")
     arg("--summarize", action="store_true", help="run nothing: the markdown and plot from the rows in --out")
     # a fresh child process (internal)
@@ -429,24 +425,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.child == "workers":
         child_workers(args.mode, args.jsonl, args.lmdb, args.cache, args.workers, args.worker_samples, args.seed)
         return []
-    from benchmarks import harness
+    from benchmarks import harness, suite
 
     if args.summarize:
         rows = harness.read_rows(args.out)
         if args.plot:
             plot(rows, args.plot)
         return harness.finish(rows, args.out, time.perf_counter(), markdown_summary(rows), args.markdown)
-    parts = [x for x in args.parts.split(",") if x]
-    if not parts or set(parts) - set(PARTS):
-        raise SystemExit(f"--parts: choose from {PARTS}, got {args.parts!r}")
+    parts = suite.pick(args.parts, PARTS, "parts")
     sizes = [int(x) for x in args.rows.split(",") if x]
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
-    env = harness.environment("cpu")
-    writer = harness.ResultWriter(args.out, env, args.label)
+    session = suite.start(args, "cpu", args.out)
+    writer = session.writer
+    print(f"# parts {parts}", flush=True)
     log = harness.log
-    print(f"# {env['device']} | commit {env['commit']} | parts {parts}", flush=True)
-    started = time.perf_counter()
     rows: list[dict] = []
     if "annotations" in parts:
         for n in sizes:
@@ -463,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         rows += writer.write(run_decode(scratch, args.decode_videos, args.decode_seconds, args.repeats, log))
     if args.plot and "annotations" in parts:
         plot(rows, args.plot)
-    return harness.finish(rows, args.out, started, markdown_summary(rows), args.markdown)
+    return session.finish(rows, markdown_summary(rows))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-# The module level stays light (no torch, no harness): spawned pool workers import this module.
+# The module level stays light (no torch, no harness, no suite): spawned pool workers import this module.
 KERNEL = "decode"
 WORKLOADS = ("uniform32", "clips4x8")
 INPUTS = ("raw-h264", "raw-vp9", "prep-h264", "prep-vp9")
@@ -309,6 +309,7 @@ def check_frames(frames: Sequence, refs: Sequence[np.ndarray], codes: Sequence[S
                  code_note: str = "") -> dict[str, tuple]:  # fmt: skip
     """Correctness cells (metric -> (status, values, note)) of one pass's ``frames`` against pyav's ``refs`` and the
     expected frame ``codes`` per video (None: ``frame_code`` is skipped with ``code_note``)."""
+    from benchmarks.suite import once
     from lfvila.data.framecode import read_index
 
     worst, psnr, hits, total = 0, math.inf, 0, 0
@@ -326,16 +327,17 @@ def check_frames(frames: Sequence, refs: Sequence[np.ndarray], codes: Sequence[S
             except ValueError:  # parity failure: the code is unreadable
                 pass
             total += 1
-    one = lambda v: {"p50": v, "p20": v, "p80": v}
     exact = "bit-exact" if worst == 0 else f"{worst} levels at most"
-    return {"max_abs_diff": ("ok", one(float(worst)), f"vs lfvila.data.decode pyav: {exact}"),
-            "psnr": ("ok", one(psnr), "lowest per-video PSNR vs pyav (inf: identical)"),
+    return {"max_abs_diff": ("ok", once(float(worst)), f"vs lfvila.data.decode pyav: {exact}"),
+            "psnr": ("ok", once(psnr), "lowest per-video PSNR vs pyav (inf: identical)"),
             "frame_code": ("skipped", None, code_note) if codes is None else
-            ("ok", one(hits / max(total, 1)), f"{hits} of {total} frames show the expected index")}  # fmt: skip
+            ("ok", once(hits / max(total, 1)), f"{hits} of {total} frames show the expected index")}  # fmt: skip
 
 
 def _measure_one(session, case, link_dir: Path, repeats: int):
     """Cells of one (provider, workload, input): an untimed, checked pass, then ``repeats`` timed passes."""
+    from benchmarks.suite import quantiles
+
     items = lambda rep: list(zip(fresh_links(link_dir / str(rep), case.paths), case.indices))
     frames, _, _ = timed_pass(session, items(0))  # starts workers and pipelines
     cells = check_frames(frames, case.refs, case.codes, case.code_note)
@@ -348,21 +350,15 @@ def _measure_one(session, case, link_dir: Path, repeats: int):
         cores.append(cpu / wall)
     for metric, values, note in (("clips_per_s", rates, f"{len(case.paths)} videos per pass, {repeats} timed passes"),
                                  ("cpu_cores", cores, "(getrusage self + children + pool workers' own) / wall")):
-        p50, p20, p80 = np.percentile(np.asarray(values, np.float64), [50, 20, 80])
-        cells[metric] = ("ok", {"p50": float(p50), "p20": float(p20), "p80": float(p80)}, note)
+        cells[metric] = ("ok", quantiles(values), note)
     return cells
 
 
 def _rows(provider, input_name, workload, shape, cells=None, status="ok", note=""):
-    from benchmarks import harness
+    from benchmarks.suite import cell_rows
 
-    rows = []
-    for metric, unit in METRICS:
-        st, vals, nt = (status, None, note) if cells is None else cells.get(metric, ("skipped", None, "not measured"))
-        rows.append(harness.make_row(kernel=KERNEL, provider=provider, mode=workload, x_name="input",
-                                     x_value=input_name, shape=shape, metric=metric, unit=unit, dtype="uint8",
-                                     values=vals, status=st, note=nt))  # fmt: skip
-    return rows
+    return cell_rows(METRICS, cells, status, note, kernel=KERNEL, provider=provider, mode=workload, x_name="input",
+                     x_value=input_name, shape=shape, dtype="uint8")
 
 
 def fresh_links(folder: Path, paths: Sequence) -> list[str]:
@@ -454,8 +450,9 @@ def run(inputs: dict[str, list[Path]], providers: dict[str, Provider], workloads
 
 # --------------------------------------------------------------------------------------------------- summary
 def _cell(rows, provider, workload, input_name, metric):
-    key = (provider, workload, input_name, metric)
-    return next((r for r in rows if (r["provider"], r["mode"], r["x_value"], r["metric"]) == key), None)
+    from benchmarks.suite import find
+
+    return find(rows, provider=provider, mode=workload, x_value=input_name, metric=metric)
 
 
 def markdown_summary(rows: Sequence[dict]) -> str:
@@ -525,18 +522,12 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _names(text: str | None, allowed: Sequence[str], what: str) -> list[str]:
-    names = text.split(",") if text else list(allowed)
-    unknown = [n for n in names if n not in allowed]
-    if unknown:
-        raise SystemExit(f"unknown {what} {unknown}; choose from {list(allowed)}")
-    return names
-
-
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode", description=__doc__.split("\n")[0])
+    from benchmarks import suite
+
+    p = suite.parser("benchmarks.bench_decode", __doc__)
+    suite.add_output(p, "benchmarks/results/decode-<cpu|cuda>.csv")
     arg = p.add_argument
-    arg("--label", default="local", help="free text stored in every row (which run this is)")
     arg("--providers", default=None, help=f"comma-separated subset of {','.join(PROVIDERS)}")
     arg("--inputs", default=None, help=f"comma-separated subset of {','.join(INPUTS)}")
     arg("--workloads", default=None, help=f"comma-separated subset of {','.join(WORKLOADS)}")
@@ -553,8 +544,6 @@ def _parse(argv):
     arg("--dali-batch", type=int, default=8, help="videos per DALI pipeline run")
     arg("--gpu", default="cuda:0", help="device of dali-gpu and pyav-nvdec")
     arg("--scratch", default="benchmarks/results/_scratch/decode-inputs", help="where generated inputs are cached")
-    arg("--out", default=None, help="CSV to append to; default benchmarks/results/decode-<cpu|cuda>.csv")
-    arg("--markdown", default=None, help="also write the summary to this file")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.procs < 1 or (args.videos is not None and args.videos < 1):
         p.error("--repeats, --procs and --videos must be >= 1")
@@ -568,31 +557,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         import av  # noqa: F401
     except ImportError as exc:
         raise SystemExit(f"PyAV is needed for the inputs and the reference frames ({exc}); pip install av") from exc
-    import torch
+    from benchmarks import harness, suite
 
-    from benchmarks import harness
-
-    names = _names(args.providers, list(PROVIDERS), "providers")
-    inputs = _names(args.inputs, INPUTS, "inputs")
-    workloads = _names(args.workloads, WORKLOADS, "workloads")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = suite.pick(args.providers, PROVIDERS, "providers")
+    inputs = suite.pick(args.inputs, INPUTS, "inputs")
+    workloads = suite.pick(args.workloads, WORKLOADS, "workloads")
+    device = suite.resolve_device("auto")  # names the CSV and the machine; the providers choose their own devices
     src = Source(videos=args.videos or max(4, args.procs), seconds=args.seconds, fps=args.fps, size=args.size,
                  gop=args.gop, seed=args.seed)  # fmt: skip
     opts = Options(procs=args.procs, pyav_threads=args.pyav_threads, batch=args.dali_batch, gpu=args.gpu)
-    out = Path(args.out or f"benchmarks/results/decode-{device.type}.csv")
-    env = harness.environment(device)
-    writer = harness.ResultWriter(out, env, args.label)
-    print(f"# {env['device']} | torch {env['torch']} | commit {env['commit']} | procs {args.procs}", flush=True)
-    start = time.perf_counter()
+    session = suite.start(args, device, f"benchmarks/results/decode-{device.type}.csv")
+    print(f"# procs {args.procs}", flush=True)
     log = harness.log
     files = make_inputs(src, inputs, args.scratch, args.procs, log=log)
-    print(f"# inputs ready in {time.perf_counter() - start:.0f} s: {src.videos} videos each of {inputs}; "
-          f"providers {names}, workloads {workloads} -> {out}", flush=True)  # fmt: skip
-    started = time.perf_counter()
-    rows = run(files, {n: PROVIDERS[n] for n in names}, workloads, opts, writer, src, args.repeats,
+    print(f"# inputs ready in {time.perf_counter() - session.started:.0f} s: {src.videos} videos each of {inputs}; "
+          f"providers {names}, workloads {workloads} -> {session.out}", flush=True)  # fmt: skip
+    session.started = time.perf_counter()  # the summary's time: the benchmark, not the inputs
+    rows = run(files, {n: PROVIDERS[n] for n in names}, workloads, opts, session.writer, src, args.repeats,
                args.clip_seconds, log=log)  # fmt: skip
-    return harness.finish(rows, out, started, markdown_summary(rows), args.markdown)
-
+    return session.finish(rows, markdown_summary(rows))
 
 if __name__ == "__main__":
     main()

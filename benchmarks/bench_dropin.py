@@ -36,7 +36,6 @@ inert stand-in for torchvision (every attribute a class that raises when used), 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import importlib.abc
@@ -44,7 +43,6 @@ import importlib.machinery
 import importlib.util
 import math
 import sys
-import time
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,14 +51,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import harness
+from benchmarks import harness, suite
 from benchmarks.plot import cell_text
 
 MODE = {"swin-timm": "train-step", "swin-hf": "train-step", "clip-loss": "fwd+bwd"}
 PROVIDERS = {"swin-timm": ("unpatched", "patched"), "swin-hf": ("unpatched", "patched"),
              "clip-loss": ("open_clip", "ours")}  # fmt: skip
 METRICS = (("time", "ms"), ("memory", "MB"), ("max_abs_err", "abs"))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_SWIN_B_384 = {"image_size": 384, "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32],
                  "window_size": 12}  # fmt: skip
 
@@ -290,14 +287,9 @@ def _measure_provider(context, step, device, timing) -> tuple[dict, float | None
 
 def _rows(kernel, provider, x_value, shape, dtype_name, cells) -> list[dict]:
     """``cells``: metric -> (status, values, note), for the metrics this provider has."""
-    return [harness.make_row(kernel=kernel, provider=provider, mode=MODE.get(kernel, "train-step"), x_name="batch",
-                             x_value=x_value, shape=shape, metric=metric, unit=unit, dtype=dtype_name,
-                             values=cells[metric][1], status=cells[metric][0], note=cells[metric][2])
-            for metric, unit in METRICS if metric in cells]  # fmt: skip
-
-
-def _one(value: float) -> dict[str, float]:
-    return {"p50": value, "p20": value, "p80": value}
+    return suite.cell_rows([(m, u) for m, u in METRICS if m in cells], cells, kernel=kernel, provider=provider,
+                           mode=MODE.get(kernel, "train-step"), x_name="batch", x_value=x_value, shape=shape,
+                           dtype=dtype_name)  # fmt: skip
 
 
 def run(workloads: dict[str, Callable[..., Prepared]], sizes: Sizes, device, writer: harness.ResultWriter,
@@ -309,7 +301,7 @@ def run(workloads: dict[str, Callable[..., Prepared]], sizes: Sizes, device, wri
     candidate that gets the ``max_abs_err`` row). A workload that cannot be prepared gives failed rows for all.
     """
     device = torch.device(device)
-    dtype_name = str(sizes.dtype).replace("torch.", "")
+    dtype_name = suite.dtype_name(sizes.dtype)
     timing = dict(timing or {})
     written: list[dict] = []
     for kernel, prepare in workloads.items():
@@ -330,12 +322,12 @@ def run(workloads: dict[str, Callable[..., Prepared]], sizes: Sizes, device, wri
                 log(f"{kernel:10s} {name:10s} failed: {note}")
             else:
                 times, memory = result
-                mem = ("ok", _one(memory), "") if memory is not None else ("skipped", None, "CUDA only")
+                mem = ("ok", suite.once(memory), "") if memory is not None else ("skipped", None, "CUDA only")
                 cells = {"time": ("ok", times, ""), "memory": mem}
                 log(f"{kernel:10s} {name:10s} {times['p50']:10.1f} ms" + (f" {memory:9.0f} MB" if memory else ""))
             if name == names[-1]:
                 err, err_note = harness.guarded(prepared.error, device)
-                cells["max_abs_err"] = ("failed", None, err_note) if err_note else ("ok", _one(err[0]), err[1])
+                cells["max_abs_err"] = ("failed", None, err_note) if err_note else ("ok", suite.once(err[0]), err[1])
             written.extend(writer.write(_rows(kernel, name, batch, prepared.shape, dtype_name, cells)))
         prepared = None
         harness.free_memory(device)
@@ -392,43 +384,31 @@ def comparison_report(rows: Sequence[dict]) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------- CLI
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_dropin", description=__doc__.split("\n")[0])
-    p.add_argument("--label", default="local", help="free text stored in every row (which run this is)")
-    p.add_argument("--out", default=None, help="CSV to append to; default benchmarks/results/dropin-<device>.csv")
-    p.add_argument("--markdown", default=None, help="also write the summary to this file")
+    p = suite.parser("benchmarks.bench_dropin", __doc__)
+    suite.add_output(p, "benchmarks/results/dropin-<device>.csv")
     p.add_argument("--reduced", action="store_true", help="the reduced (CPU) sizes on any device")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
+    suite.add_device(p)
     p.add_argument("--impl", default="auto", choices=("auto", "triton", "torch"), help="our kernels' implementation")
     p.add_argument("--batch", type=int, default=None, help="override the Swin batch")
     p.add_argument("--loss-batch", type=int, default=None, help="override the loss batch N")
-    p.add_argument("--reps", type=int, default=5, help="CPU: timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=1, help="CPU: untimed steps before timing")
-    p.add_argument("--rep-ms", type=float, default=2000.0, help="CUDA: do_bench's timed budget in ms")
-    p.add_argument("--warmup-ms", type=float, default=500.0, help="CUDA: do_bench's warm-up budget in ms")
+    suite.add_timing(p, reps=5, warmup=1, rep_ms=2000.0, warmup_ms=500.0, calls="steps")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the benchmark from command-line arguments; print progress and the summary; return the rows written."""
     args = _parse(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    names = args.workloads.split(",")
-    unknown = [n for n in names if n not in WORKLOADS]
-    if unknown:
-        raise SystemExit(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+    device = suite.resolve_device(args.device)
+    names = suite.pick(args.workloads, WORKLOADS, "workloads")
     base = REDUCED if args.reduced or device.type == "cpu" else FULL
     sizes = Sizes(**{**base.__dict__, **({"batch": args.batch} if args.batch else {}),
                      **({"loss_n": args.loss_batch} if args.loss_batch else {})})  # fmt: skip
-    out = Path(args.out or f"benchmarks/results/dropin-{device.type}.csv")
-    env = harness.environment(device)
-    writer = harness.ResultWriter(out, env, args.label)
-    timing = {"warmup": args.warmup, "reps": args.reps, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms}
-    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}", flush=True)
-    print(f"# {sizes} workloads {names} -> {out}", flush=True)
-    start = time.perf_counter()
-    rows = run({n: WORKLOADS[n] for n in names}, sizes, device, writer, timing, impl=args.impl, log=harness.log)
-    return harness.finish(rows, out, start, markdown_summary(rows), args.markdown)
+    session = suite.start(args, device, f"benchmarks/results/dropin-{device.type}.csv")
+    print(f"# {sizes} workloads {names} -> {session.out}", flush=True)
+    rows = run({n: WORKLOADS[n] for n in names}, sizes, device, session.writer, suite.timing(args), impl=args.impl,
+               log=harness.log)  # fmt: skip
+    return session.finish(rows, markdown_summary(rows))
 
 
 if __name__ == "__main__":

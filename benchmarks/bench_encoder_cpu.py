@@ -16,7 +16,6 @@ Times: median of ``--reps`` forwards after one warm-up, ``torch.inference_mode``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import statistics
@@ -27,7 +26,7 @@ import types
 import torch
 import torch.nn as nn
 
-from benchmarks import harness
+from benchmarks import harness, suite
 
 _STANDINS = ("mmcv", "mmcv.runner", "src", "src.utils", "src.utils.dist", "timm", "timm.models", "timm.models.layers")
 
@@ -99,7 +98,7 @@ def gemm_share(fn) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = suite.parser("benchmarks.bench_encoder_cpu", __doc__)
     p.add_argument("--official", required=True, help="path of XPretrain's LF-VILA/src/models/video_encoder.py")
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--size", type=int, nargs=2, default=(192, 320), metavar=("H", "W"))
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
     from lfvila.models.registry import create_model
 
     official = load_official(args.official)
-    ours = create_model("lfvila-base", attn_impl="torch", compat_official=True).eval()
+    ours = create_model("lfvila-base-video", attn_impl="torch", compat_official=True).eval()
     ours.load_state_dict(official.state_dict(), strict=True)
     clip = torch.randn(1, 3, args.frames, *args.size)
     with torch.inference_mode():

@@ -2,12 +2,12 @@
 
 Commands (from the repository root)::
 
-    python -m benchmarks.bench_train_step --label h200              # CUDA: lfvila-base-model, B=16, 32 x 192 x 320,
+    python -m benchmarks.bench_train_step --label h200              # CUDA: lfvila-base, B=16, 32 x 192 x 320,
                                                                     # bf16 autocast, fp32 parameters
     python -m benchmarks.bench_train_step --label h200-adamw --optimizer --warmup 3 --reps 15
     python -m benchmarks.bench_train_step --label cpu-reduced \
         --out benchmarks/results/train-step-cpu.csv --markdown benchmarks/results/train-step-cpu.md
-                                                                    # CPU: lfvila-tiny-model, B=2, 8 x 64 x 96, fp32
+                                                                    # CPU: lfvila-tiny, B=2, 8 x 64 x 96, fp32
 
 The step: ``out = model.forward_stage1(video, ids, mask)`` (under ``torch.autocast(<device>, bfloat16)`` for
 ``--dtype bf16``; parameters stay fp32), ``out["loss"].backward()`` with ``loss = VPC + 0.25 * MTC``, then, with
@@ -67,21 +67,17 @@ import argparse
 import contextlib
 import functools
 import math
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from benchmarks import harness
+from benchmarks import harness, suite
 from train.metrics import PEAK_BF16_TFLOPS  # torch only: no PyAV, which the GPU machine lacks
 
 KERNEL = "train_step"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DTYPE_FLAGS = {v: k for k, v in DTYPES.items()}
+DTYPES = {flag: suite.DTYPES[flag] for flag in ("fp32", "bf16")}
 OURS, BASELINE = "triton", "torch"
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 TOKEN_RANGE = (1000, 30000)
@@ -89,8 +85,8 @@ TARGET_SPEEDUP, TARGET_MEMORY = 1.5, 0.7
 MIN_WARMUP = 2
 
 # Defaults per device: (model, batch, frames, (height, width), dtype flag).
-CUDA_DEFAULTS = ("lfvila-base-model", 16, 32, (192, 320), "bf16")  # the issue's configuration
-CPU_DEFAULTS = ("lfvila-tiny-model", 2, 8, (64, 96), "fp32")
+CUDA_DEFAULTS = ("lfvila-base", 16, 32, (192, 320), "bf16")  # the issue's configuration
+CPU_DEFAULTS = ("lfvila-tiny", 2, 8, (64, 96), "fp32")
 
 
 # --------------------------------------------------------------------------------------------------- problem, providers
@@ -158,7 +154,7 @@ def model_config(name: str):
     cfg = registry_config(name)
     if not (hasattr(cfg, "video") and hasattr(cfg, "text")):
         raise ValueError(f"model {name!r} is not a full LF-VILA model (its config has no video/text parts); use e.g. "
-                         "lfvila-base-model or lfvila-tiny-model")  # fmt: skip
+                         "lfvila-base or lfvila-tiny")  # fmt: skip
     return cfg
 
 
@@ -242,15 +238,6 @@ def make_step(model, video, ids, mask, dtype: torch.dtype, optimizer=None) -> Ca
 
 
 # --------------------------------------------------------------------------------------------------- measuring
-def _one(value: float) -> dict[str, float]:
-    return {"p50": value, "p20": value, "p80": value}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_provider(
     provider: Provider, problem: Problem, device, warmup: int = 3, reps: int = 10, log=print
 ) -> dict[str, tuple]:
@@ -274,15 +261,15 @@ def measure_provider(
     log(f"  first step {time.perf_counter() - start:.2f} s (compilation included), loss {first['loss']:.5g}")
     if not math.isfinite(first["loss"]):
         raise FloatingPointError(f"first-step loss is {first['loss']}")
-    cells["loss"] = ("ok", _one(first["loss"]), f"first step, seed {problem.seed}: vpc {first.get('vpc', 0):.6g},"
+    cells["loss"] = ("ok", suite.once(first["loss"]), f"first step, seed {problem.seed}: vpc {first.get('vpc', 0):.6g},"
                      f" mtc {first.get('mtc', 0):.6g}")  # fmt: skip
 
     for _ in range(max(MIN_WARMUP, warmup) - 2):
         step()
-    _sync(device)
+    harness.sync(device)
     start = time.perf_counter()
     step()  # the last warm-up step estimates the step time
-    _sync(device)
+    harness.sync(device)
     estimate_ms = (time.perf_counter() - start) * 1e3
     log(f"  warm-up done, {estimate_ms:.1f} ms per step")
 
@@ -293,18 +280,16 @@ def measure_provider(
         t = harness.measure(step, device=device, warmup=0, reps=reps)
         how = f"{reps} timed steps (perf_counter) after {max(MIN_WARMUP, warmup)} warm-up steps"
     cells["time"] = ("ok", t, how)
-    pairs = (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))  # throughput's p20 comes from time's p80
-    cells["clips_per_s"] = ("ok", {k: problem.batch / (t[src] * 1e-3) for k, src in pairs},
-                            f"batch {problem.batch} / step time")  # fmt: skip
+    cells["clips_per_s"] = ("ok", suite.per_second(t, problem.batch), f"batch {problem.batch} / step time")
 
     if device.type == "cuda":
         harness.free_memory(device)
         before = torch.cuda.memory_allocated(device) / 2**20
         increase = harness.peak_memory(step, device)
         what = "parameters, inputs" + (", AdamW state" if optimizer is not None else "")
-        cells["memory"] = ("ok", _one(increase), f"peak above the {before:.0f} MB allocated before the step "
+        cells["memory"] = ("ok", suite.once(increase), f"peak above the {before:.0f} MB allocated before the step "
                            f"({what}): activations, gradients, temporaries")  # fmt: skip
-        cells["memory_total"] = ("ok", _one(before + increase), f"max_memory_allocated during one step ({what} "
+        cells["memory_total"] = ("ok", suite.once(before + increase), f"max_memory_allocated during one step ({what} "
                                  "included)")  # fmt: skip
     else:
         why = "peak memory is measured on CUDA only (CPU: the peak_rss rows)"
@@ -312,7 +297,7 @@ def measure_provider(
     flops, note = harness.guarded(functools.partial(count_step_flops, step), device)  # a failed count keeps
     if note is None:  # the timings: only its own row fails
         what = "FlopCounterMode over one step (aten ops: matmuls, convolutions, SDPA)"
-        cells["step_flops"] = ("ok", _one(flops / 1e12), what + ("; our Triton kernels are not counted"
+        cells["step_flops"] = ("ok", suite.once(flops / 1e12), what + ("; our Triton kernels are not counted"
                                                                  if provider.impl == "triton" else ""))  # fmt: skip
     else:
         cells["step_flops"] = ("failed", None, note)
@@ -352,8 +337,7 @@ def throughput_cells(cells: dict[str, tuple], model_flops: tuple[float, str] | N
         return {"tflops": (status if status != "ok" else "skipped", None, why),
                 "mfu": (status if status != "ok" else "skipped", None, why)}  # fmt: skip
     tflop, source = model_flops
-    pairs = (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))  # throughput's p20 comes from time's p80
-    rate = {k: tflop / (t[src] * 1e-3) for k, src in pairs}
+    rate = suite.per_second(t, tflop)
     out = {"tflops": ("ok", rate, f"{tflop:.4g} TFLOP per step ({source}) / step time")}
     value, how = peak
     if value is None:
@@ -368,15 +352,15 @@ def throughput_cells(cells: dict[str, tuple], model_flops: tuple[float, str] | N
 def measure_rss(
     name: str, problem: Problem, interpret_ok: bool = False, max_mb: float | None = None, timeout: float = 3600.0
 ) -> dict:
-    """Peak RSS increase (MB) of one CPU training step of provider ``name`` in a fresh process; returns
-    ``harness.peak_rss_increase``'s dict plus ``"seconds"``; raises RuntimeError with the child's reason."""
-    size = f"{problem.height}x{problem.width}"
-    argv = ["-m", "benchmarks.bench_train_step", "--rss-child", name, "--device", "cpu", "--model", problem.model,
-            "--batch", str(problem.batch), "--frames", str(problem.frames), "--size", size,
-            "--dtype", DTYPE_FLAGS[problem.dtype], "--seed", str(problem.seed)]  # fmt: skip
+    """Peak RSS increase (MB) of one CPU training step of provider ``name`` in a fresh process
+    (:func:`benchmarks.suite.measure_rss`); returns ``harness.peak_rss_increase``'s dict plus ``"seconds"``; raises
+    RuntimeError with the child's reason."""
+    argv = ["--device", "cpu", "--model", problem.model, "--batch", str(problem.batch), "--frames",
+            str(problem.frames), "--size", f"{problem.height}x{problem.width}", "--dtype",
+            suite.dtype_flag(problem.dtype), "--seed", str(problem.seed)]  # fmt: skip
     argv += ["--optimizer"] * problem.optimizer + ["--grad-checkpointing"] * problem.grad_checkpointing
-    argv += (["--interpret-ok"] if interpret_ok else []) + ([] if max_mb is None else ["--rss-max-mb", str(max_mb)])
-    return harness.run_fresh_process(argv, timeout=timeout)
+    argv += ["--interpret-ok"] if interpret_ok else []
+    return suite.measure_rss("benchmarks.bench_train_step", name, argv, max_mb, timeout)
 
 
 def _rss_child(args, problem: Problem) -> None:
@@ -406,17 +390,12 @@ def _rss_child(args, problem: Problem) -> None:
     harness.rss_child(prepare, args.rss_max_mb)
 
 
-def _rss_cell(name, problem, rss_opts, log) -> tuple:
-    result, note = harness.guarded(functools.partial(measure_rss, name, problem, **rss_opts), "cpu")
-    if note is not None:
-        log(f"  peak_rss failed: {note}")
-        return ("failed", None, note)
-    log(f"  peak_rss {result['increase_mb']:.1f} MB")
-    remark = (f"fresh process, after a warm-up step at B=1, 1 frame per clip, 64x64: VmHWM increase over VmRSS "
-              f"{result['baseline_mb']:.0f} MB "
-              f"({result['method']}{'' if result['exact'] else ', lower bound'}); the step took "
-              f"{result['seconds']:.2f} s")  # fmt: skip
-    return ("ok", _one(result["increase_mb"]), remark)
+def _rss_cell(name, problem, rss_opts, log) -> suite.Cell:
+    def note(result):
+        return (f"fresh process, after a warm-up step at B=1, 1 frame per clip, 64x64: {suite.rss_note(result)}; the "
+                f"step took {result['seconds']:.2f} s")  # fmt: skip
+
+    return suite.rss_cell(functools.partial(measure_rss, name, problem, **rss_opts), note, " ", log)
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -442,50 +421,37 @@ def run(
     rss_opts: dict | None = None,
     log=print,
 ) -> list[dict]:
-    """Measure every provider on ``problem``; append its rows to ``writer`` as soon as they exist; return all rows.
+    """Measure every provider on ``problem`` (:func:`benchmarks.suite.run_grid`: one problem, one mode); append its
+    rows to ``writer`` as soon as they exist; return all rows.
 
     The :data:`DERIVED` rows (model TFLOP/s, MFU) of every provider come last, once the torch provider's FLOP count
     (the model's FLOPs) is known."""
     device = torch.device(device)
     cfg = model_config(problem.model)
     shape = problem.shape(cfg.text.num_sentences, cfg.text.max_len)
-    dtype_name = str(problem.dtype).replace("torch.", "")
+    rss = rss and device.type == "cpu"
     wanted = metrics(device, rss)
-    written: list[dict] = []
-    measured: dict[str, dict[str, tuple]] = {}
 
-    def make_rows(name, metric_units, cells, status, note):
-        rows = []
-        for metric, unit in metric_units:
-            row_status, values, row_note = cells.get(metric, ("skipped", None, "not measured")) if status == "ok" \
-                else (status, None, note)  # fmt: skip
-            rows.append(harness.make_row(
-                kernel=KERNEL, provider=name, mode=problem.mode, x_name="batch", x_value=str(problem.batch),
-                shape=shape, metric=metric, unit=unit, dtype=dtype_name, values=values, status=row_status,
-                note=row_note,
-            ))  # fmt: skip
-        return rows
-
-    for name, provider in providers.items():
+    def measure(problem, name, provider, mode, state):
+        harness.free_memory(device)  # what the provider before left behind
         log(f"{name}: {provider.description or provider.impl}")
-        reason = refusal(provider, device, interpret_ok)
-        if reason:
-            cells, status, note = {}, "skipped", reason
-            log(f"  skipped: {reason}")
-        else:
-            job = functools.partial(measure_provider, provider, problem, device, warmup, reps, log)
-            cells, note = harness.guarded(job, device)
-            status = "ok" if note is None else "failed"
-            if note is None:
-                log(f"  {cells['time'][1]['p50']:.2f} ms per step, {cells['clips_per_s'][1]['p50']:.3g} clips/s")
-                if rss and device.type == "cpu":
-                    cells["peak_rss"] = _rss_cell(name, problem, rss_opts or {}, log)
-            else:
-                log(f"  failed: {note}")
-        measured[name] = cells if status == "ok" else {m: (status, None, note) for m, _ in wanted}
-        written.extend(writer.write(make_rows(name, wanted, cells, status, note)))
-        harness.free_memory(device)
+        cells = measure_provider(provider, problem, device, warmup, reps, log)
+        if rss:
+            cells["peak_rss"] = _rss_cell(name, problem, rss_opts or {}, log)
+        return cells
 
+    def describe(cells):
+        return f"{cells['time'][1]['p50']:.2f} ms per step, {cells['clips_per_s'][1]['p50']:.3g} clips/s"
+
+    grid = suite.Grid(KERNEL, suite.dtype_name(problem.dtype), lambda mode: wanted,
+                      lambda p: ("batch", str(p.batch), shape), lambda p: f"B={p.batch}")  # fmt: skip
+    outcomes: list[suite.Outcome] = []
+    written = suite.run_grid(grid, [problem], providers, [problem.mode], measure, writer, device=device,
+                             refusal=lambda name, provider: refusal(provider, device, interpret_ok),
+                             outcomes=outcomes, describe=describe, log=log)  # fmt: skip
+
+    measured = {o.provider: o.cells if o.status == "ok" else {m: (o.status, None, o.note) for m, _ in wanted}
+                for o in outcomes}  # fmt: skip
     base = measured.get(BASELINE, {}).get("step_flops", ("skipped", None, ""))
     peak = peak_tflops(device)
     for name, cells in measured.items():
@@ -497,7 +463,7 @@ def run(
         else:
             model_flops = None
         derived = throughput_cells(cells, model_flops, peak, problem.dtype)
-        written.extend(writer.write(make_rows(name, DERIVED, derived, "ok", "")))
+        written.extend(writer.write(grid.rows(problem, name, problem.mode, derived, metrics=DERIVED)))
     return written
 
 
@@ -513,10 +479,6 @@ SUMMARY_ROWS = (  # (metric, label, relation of ours to the baseline: "speedup" 
     ("tflops", "model TFLOP/s", "fraction"),
     ("mfu", "MFU (fraction of the dense bf16 peak)", "fraction"),
 )
-
-
-def _ok(row) -> bool:
-    return row is not None and row["status"] == "ok" and row["p50"] != ""
 
 
 def _fmt(value: float) -> str:
@@ -538,13 +500,13 @@ def target_report(rows: Sequence[dict]) -> list[str]:
     for (metric, _what, bound, sign), head in zip(TARGETS, target_heads()):
         ours, base = cell.get((OURS, metric)), cell.get((BASELINE, metric))
         head = f"- {head}:"
-        if _ok(ours) and _ok(base) and float(base["p50"]) > 0:
+        if suite.is_ok(ours) and suite.is_ok(base) and float(base["p50"]) > 0:
             ratio = float(ours["p50"]) / float(base["p50"])
-            met = ratio >= bound if sign == ">=" else ratio <= bound
+            met = suite.meets(ratio, sign, bound)
             lines.append(f"{head} {ratio:.3g}, {'met' if met else 'NOT met'}")
         else:
             why = "; ".join("no row" if r is None else f"{r['provider']} {r['status']}: {r['note'][:160]}"
-                            for r in (ours, base) if not _ok(r))  # fmt: skip
+                            for r in (ours, base) if not suite.is_ok(r))  # fmt: skip
             lines.append(f"{head} not measured ({why})")
     return lines
 
@@ -568,11 +530,11 @@ def markdown_summary(rows: Sequence[dict]) -> str:
         values = []
         for p in providers:
             r = cell.get((p, metric))
-            values.append("" if r is None else _fmt(float(r["p50"])) if _ok(r) else r["status"])
+            values.append("" if r is None else _fmt(float(r["p50"])) if suite.is_ok(r) else r["status"])
         if compare:
             ours, base = cell.get((OURS, metric)), cell.get((BASELINE, metric))
             extra = ""
-            if _ok(ours) and _ok(base):
+            if suite.is_ok(ours) and suite.is_ok(base):
                 a, b = float(ours["p50"]), float(base["p50"])
                 if relation == "difference":
                     extra = f"{abs(a - b):.3g} apart"
@@ -588,9 +550,9 @@ def markdown_summary(rows: Sequence[dict]) -> str:
         lines += ["", "Not measured:"]
         lines += [f"- {p} {status} ({', '.join(ms)}): {note}" for (p, status, note), ms in reasons.items()]
     lines += ["", "**Target** (the issue's, measured here, not asserted): with our kernels a training step at "
-              "batch 16, 32 frames, 192x320, bf16 autocast (lfvila-base-model, CUDA) reaches >= 1.5x the clips/s of "
+              "batch 16, 32 frames, 192x320, bf16 autocast (lfvila-base, CUDA) reaches >= 1.5x the clips/s of "
               "the torch paths with <= 0.7x their peak memory.", ""]  # fmt: skip
-    target_shape = "model=lfvila-base-model B=16 T=32 H=192 W=320 "
+    target_shape = "model=lfvila-base B=16 T=32 H=192 W=320 "
     if not (first["shape"].startswith(target_shape) and first["dtype"] == "bfloat16"):
         lines.append("- this run is not the target configuration: any ratio below is indicative only")
     lines += target_report(rows)
@@ -607,42 +569,32 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_step", description=__doc__.split("\n")[0])
-    p.add_argument("--label", default="local", help="free text stored in every row (which run this is)")
+    p = suite.parser("benchmarks.bench_train_step", __doc__)
+    suite.add_output(p, "benchmarks/results/train-step-<device>.csv")
     p.add_argument("--model", default=None, help=f"registered LF-VILA model (default: {CUDA_DEFAULTS[0]} on CUDA, "
                    f"{CPU_DEFAULTS[0]} on the CPU)")  # fmt: skip
     p.add_argument("--batch", type=int, default=None, help="default: 16 on CUDA, 2 on the CPU")
     p.add_argument("--frames", type=int, default=None, help="default: 32 on CUDA, 8 on the CPU")
     p.add_argument("--size", type=_size, default=None, help="HxW, default: 192x320 on CUDA, 64x96 on the CPU")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="bf16: autocast with fp32 parameters "
-                   "(default on CUDA); fp32 (default on the CPU)")  # fmt: skip
+    suite.add_device(p, DTYPES, "bf16: autocast with fp32 parameters (default on CUDA); fp32 (default on the CPU)")
     p.add_argument("--impls", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(PROVIDERS)}")
     p.add_argument("--optimizer", action="store_true", help="add an AdamW step (fused on CUDA) to every step")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the video encoder's blocks")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
     p.add_argument("--seed", type=int, default=0, help="weights, inputs and the first step's randomness")
-    p.add_argument("--reps", type=int, default=10, help="timed steps (CUDA: about that many, see the docstring)")
-    p.add_argument("--warmup", type=int, default=3, help=f"untimed steps before timing (at least {MIN_WARMUP})")
-    p.add_argument("--out", default=None, help="CSV to append to; default benchmarks/results/train-step-<device>.csv")
-    p.add_argument("--markdown", default=None, help="also write the summary to this file")
-    p.add_argument("--interpret-ok", action="store_true", help="on the CPU, run triton through TRITON_INTERPRET=1")
-    p.add_argument("--no-rss", action="store_true", help="CPU: no peak_rss rows (no fresh process per provider)")
-    p.add_argument("--rss-max-mb", type=float, default=None, help="RSS child's memory cap (MB, default: free - 1024)")
-    p.add_argument("--rss-timeout", type=float, default=3600.0, help="seconds before an RSS child is given up")
-    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    suite.add_timing(p, reps=10, warmup=3, rep_ms=None, warmup_ms=None, calls="steps",
+                     reps_help="timed steps (CUDA: about that many, see the docstring)",
+                     warmup_help=f"untimed steps before timing (at least {MIN_WARMUP})")  # fmt: skip
+    suite.add_interpret(p, "triton")
+    suite.add_rss(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the benchmark from command-line arguments; print progress and the summary; return the rows written."""
     args = _parse(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
-    device = torch.device("cpu") if args.rss_child else device or torch.device(args.device)
+    device = torch.device("cpu") if args.rss_child else suite.resolve_device(args.device)
     cpu = device.type == "cpu"
-    if cpu and args.interpret_ok:
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            print("warning: triton is already imported, TRITON_INTERPRET=1 may not take effect", file=sys.stderr)
-        os.environ["TRITON_INTERPRET"] = "1"  # before lfvila_kernels (and so triton.jit) is imported
+    suite.use_interpreter(device, args.interpret_ok)  # before lfvila_kernels (and so triton.jit) is imported
     model, batch, frames, size, dtype_flag = CPU_DEFAULTS if cpu else CUDA_DEFAULTS
     height, width = args.size or size
     problem = Problem(
@@ -653,28 +605,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.rss_child:
         _rss_child(args, problem)
         return []
-    names = [n for n in args.impls.split(",") if n]
-    unknown = [n for n in names if n not in PROVIDERS]
-    if unknown or not names:
-        raise SystemExit(f"unknown impls {unknown}; choose from {list(PROVIDERS)}")
+    names = suite.pick(args.impls, PROVIDERS, "impls")
     try:
         model_config(problem.model)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    out = Path(args.out or f"benchmarks/results/train-step-{device.type}.csv")
-    env = harness.environment(device)
-    writer = harness.ResultWriter(out, env, args.label)
-    rss_opts = {"interpret_ok": args.interpret_ok, "max_mb": args.rss_max_mb, "timeout": args.rss_timeout}
-
-    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}", flush=True)
+    session = suite.start(args, device, f"benchmarks/results/train-step-{device.type}.csv")
+    rss_opts = {"interpret_ok": args.interpret_ok, **suite.rss_options(args)}
     print(f"# {problem.model} B={problem.batch} T={problem.frames} {problem.height}x{problem.width} {problem.dtype} "
           f"{problem.mode}{' grad-ckpt' if problem.grad_checkpointing else ''}, impls {names}, warm-up "
-          f"{max(MIN_WARMUP, args.warmup)}, reps {args.reps} -> {out}", flush=True)  # fmt: skip
-    start = time.perf_counter()
-    rows = run(problem, {n: PROVIDERS[n] for n in names}, device, writer, args.warmup, args.reps, args.interpret_ok,
-               rss=cpu and not args.no_rss, rss_opts=rss_opts, log=harness.log)  # fmt: skip
-    return harness.finish(rows, out, start, markdown_summary(rows), args.markdown)
-
+          f"{max(MIN_WARMUP, args.warmup)}, reps {args.reps} -> {session.out}", flush=True)  # fmt: skip
+    rows = run(problem, {n: PROVIDERS[n] for n in names}, device, session.writer, args.warmup, args.reps,
+               args.interpret_ok, rss=cpu and not args.no_rss, rss_opts=rss_opts, log=harness.log)  # fmt: skip
+    return session.finish(rows, markdown_summary(rows))
 
 if __name__ == "__main__":
     main()

@@ -366,7 +366,7 @@ case "$stage" in
     $PY -m benchmarks.bench_decode --label "$label" --size 360x640 \
       --out "$out/decode-$label.csv" --markdown "$out/decode-$label.md" ;;
   train)
-    # The configuration: lfvila-base-model, batch 16, 32 frames at 192x320, bf16 autocast, fp32 parameters,
+    # The configuration: lfvila-base, batch 16, 32 frames at 192x320, bf16 autocast, fp32 parameters,
     # both impls (our kernels, then the torch paths), one model each. A few warm-up steps (the first compiles the
     # Triton kernels) and ~15 timed steps per impl (do_bench adds 6 calls of its own) plus one for peak memory and
     # one for the FLOP count (MFU): expected to take a few minutes in all (not yet timed on the device), inside the

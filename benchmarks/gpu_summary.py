@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import harness
+from benchmarks import harness, suite
 
 STATUSES = ("ok", "failed", "timeout", "not run")
 ARCHIVES = ("tests", "attention", "train", "contrastive", "dropin", "extra")
@@ -218,10 +218,6 @@ def targets(stage: Stage, rows: Sequence[dict], record: dict | None, dry_run: bo
 
 
 # --------------------------------------------------------------------------------------------------- stage figures
-def _cell(rows, **match) -> dict | None:
-    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
-
-
 def _value(row: dict | None, fmt: str = "{:.4g}", scale: float = 1.0) -> str:
     """A row's median in ``fmt``, or its status (the reasons are listed once, by :func:`_reasons`)."""
     if row is None:
@@ -291,7 +287,7 @@ def figures_train(rows: Sequence[dict]) -> list[str]:
     ours, base = bts.OURS, bts.BASELINE
 
     def get(provider, metric, fmt="{:.4g}", scale=1.0):
-        return _value(_cell(rows, provider=provider, metric=metric), fmt, scale)
+        return _value(suite.find(rows, provider=provider, metric=metric), fmt, scale)
 
     return [
         f"- train step ({shape}; {rows[0]['dtype']}): {ours} {get(ours, 'clips_per_s', '{:.4g} clips/s')} vs {base} "
@@ -313,9 +309,9 @@ def figures_contrastive(rows: Sequence[dict]) -> list[str]:
     n = "32768" if any(r["x_value"] == "32768" for r in rows) else min((r["x_value"] for r in rows), key=int)
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     shape = next(r["shape"] for r in rows if r["x_value"] == n)
-    times = ", ".join(f"{p} {_value(_cell(rows, provider=p, metric='time', mode='fwd+bwd', x_value=n))}"
+    times = ", ".join(f"{p} {_value(suite.find(rows, provider=p, metric='time', mode='fwd+bwd', x_value=n))}"
                       for p in providers)  # fmt: skip
-    mems = ", ".join(f"{p} {_value(_cell(rows, provider=p, metric='memory', mode='fwd+bwd', x_value=n), '{:.0f}')}"
+    mems = ", ".join(f"{p} {_value(suite.find(rows, provider=p, metric='memory', mode='fwd+bwd', x_value=n), '{:.0f}')}"
                      for p in providers)  # fmt: skip
     return [f"- contrastive fwd+bwd at {shape} ({rows[0]['dtype']}), ms: {times}",
             f"- contrastive fwd+bwd peak memory at N={n}, MB: {mems}", *bc.largest_n_report(rows),

@@ -60,7 +60,8 @@ _NOTE_CHARS = 500
 
 
 # --------------------------------------------------------------------------------------------------- measurement
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA ``device`` (nothing on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -106,20 +107,20 @@ def measure(
     last = None
     for _ in range(warmup):
         reset_grads()
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         last = (time.perf_counter() - start) * 1e3
     if cpu_budget_ms is not None and last is not None and last > 0:
         reps = max(min(3, reps), min(reps, math.ceil(cpu_budget_ms / last)))
     times = []
     for _ in range(reps):
         reset_grads()
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
     return {"p50": float(q[0]), "p20": float(q[1]), "p80": float(q[2])}

@@ -82,7 +82,7 @@ def test_dry_run_files_stages_and_targets(dry_run, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- the builder
-def _rows(provider, pairs, shape="model=lfvila-base-model B=16 T=32 H=192 W=320 M=4 L=50 precision=bf16"):
+def _rows(provider, pairs, shape="model=lfvila-base B=16 T=32 H=192 W=320 M=4 L=50 precision=bf16"):
     return [harness.make_row(kernel="train_step", provider=provider, mode="fwd+bwd", x_name="batch", x_value="16",
                              shape=shape, metric=metric, unit="", dtype="bfloat16",
                              values={"p50": value, "p20": value, "p80": value})

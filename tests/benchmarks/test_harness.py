@@ -120,6 +120,55 @@ def test_guarded_and_exception_chain():
     assert harness.guarded(lambda: 3, CPU) == (3, None)
 
 
+# --------------------------------------------------------------------------------------------------- peak RSS
+needs_hwm_reset = pytest.mark.skipif(not harness.can_reset_hwm(), reason="needs Linux /proc/self/clear_refs")
+
+
+@needs_hwm_reset
+def test_peak_rss_of_a_known_allocation_in_a_fresh_process():
+    code = (
+        "import torch\n"
+        "from benchmarks import harness\n"
+        "harness.report_to_parent(harness.peak_rss_increase(lambda: torch.ones(64 * 2**20)))\n"  # 256 MiB, written
+    )
+    result = harness.run_fresh_process(["-c", code], timeout=120)
+    assert result["method"] == "clear_refs" and result["exact"]
+    assert 256 <= result["increase_mb"] < 256 + 16, result
+    assert result["peak_mb"] >= result["baseline_mb"] + 256
+
+
+@needs_hwm_reset
+def test_peak_rss_with_an_address_space_cap():
+    """In a fresh process, as peak_rss_increase asks: in a long-lived one (an xdist worker after hundreds of tests) the
+    allocator may serve the 64 MiB from pages it already holds, and the increase reads 0."""
+    code = (
+        "import torch\n"
+        "from benchmarks import harness\n"
+        "capped = harness.peak_rss_increase(lambda: torch.ones(16 * 2**20), limit_mb=4096)\n"  # 64 MiB
+        "try:\n"  # the cap refuses a 1 GiB allocation instead of waking the OOM killer
+        "    harness.peak_rss_increase(lambda: torch.ones(256 * 2**20), limit_mb=128)\n"
+        "    refused = None\n"
+        "except (RuntimeError, MemoryError) as exc:\n"
+        "    refused = type(exc).__name__\n"
+        "lifted = harness.peak_rss_increase(lambda: torch.ones(256 * 2**20))\n"  # and is lifted afterwards
+        "harness.report_to_parent({'capped': capped, 'refused': refused, 'lifted': lifted})\n"
+    )
+    result = harness.run_fresh_process(["-c", code], timeout=120)
+    assert 64 <= result["capped"]["increase_mb"] < 64 + 16, result
+    assert result["refused"] in ("RuntimeError", "MemoryError"), result
+    assert result["lifted"]["increase_mb"] >= 256, result
+
+
+def test_fresh_process_failures_are_reported():
+    with pytest.raises(RuntimeError, match=r"exit status 3\): ValueError: bad"):
+        harness.run_fresh_process(["-c", "import sys; sys.stderr.write('ValueError: bad\\n'); sys.exit(3)"])
+    with pytest.raises(RuntimeError, match="killed by SIGKILL"):
+        harness.run_fresh_process(["-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    with pytest.raises(RuntimeError, match="the child's own reason"):
+        code = f"import json; print({harness.RESULT_PREFIX!r} + json.dumps({{'error': \"the child's own reason\"}}))"
+        harness.run_fresh_process(["-c", code])
+
+
 # --------------------------------------------------------------------------------------------------- run()
 def _boom(*args):
     raise RuntimeError("boom: unsupported shape")
