@@ -72,19 +72,19 @@ process, i.e. per DataLoader worker).
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import decode as decoding
+from .augment import augment, resize
 from .formats import AnnotationDataset
 from .samplers import build_sampler
 from .sampling import Segment, clip_indices, consecutive_clip_start, jittered_indices, merge_segments, uniform_indices
+from .seeded import SeededDataLoader, loader_seed  # noqa: F401  (loader_seed: re-exported)
 from .spec import ON_ERROR, SampleSpec  # noqa: F401  (ON_ERROR: re-exported)
 from .text import encode_sentences, tokenize_paragraph
 
@@ -121,58 +121,6 @@ class LoaderConfig(SampleSpec):
         if isinstance(self.replace_attempts, bool) or int(self.replace_attempts) != self.replace_attempts \
                 or self.replace_attempts < 1:
             raise ValueError(f"replace_attempts must be a positive integer, got {self.replace_attempts!r}")
-
-
-def _resize(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 ``(T, H, W, C)`` -> uint8 ``(T, h, w, C)``, bilinear with antialiasing."""
-    x = video.permute(0, 3, 1, 2).float()  # (T, C, H, W)
-    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def _center_crop(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    h, w = video.shape[1:3]
-    top, left = max(0, (h - size[0]) // 2), max(0, (w - size[1]) // 2)
-    return video[:, top : top + size[0], left : left + size[1]]
-
-
-def _random_resized_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop box rule (area fraction in ``scale``, log-uniform aspect ratio in ``ratio``,
-    10 tries, then a centre crop clamped to the ratio range): ``(top, left, height, width)``."""
-    area = h * w
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
-        cw, ch = int(round((target * aspect) ** 0.5)), int(round((target / aspect) ** 0.5))
-        if 0 < cw <= w and 0 < ch <= h:
-            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        ch, cw = h, int(round(h * ratio[1]))
-    else:
-        cw, ch = w, h
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
-def augment(video: torch.Tensor, size: tuple[int, int], train: bool, rng: np.random.Generator,
-            flip: bool = True) -> torch.Tensor:
-    """The official transforms on uint8 ``(T, H, W, C)`` frames, one draw per video (all frames alike).
-
-    train: RandomResizedCrop to ``size`` (scale 0.8-1), horizontal flip with p = 0.5 (when ``flip``; the draw is
-    made either way, so switching it off leaves the crops unchanged). eval: resize to 240x428, centre
-    crop 216x385, resize to ``size`` (the official ``Resize(240, 428)``, ``CenterCrop(216, 385)``,
-    ``Resize(192, 320)``). Normalisation happens in the model, on the device (``VideoEncoder.normalize``).
-    """
-    if train:
-        top, left, ch, cw = _random_resized_crop_box(video.shape[1], video.shape[2], rng)
-        video = _resize(video[:, top : top + ch, left : left + cw], size)
-        if rng.random() < 0.5 and flip:
-            video = video.flip(2)
-        return video.contiguous()
-    video = _center_crop(_resize(video, (240, 428)), (216, 385))
-    return _resize(video, size).contiguous()
 
 
 def _whole_video(num_frames: int, cfg: LoaderConfig, rng: np.random.Generator) -> list[int]:
@@ -448,7 +396,7 @@ class VideoTextDataset(Dataset):
         if cfg.augment:
             video = augment(video, cfg.size, cfg.train, rng, cfg.flip)
         elif tuple(video.shape[1:3]) != tuple(cfg.size):
-            video = _resize(video, cfg.size)
+            video = resize(video, cfg.size)
         return {
             "video": video,
             **({} if text is None else {"text_ids": text["ids"], "text_mask": text["mask"],
@@ -482,73 +430,6 @@ def collate(samples: list[dict | None]) -> dict | None:
             batch[key] = torch.stack([torch.as_tensor(s[key], dtype=dtype) for s in samples])  # (B,) / (B, T)
     batch["meta"] = [s["meta"] for s in samples]
     return batch
-
-
-def loader_seed(seed: int, rank: int, epoch: int) -> int:
-    """The seed of a :class:`SeededDataLoader`'s own generator: a well-mixed 64-bit function of ``(seed, rank, epoch)``
-    (``numpy.random.SeedSequence``), so neighbouring seeds, ranks and epochs get unrelated streams."""
-    entropy = [int(v) % 2**64 for v in (seed, rank, epoch)]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
-
-
-class _FreezeHeap:
-    """``worker_init_fn`` of :class:`SeededDataLoader`: ``gc.freeze()`` first, then the user's function. A forked
-    worker inherits the parent's objects in shared pages; the first full garbage collection in the worker (which
-    parsing rows can trigger) would write every one of their headers and so copy all those pages (about 40 MB a worker
-    measured here with torch imported). Freezing moves them to the permanent generation, which the collector skips;
-    it only relinks the generations' list heads, so it copies almost nothing itself."""
-
-    def __init__(self, then=None):
-        self.then = then
-
-    def __call__(self, worker_id: int) -> None:
-        gc.freeze()
-        if self.then is not None:
-            self.then(worker_id)
-
-
-class SeededDataLoader(DataLoader):
-    """A ``DataLoader`` whose iterators never draw from the global torch RNG, and whose workers freeze the heap they
-    inherit (:class:`_FreezeHeap`: no copy-on-write of the parent's objects by the garbage collector).
-
-    Why: every ``iter(DataLoader)`` draws its ``_base_seed`` (the seed of its worker processes) from ``generator``, and
-    a DataLoader built without one draws it from the *global* torch generator, the one the model's dropout and the
-    losses (MTC's keys and values, MLM masking) consume. A run resumed mid-epoch restores the global RNG from its
-    checkpoint and then creates a fresh iterator, where the uninterrupted run created its iterator at the start of the
-    epoch, before the steps that consumed the stream: the resumed run's stream is shifted by that draw, and every
-    random draw of the steps after it differs. (An evaluation loader taken in the middle of training does the same.)
-
-    Here ``generator`` is the loader's own and is reseeded from :func:`loader_seed` ``(seed, rank, epoch)`` at every
-    ``iter()``, so the base seed is a pure function of the run's seed, the rank and the epoch, and nothing needs
-    saving: a mid-epoch iterator of a resumed run gets the base seed its epoch had. Worker ``i`` then seeds torch and
-    ``random`` with ``base_seed + i`` and numpy with a state derived from ``(base_seed, i)`` (``torch.utils.data``'s
-    worker loop): those depend on ``(seed, rank, epoch, i)`` only. :class:`VideoTextDataset` draws nothing from them
-    (its per-sample randomness comes from ``(seed, epoch, index)``), so neither the worker that serves a sample nor the
-    batch at which an epoch was resumed changes what a batch holds. An explicit sampler keeps its own randomness
-    (``lfvila.data.samplers``: seeded per epoch); with ``shuffle=True`` and no
-    sampler, the DataLoader's ``RandomSampler`` would draw from this reseeded generator.
-
-    ``set_epoch(epoch)`` selects the epoch's generator seed and passes the epoch on to the dataset and the sampler
-    when they have a ``set_epoch``.
-    """
-
-    def __init__(self, *args, seed: int = 0, rank: int = 0, **kwargs):
-        if kwargs.get("generator") is not None:
-            raise ValueError("SeededDataLoader makes its own generator (from seed, rank and the epoch)")
-        kwargs["generator"] = torch.Generator()
-        kwargs["worker_init_fn"] = _FreezeHeap(kwargs.get("worker_init_fn"))
-        super().__init__(*args, **kwargs)
-        self.seed, self.rank, self.epoch = int(seed), int(rank), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        for part in (self.dataset, self.sampler):
-            if hasattr(part, "set_epoch"):
-                part.set_epoch(self.epoch)
-
-    def __iter__(self):
-        self.generator.manual_seed(loader_seed(self.seed, self.rank, self.epoch))
-        return super().__iter__()
 
 
 def make_loader(dataset, batch_size: int, sampler=None, *, num_workers: int = 0, seed: int = 0, rank: int = 0,

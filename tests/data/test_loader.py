@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from lfvila.data import decode as decoding
+from lfvila.data.augment import augment
 from lfvila.data.formats import build_dataset
 from lfvila.data.framecode import read_index
-from lfvila.data.loader import LoaderConfig, augment, build_loader, to_model_input
+from lfvila.data.loader import LoaderConfig, build_loader, to_model_input
 from lfvila.data.synthetic import make_dataset
 from lfvila.data.text import load_tokenizer
 
