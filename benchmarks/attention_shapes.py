@@ -1,5 +1,5 @@
 """The shape sets of the window-attention benchmark: named lists of :class:`Case` at full (CUDA) and reduced (CPU)
-size. ``bench_attention``'s docstring tables them; ``--shapes NAME`` picks one."""
+size. benchmarks/README.md ("attention") tables them; ``--shapes NAME`` picks one."""
 
 from __future__ import annotations
 

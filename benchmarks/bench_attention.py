@@ -1,57 +1,12 @@
 """Benchmark 3D shifted-window attention providers on named shape sets; append rows to a CSV.
 
-Commands (from the repository root; ``python -m benchmarks.run --suite attention`` runs every shape set)::
-
     python -m benchmarks.bench_attention --shapes lfvila --label h200-main             # CUDA: full sizes, bf16
     python -m benchmarks.bench_attention --shapes long-form --label cpu-reduced        # CPU: reduced sizes, fp32
     python -m benchmarks.bench_attention --providers htwa-triton,videoswin-eager --modes fwd --dtype fp16 \
         --out benchmarks/results/_scratch/attention.csv --label try
 
-Providers are in ``benchmarks/attention_variants.py``. Modes: ``fwd`` is an inference forward (inputs without grad, no
-autograd graph); ``bwd`` is the backward alone (the graph of one forward kept with ``retain_graph``, a fixed random
-output gradient), ``fwd+bwd`` a training step: forward then backward, producing the gradients of q, k, v and the bias
-table. Per (shape, provider, mode) the CSV gets these rows:
-
-    time         ms        median and 20th/80th percentiles (CUDA: triton.testing.do_bench, L2 flushed per call)
-    tflops       TFLOP/s   effective: useful FLOPs per second, see :func:`attention_flops`
-    memory       MB        peak of one call above what was allocated before it, in a fresh allocator state (inputs,
-                           the reference and the output gradient excluded; the output and, with a backward, saved
-                           activations and the gradients included); CUDA only, empty (status skipped) on the CPU
-    max_abs_err  abs       fwd only: max |output - fp32 reference of the function the provider computes|
-    bias_grad_deterministic  bool  fwd+bwd only: 1 if three backward passes gave a bitwise-identical bias-table
-                           gradient, else 0 (skipped for providers without a bias)
-    compile_time s         wall time of building the provider and its first call (torch.compile, Triton JIT and
-                           block-mask construction included; for an already compiled shape, the first call alone)
-
-Compile budget (``--compile-budget S``): a provider that compiles per shape (FlexAttention: one torch.compile per
-shape and mode, tens of seconds each) is not run for the remaining (shape, mode)s once its compile times add up to
-more than S seconds in this run; those rows are ``skipped`` with the time spent in the note. A failed attempt counts
-with its whole wall time. This bounds what one slow compiler can take of a GPU session.
-
-A provider that raises (OOM, an unsupported shape, a kernel that does not build) gives ``failed`` rows with the
-exception text and the run goes on; one that cannot run on this machine at all (the Triton kernel on a CPU without
-TRITON_INTERPRET, a baseline that is not installed) gives ``skipped`` rows with the reason.
-
-Shape sets (``--shapes``; head_dim 32 everywhere; the shifted block, shift = half the window on the axes named):
-
-    lfvila           the six LF-VILA video-encoder layers at 32 frames of 192x320, B=16 (x: layer)
-                     layer  grid (T,H,W)  heads  window (T,H,W)
-                     0      32x24x40      4      2x3x5      shift 0x1x2 (layers 0-4)
-                     1      32x12x20      8      4x3x5
-                     2      32x6x10       16     8x3x5
-                     3, 4   32x6x10       16     16x3x5
-                     5      32x3x5        32     32x3x5     (window = grid: no shift)
-    video-swin-k400  Video Swin-T on Kinetics-400 clips (32 frames, 224x224): 16x56x56 / 28 / 14 / 7 grids with
-                     3 / 6 / 12 / 24 heads, window 8x7x7, shift 4x3x3, B=8 (x: stage)
-    long-form        LF-VILA's layer-0 windows (grid Tx24x40, 4 heads, window 2x3x5, shift 0x1x2) at T = 32, 64, 128,
-                     256 frames, B=1, plus full attention over all tokens while it fits (x: frames)
-    window-sweep     grid 32x24x40, 4 heads, B=4, windows of 30, 60, 120, 240, 480 and 1024 tokens (x: window_tokens)
-
-On the CPU the defaults shrink the sets (``--full`` keeps the real sizes): B=1 everywhere; lfvila at T=8 (temporal
-windows clipped to 8), video-swin-k400 at T=8 (16-frame clips: the window's 8 frames cover the grid, no temporal
-shift), long-form at T = 8, 16, 32, 64, window-sweep on a 16x24x40 grid; fp32; and slow calls are timed fewer times
-(``--cpu-budget-ms``, at least 3). Video-Swin's rule applies
-everywhere: a window axis at least as large as the grid axis is clipped to it and takes shift 0.
+Providers: ``benchmarks/attention_variants.py``; shape sets: ``benchmarks/attention_shapes.py``. Modes, rows,
+metrics, shape sets and method: benchmarks/README.md, section "Suites", "attention".
 """
 
 from __future__ import annotations

@@ -1,40 +1,11 @@
 """Benchmark symmetric InfoNCE (contrastive loss) providers against the batch size N; append rows to a CSV.
 
-Commands (from the repository root)::
-
     python -m benchmarks.bench_contrastive --label h200-main             # CUDA: N = 1k ... 256k, d = 512, bf16
     python -m benchmarks.bench_contrastive --label cpu-reduced           # CPU: N = 1k, 2k, 4k, d = 256, fp32
     python -m benchmarks.bench_contrastive --rss --label cpu-rss         # CPU: peak RSS at N = 32768, d = 256
-    python -m benchmarks.bench_contrastive --providers naive,ours --sizes 32768 --dim 512 --dtype bf16 \
-        --out benchmarks/results/_scratch/contrastive.csv --label try
 
-The loss: a, b ``(N, d)``, logits ``a @ b.T * 20`` (temperature 0.05), ``(CE(logits, diag) + CE(logits.T, diag)) / 2``.
-Inputs are L2-normalised random features, b a noisy copy of a (positives have cosine ~0.7), never zeros.
-
-Providers: ``benchmarks.contrastive_variants.PROVIDERS`` (naive, chunked, ours, open_clip, inf-cl; optional ones
-imported lazily; where one cannot run, its rows are ``skipped`` with the reason). Ours runs on the CPU only under
-TRITON_INTERPRET=1, far too slow to time: skipped unless --interpret-ok.
-
-Modes: ``fwd`` is the forward of a training step (a, b require grad, the graph is built and dropped); ``fwd+bwd``
-adds the backward to a and b. Per (N, provider, mode) the CSV gets these rows:
-
-    time         ms        median and 20th/80th percentiles (CUDA: triton.testing.do_bench, L2 flushed per call)
-    tflops       TFLOP/s   useful FLOPs: 2*N*N*d forward (one logits product), 3x that for fwd+bwd
-    memory       MB        CUDA: peak of one call above what was allocated before (inputs excluded; the graph, the
-                           gradients of a and b included); skipped on the CPU
-    max_abs_err  abs       fwd: |loss - float64 loss|; fwd+bwd: max |grad - float64 grad| over a and b, on the
-                           first call, against :func:`reference_loss_and_grads` (float64, independent of the providers)
-    peak_rss     MB        CPU, fwd+bwd: peak resident set increase of one call in a fresh process (see below)
-
-Peak RSS (CPU): each (provider, N) runs in a new Python process (``--rss-child``), so that other providers do not
-shape the allocator's state: imports, input creation and one warm-up call at N = 64 (thread pools, BLAS buffers) come
-first, then ``harness.peak_rss_increase`` resets ``VmHWM`` through ``/proc/self/clear_refs``, reads ``VmRSS``, runs
-one forward+backward and reads ``VmHWM``: the increase is the peak resident memory of that call (gradients included).
-The child's address space is capped at MemAvailable - 1 GiB (``--rss-max-mb``), so a provider too big for the machine
-fails with an allocation error (a ``failed`` row) instead of waking the OOM killer. Children run one at a time.
-
-A provider that raises gives ``failed`` rows with the exception text; after an out-of-memory failure at some N, it
-is ``skipped`` at every larger N. Benchmarks measure; the targets of the issue are only reported (markdown summary).
+Providers: ``benchmarks.contrastive_variants.PROVIDERS``. The loss, modes, rows, metrics, the peak-RSS method and
+the targets: benchmarks/README.md, section "Suites", "contrastive".
 """
 
 from __future__ import annotations

@@ -1,39 +1,11 @@
-"""Benchmark the data path at pretraining scale: annotation load time and memory over 10k-1M official rows, memory
-growth of DataLoader workers, and decode throughput per CPU core; rows to a CSV, a scaling plot.
+"""Benchmark the data path at pretraining scale: annotation loading, DataLoader workers' memory, decode per core.
 
     python -m benchmarks.bench_data --label cpu-amd-epyc --rows 10000,30000,100000,200000,1000000 \
         --out benchmarks/results/data-cpu.csv --markdown benchmarks/results/data-cpu.md \
         --plot benchmarks/results/plots/data-scaling-cpu.png
 
-Inputs, generated once per row count under ``--scratch`` (deterministic from ``--seed``): rows in the official
-pretraining format, 4-8 clips of 8-20 words each (``[{"clip_id": "<11-char id>.<k>.mp4", "text": ...}, ...]``), as
-a jsonl file (JSON lines) and as the official LMDB (key ``str(i)``, value the row's Python ``repr``).
-
-Parts (``--parts``):
-    annotations  per row count and mode, each load in a fresh process, ``--repeats`` times:
-                   jsonl-first   build_dataset("lfvila_pretrain", rows.jsonl, cache_dir=<empty>): every row parsed
-                                 and checked, the row index written to the cache
-                   jsonl-cached  the same again: the index read back (memory-mapped) from the cache
-                   lmdb-open     build_dataset on the LMDB: rows are read when asked for
-                   objects       jsonl-first, then every sample held as a dict: what keeping Python objects per row
-                                 costs (the loader held these before lfvila.data.rowstore), for scale
-                 metrics ``load_s`` (s) and ``peak_rss_mb`` (MB: the peak resident set during the load above the
-                 resident set after the imports, harness.peak_rss_increase)
-    workers      at ``--worker-rows`` rows: ``--workers`` forked workers of the project's loader (SeededDataLoader,
-                 which freezes the inherited heap in each worker) each read ``--worker-samples``
-                 samples in random order; ``rss_growth_mb``: the sum over workers of (resident set after the last
-                 sample - after the first), i.e. what copy-on-write and caches add while the epoch runs, and the
-                 same sum of its file-backed and anonymous parts (``rss_file_growth_mb``, ``rss_anon_growth_mb``:
-                 RssFile, RssAnon), of Pss (``pss_growth_mb``: shared pages split among the processes mapping
-                 them) and of Private_Dirty (``private_growth_mb``); per mode jsonl-cached, lmdb-open and objects
-    decode       bench_decode's ``clips4x8`` workload (32 frames: 4 clips x 8) on raw (30 fps, GOP 250) and prepared
-                 (3 fps, GOP 8) H.264 with one process and one FFmpeg thread: ``samples_per_core_s`` = samples/s per
-                 CPU core used, and ``cores_per_gpu`` = the cores one GPU needs to decode at the stage-1 input rate,
-                 ASSUMED 16 samples x 2 steps/s = 32 samples/s until the GPU step rate is measured (decode only: no
-                 augmentation or tokenisation)
-
-Targets (the issue's, at 200k rows): jsonl-first <= 15 s and <= 150 MB; jsonl-cached and lmdb-open <= 2 s and
-<= 50 MB; 8 workers x 1000 samples: total growth <= 100 MB.
+Inputs, parts (annotations, workers, decode), rows, metrics, how memory is measured and the targets:
+benchmarks/README.md, section "Suites", "data".
 """
 
 from __future__ import annotations

@@ -4,39 +4,8 @@
         --out benchmarks/results/decode-cpu.csv --markdown benchmarks/results/decode-cpu.md
     python -m benchmarks.bench_decode --label h200 --size 360x640     # GPU machine: 16 procs -> 16 videos per input
 
-Inputs, deterministic from ``--seed``, generated once and cached under ``--scratch`` (files appear only complete):
-``raw-h264``/``raw-vp9``: ``--videos`` videos of ``--seconds`` s (180) at ``--fps`` (30), ``--size`` HxW, a keyframe
-every ``--gop`` frames (250, like typical uploads): lfvila.data.synthetic.render_frames' moving shapes (frame index
-drawn top-left, lfvila.data.framecode) over a panning noise texture plus fresh per-frame noise, encoded by
-lfvila.data.encode.write_video. ``prep-h264``/``prep-vp9``: the same after lfvila.data.prepare.run (3 fps, GOP 8,
-height <= 240). Workloads, per video (lfvila.data.sampling): ``uniform32`` = uniform_indices(n, 32); ``clips4x8`` =
-clip_indices(n, fps, 4 segments of ``--clip-seconds`` (4 s) centred in the video's quarters, 4 clips x 8 frames):
-the official linspace rule inside each segment.
-
-Providers (one that cannot run here gives ``skipped`` rows with the reason; one that raises, ``failed`` rows):
-    pyav-1proc  lfvila.data.decode.decode(path, idx, backend="pyav"), one video after another, FFmpeg's own threads
-    pyav-Nproc  a spawn Pool of ``--procs`` processes (os.cpu_count()), get_decoder("pyav", threads=``--pyav-threads``
-                (1)) in each; one video per task, frames returned pickled
-    decord      decord.VideoReader(path).get_batch(idx); torchcodec: VideoDecoder(path, seek_mode="exact")
-                .get_frames_at(idx) on the CPU (both in this process, when they import)
-    dali-cpu    get_decoder("dali", "cpu").decode_many(all videos): DALI's CPU backend (VP8/VP9 only)
-    dali-gpu    get_decoder("dali", ``--gpu``).decode_many(all videos): NVDEC; frames stay on the GPU (synchronised)
-    pyav-nvdec  get_decoder("pyav-nvdec", ``--gpu``): FFmpeg's CUDA hwaccel, video after video, frames on the host
-
-Rows per (provider, workload = ``mode``, input = ``x_value``):
-    clips_per_s   clips/s   videos / wall time of a pass over all videos: median (p20, p80) of ``--repeats`` timed
-                            passes after an untimed one (which starts workers and pipelines, and is checked)
-    cpu_cores     cores     CPU / wall seconds of the same passes: getrusage RUSAGE_SELF + RUSAGE_CHILDREN deltas, plus
-                            the RUSAGE_SELF deltas that live pool workers measure per task (RUSAGE_CHILDREN sees a
-                            child only after it exits)
-    max_abs_diff  levels    largest |frame - pyav's frame| (uint8) in the untimed pass; 0 = bit-exact
-    psnr          dB        lowest per-video PSNR against pyav's frames (inf when bit-exact)
-    frame_code    fraction  frames showing the expected source index (prepared: floor(i * fps / prep_fps)); skipped
-                            when prepare scaled the frames (the code cells no longer align)
-
-Each pass opens its videos through fresh symbolic links, so caches keyed on the path (lfvila.data.decode's index)
-start cold, as in an epoch over a large dataset; the files sit in the page cache (decoding is measured, not the disk).
-Benchmarks measure: the issue's GPU target (>= 3x pyav-Nproc on prep-h264) is only reported in the summary.
+Inputs, workloads, providers, rows, metrics, how CPU time is counted and the target: benchmarks/README.md, section
+"Suites", "decode".
 """
 
 from __future__ import annotations

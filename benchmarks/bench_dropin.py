@@ -1,37 +1,11 @@
 """Drop-in benchmark: the training step of existing models with and without our kernels; append rows to a CSV.
 
-Commands (from the repository root)::
-
-    python -m benchmarks.bench_dropin --label h200-main          # CUDA: the full sizes below, bf16 autocast
-    python -m benchmarks.bench_dropin --label cpu-reduced        # CPU: the reduced sizes below, fp32
+    python -m benchmarks.bench_dropin --label h200-main          # CUDA: full sizes, bf16 autocast
+    python -m benchmarks.bench_dropin --label cpu-reduced        # CPU: reduced sizes, fp32
     python -m benchmarks.bench_dropin --reduced --label gpu-smoke --out /tmp/dropin.csv   # reduced sizes on CUDA
 
-Workloads (the ``kernel`` column) and their providers (the first is the baseline):
-
-    swin-timm   timm Swin training step: AdamW, cross-entropy on the logits of random images (no weights loaded).
-                ``unpatched`` vs ``patched`` (``lfvila_kernels.patch.apply_window_attention``).
-                Full: ``swin_base_patch4_window12_384``, batch 32, bf16. Reduced: ``swin_tiny_patch4_window7_224``,
-                batch 2, fp32.
-    swin-hf     the same with transformers' ``SwinForImageClassification`` built from a config: Swin-B 384 (embed 128,
-                depths 2-2-18-2, window 12) at full size, the default Swin-T config at reduced size.
-    clip-loss   forward + backward of CLIP's loss on L2-normalised random features with a learnable logit scale:
-                ``open_clip`` (``open_clip.loss.ClipLoss``: two materialised N x N logit matrices) vs ``ours``
-                (``lfvila_kernels.clip_loss.ClipLoss``). Full: N = 32768, d = 512, bf16. Reduced: N = 4096, d = 256.
-
-Per (workload, provider) the CSV gets these rows (long format, ``benchmarks.harness.SCHEMA``):
-
-    time         ms    median and 20th/80th percentiles of the step (CUDA: triton.testing.do_bench)
-    memory       MB    CUDA: peak allocated during one step above what was allocated before; skipped on the CPU
-    max_abs_err  abs   the candidate only: Swin, max |logits patched - logits unpatched| of one eval-mode forward on
-                       the same weights; loss, max |difference| over the loss and the gradients of both feature sets
-                       and of the logit scale
-
-The model libraries are imported lazily: a workload whose library is missing, and any provider that raises, gives
-``failed`` rows with the reason; the run goes on. Benchmarks measure; nothing is asserted.
-
-timm without a working torchvision: timm imports torchvision at the top of its package although its Swin code never
-uses it; where that import fails (not installed, or built for another torch), :func:`import_timm` imports timm with an
-inert stand-in for torchvision (every attribute a class that raises when used), as the drop-in tests do.
+Workloads (timm Swin, transformers Swin, CLIP's loss), their providers and sizes, rows, metrics and the
+torchvision-free timm import: benchmarks/README.md, section "Suites", "dropin".
 """
 
 from __future__ import annotations

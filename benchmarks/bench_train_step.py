@@ -1,64 +1,12 @@
 """Benchmark one LF-VILA stage-1 training step, with our kernels and with the torch paths; append rows to a CSV.
 
-Commands (from the repository root)::
-
-    python -m benchmarks.bench_train_step --label h200              # CUDA: lfvila-base, B=16, 32 x 192 x 320,
-                                                                    # bf16 autocast, fp32 parameters
+    python -m benchmarks.bench_train_step --label h200              # CUDA: lfvila-base, B=16, 32 x 192 x 320, bf16
     python -m benchmarks.bench_train_step --label h200-adamw --optimizer --warmup 3 --reps 15
     python -m benchmarks.bench_train_step --label cpu-reduced \
-        --out benchmarks/results/train-step-cpu.csv --markdown benchmarks/results/train-step-cpu.md
-                                                                    # CPU: lfvila-tiny, B=2, 8 x 64 x 96, fp32
+        --out benchmarks/results/train-step-cpu.csv --markdown benchmarks/results/train-step-cpu.md  # CPU: lfvila-tiny
 
-The step: ``out = model.forward_stage1(video, ids, mask)`` (under ``torch.autocast(<device>, bfloat16)`` for
-``--dtype bf16``; parameters stay fp32), ``out["loss"].backward()`` with ``loss = VPC + 0.25 * MTC``, then, with
-``--optimizer``, ``torch.optim.AdamW(..., fused=True)`` (fused on CUDA; torch's default implementation on the CPU)
-``.step()``, and finally the gradients are set to None (``zero_grad(set_to_none=True)``), as a training loop does.
-The model is ``lfvila.create_model(--model)`` in train mode (dropout and drop-path on), built from seed ``--seed``;
-``--grad-checkpointing`` recomputes the video encoder's blocks in backward (the text encoder has no such switch).
-
-Inputs (:func:`make_inputs`, random, never all zeros): video uint8 ``(B, T, H, W, 3)`` uniform in [0, 255] (the
-model normalises it on the device: that is part of the step), token ids int64 ``(B, M, L)`` (M sentences of L tokens
-from the model's text config; official 4 x 50): [CLS] = 101 first, random ids in [1000, 30000) (for a vocabulary too
-small for that, e.g. the tiny model's 128, in [104, vocab)), [SEP] = 102 after the last real token, then 1 to L/2
-padding tokens (id 0); the attention mask is 1 on real tokens, 0 on padding.
-
-Providers = implementations; one model is built per provider, with the same seed (same weights, same inputs):
-    triton  our kernels: the video encoder's window attention with ``attn_impl="triton"`` (the ``attn_impl`` field of
-            ``VideoEncoderConfig``, baked into every ``WindowAttention3D`` at construction) and the fused contrastive
-            VPC loss: ``LFVILA.forward_stage1`` calls ``losses.vpc_loss`` -> ``lfvila_kernels.contrastive_loss`` with
-            the model config's ``loss_impl="triton"``. On the CPU the kernels run only under Triton's interpreter,
-            far too slowly for a training step: ``skipped`` unless ``--interpret-ok``.
-    torch   the torch paths: ``attn_impl="torch"`` and ``loss_impl="torch"`` (the torch window attention and the
-            chunked torch contrastive loss of ``lfvila_kernels.reference``).
-MTC and the text encoder (transformers BERT, SDPA) are the same code in both.
-
-Rows per provider (``kernel="train_step"``, ``mode`` ``fwd+bwd`` or ``fwd+bwd+adamw``, ``x_name="batch"``):
-    time          ms       one step: median, p20, p80 of the timed steps (CUDA: triton.testing.do_bench through
-                           harness.measure, CUDA events, L2 flushed per call, budget = ``--reps`` x the step time
-                           estimated after the warm-up, so about ``--reps`` timed steps; CPU: ``--reps`` steps timed
-                           one by one with perf_counter)
-    clips_per_s   clips/s  batch / step time (a clip = one sample: a video with its paragraph); p20 from time's p80
-    memory        MB       CUDA: peak allocated during one step above what was allocated before it (parameters,
-                           inputs, AdamW state): activations, gradients, temporaries (harness.peak_memory)
-    memory_total  MB       CUDA: the same peak including what was allocated before (torch.cuda.max_memory_allocated)
-    loss          value    ``loss`` of the first step (seed ``--seed`` set just before it); note: its VPC and MTC
-    step_flops    TFLOP    FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (aten matmuls,
-                           convolutions, SDPA; forward and backward): what this provider's aten ops do. Our fused
-                           Triton kernels are not aten ops, so the triton provider's count leaves them out
-    tflops        TFLOP/s  model FLOPs / step time; the model's FLOPs are the torch provider's count (every op of the
-                           step is an aten op there), or the provider's own count when torch did not run (the note
-                           says which); the same numerator for both providers, so the ratio is the speed-up
-    mfu           fraction model TFLOP/s / the GPU's dense bf16 tensor-core peak (``train.metrics.PEAK_BF16_TFLOPS``, by
-                           device name); skipped on a CPU, for an unknown GPU and for fp32 runs
-    peak_rss      MB       CPU (unless ``--no-rss``): peak resident set increase of one step in a fresh process, one
-                           process per provider, after a warm-up step on a minimal problem (1 video, 1 frame per
-                           clip, 64 x 64: thread pools, lazy initialisation, AdamW state) there (harness.
-                           peak_rss_increase; freed blocks that the allocator keeps resident are not counted twice)
-
-Warm-up: ``--warmup`` untimed steps (at least 2) before timing; the first compiles the Triton kernels and creates the
-AdamW state, the last estimates the step time. A provider that raises (out of memory included) gives ``failed`` rows
-with the exception text; benchmarks measure, and the issue's target (our kernels >= 1.5x the clips/s and <= 0.7x the
-peak memory of the torch paths at the GPU configuration) is only reported in the markdown summary.
+The step, model, inputs, providers, warm-up, rows, metrics (timing, memory, FLOPs, MFU, peak RSS) and the target:
+benchmarks/README.md, section "Suites", "train".
 """
 
 from __future__ import annotations
@@ -582,7 +530,7 @@ def _parse(argv):
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the video encoder's blocks")
     p.add_argument("--seed", type=int, default=0, help="weights, inputs and the first step's randomness")
     suite.add_timing(p, reps=10, warmup=3, rep_ms=None, warmup_ms=None, calls="steps",
-                     reps_help="timed steps (CUDA: about that many, see the docstring)",
+                     reps_help="timed steps (CUDA: about that many; benchmarks/README.md, 'train')",
                      warmup_help=f"untimed steps before timing (at least {MIN_WARMUP})")  # fmt: skip
     suite.add_interpret(p, "triton")
     suite.add_rss(p)
