@@ -241,7 +241,8 @@ FORMAT_VERSION = 1
 
 def apply_init(model: nn.Module, steps) -> None:
     """Run the init chain ``steps`` (``lfvila.config.InitStep``: ``kind``, ``path``) on ``model``, in order:
-    ``swin2d`` (an ImageNet Swin-2D, inflated into the video encoder), ``bert`` (BERT weights into the text encoder),
+    ``swin2d`` (an ImageNet Swin-2D, inflated into the video encoder), ``bert`` (BERT weights into the text encoder,
+    then its position embeddings copied into ``sent_embedding``, as the official ``_init_sent_embedding`` does),
     ``checkpoint`` (a strict full load), ``pretraining`` (a task from a pre-training checkpoint: new heads may be
     missing, unused heads dropped), ``stage1`` (stage-1 weights over a stage-2 model), ``pretrained`` (a
     ``save_pretrained`` directory or its weights file)."""
@@ -250,6 +251,8 @@ def apply_init(model: nn.Module, steps) -> None:
             load_swin2d(model.video_encoder, step.path)
         elif step.kind == "bert":
             load_bert_weights(model.text_encoder, step.path)
+            if hasattr(model, "sent_embedding"):  # the official _init_sent_embedding, right after the BERT weights
+                model.sent_embedding.init_from_bert(model.text_encoder.bert)
         elif step.kind == "checkpoint":
             load_checkpoint(model, step.path)
         elif step.kind == "pretraining":
