@@ -132,7 +132,8 @@ class TrainConfig:
     """Optimisation (official defaults: AdamW lr 5e-5, betas 0.9/0.98, wd 0.05, batch 16 per GPU, linear schedule
     with one warmup epoch). ``max_steps`` caps the run (None: ``epochs`` full epochs). ``precision``: ``auto`` is bf16
     autocast on CUDA and fp32 on the CPU; ``fp16`` uses a GradScaler. ``frozen``: regexes of frozen parameters;
-    ``exclude``: regexes of parameters left out of the optimizer (stage 2: the BERT pooler)."""
+    ``exclude``: regexes of parameters left out of the optimizer; default ``["pooler"]``, the official rule in every
+    task (``optimization/optimizer.py`` drops every parameter named ``pooler``)."""
 
     task: str = "stage1"
     epochs: int = 10
@@ -160,7 +161,7 @@ class TrainConfig:
     eval_every: int | None = None
     max_bad_steps: int = 10
     frozen: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=lambda: ["pooler"])
 
     def __post_init__(self):
         checks = {

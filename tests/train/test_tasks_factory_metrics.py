@@ -105,3 +105,16 @@ def test_metrics_writer_main_rank_only(tmp_path):
     w.close()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
+
+
+def test_default_train_config_leaves_the_pooler_out_of_the_optimizer():
+    """The official optimizer drops every parameter named ``pooler`` in every task: ``train.exclude``'s default."""
+    from lfvila.config import Config
+    from train.optim import build_optimizer
+
+    model = build_model(ModelConfig(name="lfvila-tiny-multichoice"))
+    opt = build_optimizer(model, 1e-4, 0.05, exclude=tuple(Config().train.exclude))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    pooler = [p for n, p in model.named_parameters() if "pooler" in n]
+    assert pooler and not any(id(p) in in_opt for p in pooler)
+    assert len(in_opt) == sum(1 for n, p in model.named_parameters() if "pooler" not in n and p.requires_grad)
