@@ -53,7 +53,7 @@ from lfvila.config import Config
 from lfvila.data import decode as decoding
 from lfvila.data.formats import build_dataset
 from lfvila.data.loader import LoaderConfig, VideoTextDataset, build_loader, make_loader, to_model_input
-from lfvila.data.samplers import EpochSampler, build_sampler  # noqa: F401  (EpochSampler: the loop's sampler type)
+from lfvila.data.samplers import build_sampler
 from lfvila.data.shard_map import ShardDataset
 from lfvila.data.shards import DALI_REFUSAL, build_shard_loader
 from lfvila.data.spec import spec_fields

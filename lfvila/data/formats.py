@@ -26,6 +26,8 @@ from lfvila.data.row_parsing import (
     AnnotationError,
     ErrorPolicy,
     RowError,
+    as_int,
+    get_field,
     parse_json,
     safe_relpath,
 )
@@ -304,6 +306,21 @@ class AnnotationDataset(Dataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.annotation_path)!r}, samples={len(self)}, "
                 f"skipped={self.skipped})")
+
+
+class ClassLabelled(AnnotationDataset):
+    """A format whose rows carry an integer class: ``num_classes`` (when given) bounds it, and :meth:`_label` reads
+    and checks it, naming the field."""
+
+    def __init__(self, annotation_path, video_root, *, num_classes: int | None = None, **kw):
+        self.num_classes = num_classes
+        super().__init__(annotation_path, video_root, **kw)
+
+    def _label(self, raw, key: str) -> int:
+        label = as_int(get_field(raw, key), key)
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            raise RowError("bad value", f"{key} {label} outside [0, {self.num_classes})")
+        return label
 
 
 # the formats register themselves on import (they import this module)

@@ -228,6 +228,21 @@ def load_replacement(load, n: int, index: int, cfg: LoaderConfig, epoch: int, wh
     return None
 
 
+def load_or_replace(load, n: int, index: int, cfg: LoaderConfig, epoch: int, where) -> dict | None:
+    """Sample ``index`` of a map-style dataset: ``load(index, sample_rng(seed, epoch, index))``, and under
+    ``on_error="replace"`` a failed one replaced by :func:`load_replacement` (``meta["replaced"]`` the index it
+    stands for); ``None`` for a sample skipped or not replaced. ``VideoTextDataset`` and ``ShardDataset`` share it."""
+    out = load(index, sample_rng(cfg.seed, epoch, index))
+    if out is not None or cfg.on_error != "replace":
+        return out
+    got = load_replacement(load, n, index, cfg, epoch, where)
+    if got is None:
+        return None
+    out = got[1]
+    out["meta"]["replaced"] = index
+    return out
+
+
 def sample_mode(sample: dict) -> str:
     """What an annotation sample is for: ``"multichoice"`` (it has candidate ``answers``), ``"classification"`` (a
     ``label`` and a question), ``"video"`` (a ``label`` and no question: video classification) or ``"paragraph"``."""
@@ -343,17 +358,8 @@ class VideoTextDataset(Dataset):
                 "real": real.reshape(shape), **target}
 
     def __getitem__(self, index: int) -> dict | None:
-        cfg = self.cfg
-        out = self._load(index, sample_rng(cfg.seed, self.epoch, index))
-        if out is not None or cfg.on_error != "replace":
-            return out
         where = getattr(self.annotations, "annotation_path", "annotations")
-        got = load_replacement(self._load, len(self), index, cfg, self.epoch, where)
-        if got is None:
-            return None
-        out = got[1]
-        out["meta"]["replaced"] = index
-        return out
+        return load_or_replace(self._load, len(self), index, self.cfg, self.epoch, where)
 
     def _load(self, index: int, rng: np.random.Generator) -> dict | None:
         """Sample ``index`` with its random draws from ``rng``; ``None`` for a skipped video or row (counted)."""

@@ -21,7 +21,7 @@ from lfvila.data.row_parsing import (
 )
 from lfvila.data.sampling import Segment
 
-from .formats import AnnotationDataset, register
+from .formats import AnnotationDataset, ClassLabelled, register
 
 
 @register("lfvila_retrieval")
@@ -155,7 +155,7 @@ class LFVILAViolinFormat(_SubtitleQA):
 
 
 @register("lfvila_actnet_qa")
-class LFVILAActnetQAFormat(AnnotationDataset):
+class LFVILAActnetQAFormat(ClassLabelled):
     """Official LF-VILA ActivityNet-QA jsonl: ``video_name``, ``question``, ``answer`` (int class -> ``label``,
     checked against ``num_classes`` when given: 1654 officially)."""
 
@@ -163,15 +163,9 @@ class LFVILAActnetQAFormat(AnnotationDataset):
 
     needs_text = False
 
-    def __init__(self, annotation_path, video_root, *, num_classes: int | None = None, **kw):
-        self.num_classes = num_classes
-        super().__init__(annotation_path, video_root, **kw)
-
     def _parse(self, raw):
         name = as_str(get_field(raw, "video_name"), "video_name")
-        label = as_int(get_field(raw, "answer"), "answer")
-        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
-            raise RowError("bad value", f"answer class {label} outside [0, {self.num_classes})")
+        label = self._label(raw, "answer")
         question = as_str(get_field(raw, "question"), "question")
         if not question:
             raise RowError("bad value", "empty question")

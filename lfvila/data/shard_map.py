@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from .loader import LoaderConfig, VideoTextDataset, load_replacement, sample_rng
+from .loader import LoaderConfig, VideoTextDataset, load_or_replace
 from .shard_index import ShardError, ShardInfo, load_index, sample_key, scan_samples
 from .shards import Entry, OneSample, load_entry, make_entry, make_scratch
 
@@ -141,16 +141,7 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict | None:
         """As ``VideoTextDataset.__getitem__``: draws from ``(seed, epoch, index)``, ``replace`` by its rule."""
-        cfg = self.cfg
-        out = self._load(index, sample_rng(cfg.seed, self.epoch, index))
-        if out is not None or cfg.on_error != "replace":
-            return out
-        got = load_replacement(self._load, len(self), index, cfg, self.epoch, self.path)
-        if got is None:
-            return None
-        out = got[1]
-        out["meta"]["replaced"] = index
-        return out
+        return load_or_replace(self._load, len(self), index, self.cfg, self.epoch, self.path)
 
     def _load(self, index: int, rng: np.random.Generator) -> dict | None:
         try:

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from lfvila.data.synthetic import COLOURS
-from lfvila.data.synthetic_qa import SPLITS, SyntheticQAError, _dump_jsonl, _events, _load_split, _video_names
+from lfvila.data.synthetic_qa import dump_jsonl, load_splits, video_events
 
 CLASSES: tuple[str, ...] = tuple(COLOURS)
 
@@ -42,22 +42,14 @@ def make_cls(data_dir, out=None) -> dict:
     "num_classes"}``."""
     data_dir = Path(data_dir)
     out = Path(out) if out is not None else data_dir / "cls"
-    splits = {name: _load_split(data_dir / f"{name}.json") for name in SPLITS}
-    folders, names = set(), {}
-    for entries in splits.values():
-        folder, split_names = _video_names(entries)
-        if folder is not None:
-            folders.add(folder)
-        names.update(split_names)
-    if len(folders) > 1:
-        raise SyntheticQAError(f"{data_dir}: the splits keep their videos in different folders {sorted(folders)}")
-    folder = folders.pop() if folders else "."
+    splits, names, folder = load_splits(data_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows_written = {}
     for split, entries in splits.items():
-        rows = [{"video_id": names[vid], "recipe_type": video_class(_events(data_dir / f"{split}.json", vid, entry))}
+        source = data_dir / f"{split}.json"
+        rows = [{"video_id": names[vid], "recipe_type": video_class(video_events(source, vid, entry))}
                 for vid, entry in entries.items()]
-        _dump_jsonl(out / f"{split}.jsonl", rows)
+        dump_jsonl(out / f"{split}.jsonl", rows)
         rows_written[split] = len(rows)
     (out / "classes.json").write_text(json.dumps(list(CLASSES), indent=1) + "\n", encoding="utf-8")
     meta = {"source": os.path.relpath(data_dir, out), "video_root": folder, "num_classes": len(CLASSES),

@@ -93,7 +93,7 @@ def _load_split(path: Path) -> dict:
     return data
 
 
-def _events(path: Path, video_id: str, entry) -> list[dict]:
+def video_events(path: Path, video_id: str, entry) -> list[dict]:
     """The video's events in file order: ``{colour, shape, motion, start, end, sentence}``."""
     try:
         stamps, sentences = entry["timestamps"], entry["sentences"]
@@ -181,19 +181,15 @@ def _video_names(entries: dict) -> tuple[str | None, dict[str, str]]:
     return ".", {vid: str(r.with_suffix("")) for vid, r in rels.items()}
 
 
-def _dump_jsonl(path: Path, rows: list[dict]) -> None:
+def dump_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
 
 
-def make_qa(data_dir, out=None, seed: int = 0, questions_per_video: int | None = None) -> dict:
-    """Write the QA files of the synthetic dataset in ``data_dir`` to ``out`` (default ``data_dir/qa``); see the
-    module docstring. Returns ``{"out", "video_root", "rows": {"how2qa_train": n, ...}, "num_answers"}``."""
-    data_dir = Path(data_dir)
-    out = Path(out) if out is not None else data_dir / "qa"
-    if questions_per_video is not None and questions_per_video < 1:
-        raise ValueError(f"questions_per_video must be >= 1 or None, got {questions_per_video}")
+def load_splits(data_dir: Path) -> tuple[dict, dict, str]:
+    """The synthetic dataset's ``SPLITS`` in ``data_dir``: ``(splits {split: {video_id: entry}}, names {video_id: the
+    row's video name}, the one folder every split keeps its videos in, "." for none)``."""
     splits = {name: _load_split(data_dir / f"{name}.json") for name in SPLITS}
     folders, names = set(), {}
     for entries in splits.values():
@@ -204,12 +200,23 @@ def make_qa(data_dir, out=None, seed: int = 0, questions_per_video: int | None =
     if len(folders) > 1:
         raise SyntheticQAError(f"{data_dir}: the splits keep their videos in different folders {sorted(folders)}")
     folder = folders.pop() if folders else "."
+    return splits, names, folder
+
+
+def make_qa(data_dir, out=None, seed: int = 0, questions_per_video: int | None = None) -> dict:
+    """Write the QA files of the synthetic dataset in ``data_dir`` to ``out`` (default ``data_dir/qa``); see the
+    module docstring. Returns ``{"out", "video_root", "rows": {"how2qa_train": n, ...}, "num_answers"}``."""
+    data_dir = Path(data_dir)
+    out = Path(out) if out is not None else data_dir / "qa"
+    if questions_per_video is not None and questions_per_video < 1:
+        raise ValueError(f"questions_per_video must be >= 1 or None, got {questions_per_video}")
+    splits, names, folder = load_splits(data_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows_written = {}
     for split, entries in splits.items():
         tables: dict[str, list[dict]] = {task: [] for task in TASKS}
         for video_id, entry in entries.items():
-            events = _events(data_dir / f"{split}.json", video_id, entry)
+            events = video_events(data_dir / f"{split}.json", video_id, entry)
             picks = list(range(len(events)))
             if questions_per_video is not None and questions_per_video < len(picks):
                 picks = sorted(_rng(seed, "picks", video_id).sample(picks, questions_per_video))
@@ -218,7 +225,7 @@ def make_qa(data_dir, out=None, seed: int = 0, questions_per_video: int | None =
             tables["violin"] += violin_rows(name, events, picks, seed)
             tables["actnet_qa"] += actnet_qa_rows(name, events, picks)
         for task, rows in tables.items():
-            _dump_jsonl(out / f"{task}_{split}.jsonl", rows)
+            dump_jsonl(out / f"{task}_{split}.jsonl", rows)
             rows_written[f"{task}_{split}"] = len(rows)
     (out / "actnet_qa_answers.json").write_text(json.dumps(list(ANSWERS), indent=1) + "\n", encoding="utf-8")
     meta = {"source": os.path.relpath(data_dir, out), "video_root": folder, "seed": seed,

@@ -10,26 +10,20 @@ the official rule) and makes no text tensors. Importing :mod:`lfvila.data.format
 
 from __future__ import annotations
 
-from lfvila.data.formats import AnnotationDataset, register
-from lfvila.data.row_parsing import RowError, as_int, as_str, get_field
+from lfvila.data.formats import ClassLabelled, register
+from lfvila.data.row_parsing import as_str, get_field
 
 
 @register("lfvila_video_cls")
-class LFVILAVideoClassificationFormat(AnnotationDataset):
+class LFVILAVideoClassificationFormat(ClassLabelled):
     """Official LF-VILA video classification jsonl: ``video_id``, ``recipe_type`` (int class -> ``label``, checked
     against ``num_classes`` when given: COIN 180, LVU relationship 4, scene 6, way of speaking 5)."""
 
     lines = True
     needs_text = False
 
-    def __init__(self, annotation_path, video_root, *, num_classes: int | None = None, **kw):
-        self.num_classes = num_classes
-        super().__init__(annotation_path, video_root, **kw)
-
     def _parse(self, raw):
         video_id = as_str(get_field(raw, "video_id"), "video_id")
-        label = as_int(get_field(raw, "recipe_type"), "recipe_type")
-        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
-            raise RowError("bad value", f"recipe_type {label} outside [0, {self.num_classes})")
+        label = self._label(raw, "recipe_type")
         path, stems = self._video(video_id, "video_id")
         return self._make(video_id, path, stems, label=label)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from lfvila.config import load_config
+from lfvila.data.samplers import EpochSampler
 from lfvila.data.shard_index import INDEX_VERSION, scan_samples
 from lfvila.data.shard_map import ShardDataset
 from lfvila.data.shard_writer import write_shards
@@ -108,7 +109,7 @@ def test_jsonl_lmdb_and_shards_give_the_same_batches_in_the_same_order(built):
     assert order != sorted(order)  # shuffled
     assert _same(_train_epoch(lmdb, 1), ref)
     loader, sampler = tdata.train_loader(shards, tdata.tokenizer(shards), rank=0, world_size=1)
-    assert isinstance(loader.dataset, ShardDataset) and isinstance(sampler, tdata.EpochSampler)
+    assert isinstance(loader.dataset, ShardDataset) and isinstance(sampler, EpochSampler)
     assert _same(_train_epoch(shards, 1), ref)
     # two forked workers: the same batches; a resume at batch 2 gets the rest of the epoch
     two = _config(root, "shards", "--data.num_workers", "2")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lfvila.config import load_config
+from lfvila.data.samplers import EpochSampler
 from lfvila.data.shard_map import ShardDataset
 from lfvila.data.shard_writer import write_shards
 from lfvila.data.shards import ShardStream, load_index
@@ -92,7 +93,7 @@ def test_sampler_order_trains_and_resumes_with_any_worker_count(data, tmp_path):
     cfg = load_config(CONFIG, _args(data, tmp_path / "run", "--data.shard_order", "sampler"))
     tok = tdata.tokenizer(cfg)
     loader, sampler = tdata.train_loader(cfg, tok, rank=0, world_size=1)
-    assert isinstance(loader.dataset, ShardDataset) and isinstance(sampler, tdata.EpochSampler)
+    assert isinstance(loader.dataset, ShardDataset) and isinstance(sampler, EpochSampler)
     assert len(loader.dataset) == load_index(Path(cfg.data.train))["annotation_samples"]
     val = load_index(Path(cfg.data.val))
     seen = [i for r in range(2) for b in tdata.eval_loader(cfg, tok, "val", r, 2) for i in b["index"].tolist()]
