@@ -10,8 +10,10 @@ All providers compute the same function as ``lfvila_kernels.window_attention_ref
 and shift-region mask; on grids not divisible by the window, roll first, then pad, with padded keys masked out.
 
 Providers:
-    htwa-triton      lfvila_kernels.window_attention(impl="triton"): the fused kernel (no copies, no mask tensor)
-    htwa-torch       lfvila_kernels.window_attention(impl="torch"): the pure-torch reference
+    window-attention-triton
+                     lfvila_kernels.window_attention(impl="triton"): the fused kernel (no copies, no mask tensor)
+    window-attention-torch
+                     lfvila_kernels.window_attention(impl="torch"): the pure-torch reference
     videoswin-eager  benchmarks.videoswin_eager: Video-Swin's roll/pad/partition, explicit softmax, reverse
     sdpa-dense-bias  timm's fused-attention path: roll/pad/partition, a dense additive (B*nW, heads, N, N) float mask
                      (gathered bias + shift mask), F.scaled_dot_product_attention, reverse
@@ -137,14 +139,14 @@ def relative_position_index(window) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- providers
-def make_htwa_triton(q, k, v, window, shift, table, scale) -> Forward:
+def make_window_attention_triton(q, k, v, window, shift, table, scale) -> Forward:
     """The fused Triton kernel. Its module is imported at the first call, so a missing or broken kernel fails there."""
     import lfvila_kernels
 
     return lambda: lfvila_kernels.window_attention(q, k, v, window, shift, table, scale, impl="triton")
 
 
-def make_htwa_torch(q, k, v, window, shift, table, scale) -> Forward:
+def make_window_attention_torch(q, k, v, window, shift, table, scale) -> Forward:
     """``lfvila_kernels``' pure-torch reference (roll, pad, partition, masked softmax, reverse)."""
     import lfvila_kernels
 
@@ -410,21 +412,21 @@ def _cuda_only(name: str, dtypes: tuple[torch.dtype, ...] | None = None):
 
 
 # --------------------------------------------------------------------------------------------------- registry
-COMPUTES = ("htwa", "windows-no-bias", "neighborhood", "full")
+COMPUTES = ("window_attention", "windows-no-bias", "neighborhood", "full")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A provider: its builder; optionally ``refusal(device, dtype) -> reason or None`` for known no-gos (the
-    benchmark records a ``skipped`` row with the reason instead of running it); ``computes``: the function it computes,
-    one of :data:`COMPUTES` (``htwa``: the benchmarked problem itself; the others are speed references, checked against
-    their own function); ``bias``: whether it adds the relative-position bias (and so has a bias gradient);
-    ``compiles``: whether it compiles per shape and mode (torch.compile), so that ``bench_attention``'s compile
-    budget applies to it."""
+    """A provider: its builder; optionally ``refusal(device, dtype) -> reason or None`` for known no-gos (the benchmark
+    records a ``skipped`` row with the reason instead of running it); ``computes``: the function it computes, one of
+    :data:`COMPUTES` (``window_attention``: the benchmarked problem itself; the others are speed references, checked
+    against their own function); ``bias``: whether it adds the relative-position bias (and so has a bias gradient);
+    ``compiles``: whether it compiles per shape and mode (torch.compile), so that ``bench_attention``'s compile budget
+    applies to it."""
 
     make: Builder
     refusal: Callable[[torch.device, torch.dtype], str | None] | None = None
-    computes: str = "htwa"
+    computes: str = "window_attention"
     bias: bool = True
     compiles: bool = False
 
@@ -435,8 +437,8 @@ class Variant:
 
 _HALF = (torch.float16, torch.bfloat16)
 VARIANTS: dict[str, Variant] = {
-    "htwa-triton": Variant(make_htwa_triton, harness.triton_refusal),
-    "htwa-torch": Variant(make_htwa_torch),
+    "window-attention-triton": Variant(make_window_attention_triton, harness.triton_refusal),
+    "window-attention-torch": Variant(make_window_attention_torch),
     "videoswin-eager": Variant(make_videoswin_eager),
     "sdpa-dense-bias": Variant(make_sdpa_dense_bias),
     "flex": Variant(make_flex, compiles=True),

@@ -14,7 +14,7 @@
 # each cap shrinks to what is left of that budget, and the last three stages run only on what is left:
 #    install      45 s  pip install --no-deps --no-build-isolation -e . (without it, PYTHONPATH=kernels:.)
 #    tests       150 s  the gpu-marked tests of GPU_TEST_FILES (FlexAttention's two last, in their own pytest run)
-#    attention   110 s  bench_attention lfvila, fwd and fwd+bwd: htwa-triton, videoswin-eager, sdpa-dense-bias for
+#    attention   110 s  bench_attention lfvila, fwd and fwd+bwd: window-attention-triton, videoswin-eager, sdpa-dense-bias for
 #                       all six layers, then flex fwd+bwd and flex fwd under a compile budget (compile_time rows)
 #    train        90 s  bench_train_step: lfvila-base, B=16, 32x192x320, bf16, triton vs torch (clips/s, memory, MFU)
 #    contrastive  60 s  bench_contrastive N=32768 d=512 ours/naive/inf-cl, then N=64k..256k ours/naive (largest N)
@@ -97,14 +97,14 @@ stage_attention() {
   local bench=($PY -m benchmarks.bench_attention --label "$GS_LABEL" --out "$csv")
   if (( GS_DRY )); then
     bench+=(--shapes tiny --frames 2 --interpret-ok --reps 1 --warmup 0)
-    "${bench[@]}" --cases tiny-div --providers htwa-triton,videoswin-eager,sdpa-dense-bias --modes fwd,fwd+bwd
+    "${bench[@]}" --cases tiny-div --providers window-attention-triton,videoswin-eager,sdpa-dense-bias --modes fwd,fwd+bwd
     note_rc $?
     # One FlexAttention compile (tiny-div fwd), then the 1 s budget skips every later (shape, mode).
     "${bench[@]}" --providers flex --modes fwd,fwd+bwd --compile-budget 1; note_rc $?
     return "$rc"
   fi
   bench+=(--shapes lfvila)
-  "${bench[@]}" --providers htwa-triton,videoswin-eager,sdpa-dense-bias --modes fwd,fwd+bwd; note_rc $?
+  "${bench[@]}" --providers window-attention-triton,videoswin-eager,sdpa-dense-bias --modes fwd,fwd+bwd; note_rc $?
   # FlexAttention compiles once per (shape, mode): fwd+bwd first (the target's mode), each under a compile budget
   # from what is left of this stage's cap (a compile in flight may overrun it by its own length).
   local budget=$(( (GS_CAP - SECONDS) * 2 / 3 - 15 ))
@@ -175,7 +175,7 @@ stage_longform() {
   if (( GS_DRY )); then
     "${bench[@]}" --cases 8,16 --providers videoswin-eager,full-sdpa --full-max-flops 1e10 --reps 1 --warmup 0
   else
-    "${bench[@]}" --providers htwa-triton,videoswin-eager,sdpa-dense-bias,full-sdpa --full-max-flops 1e13
+    "${bench[@]}" --providers window-attention-triton,videoswin-eager,sdpa-dense-bias,full-sdpa --full-max-flops 1e13
   fi
 }
 

@@ -55,7 +55,8 @@ class Stage:
 STAGES = (
     Stage("install", "install the checkout (pip install --no-deps --no-build-isolation -e .)", "extra"),
     Stage("tests", "1. gpu-marked correctness tests (full shapes, bf16/fp16/fp32, determinism, patched Swin)", "tests"),
-    Stage("attention", "2. attention on lfvila, fwd and fwd+bwd: htwa-triton vs videoswin-eager, sdpa-dense-bias, flex",
+    Stage("attention", "2. attention on lfvila, fwd and fwd+bwd: window-attention-triton vs videoswin-eager, "
+          "sdpa-dense-bias, flex",
           "attention", "bench_attention"),
     Stage("train", "3. LF-VILA stage-1 training step (lfvila-base, B=16, 32x192x320, bf16): triton vs torch", "train",
           "bench_train_step"),

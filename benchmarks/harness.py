@@ -36,7 +36,7 @@ SCHEMA: tuple[str, ...] = (
     "timestamp",  # UTC, ISO 8601, when the row was written
     "label",  # free text from the command line: which run this is (e.g. "h200-main", "cpu-reduced")
     "kernel",  # the op, e.g. "window_attention"
-    "provider",  # the implementation, e.g. "htwa-triton", "videoswin-eager"
+    "provider",  # the implementation, e.g. "window-attention-triton", "videoswin-eager"
     "mode",  # "fwd" | "fwd+bwd"
     "x_name",  # what varies along the x axis, e.g. "layer"
     "x_value",  # its value, e.g. "layer0"
@@ -476,10 +476,22 @@ def _cell(value: object) -> object:
     return value
 
 
+# Providers renamed since results were first committed (old name -> new): the issue-17 rename put ``window_attention``
+# in every name (op, kernel, test, benchmark). Stored CSVs keep the names they were written with; :func:`read_rows`
+# and ``suite.pick`` (the ``--providers`` flag) read the old names as the new ones, so ``--compare`` and the plots
+# match a run from before the rename with one from after.
+RENAMED_PROVIDERS = {"htwa-triton": "window-attention-triton", "htwa-torch": "window-attention-torch"}
+
+
 def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
-    """All rows of a results CSV as dicts keyed by :data:`SCHEMA` (for plots, summaries and tests)."""
+    """All rows of a results CSV as dicts keyed by :data:`SCHEMA` (for plots, summaries and tests); a provider named
+    as before a rename (:data:`RENAMED_PROVIDERS`) is read under its current name."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if r.get("provider") in RENAMED_PROVIDERS:
+            r["provider"] = RENAMED_PROVIDERS[r["provider"]]
+    return rows
 
 
 def log(message: str) -> None:

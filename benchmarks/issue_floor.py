@@ -136,7 +136,7 @@ def _fmt(x, digits=1):
 def issue_floor_markdown(rows, plain_totals, B, T, dtype_name, arch, modules, command) -> str:
     totals = {(r["op"], r["layer"], r["pass"]): r for r in rows if r["kernel"] == "total"}
     kernels = [r for r in rows if r["kernel"] != "total"]
-    short = lambda name: name.removeprefix("_htwa_").removeprefix("_").removesuffix("_kernel")  # noqa: E731
+    short = lambda name: name.removeprefix("_window_attention_").removeprefix("_").removesuffix("_kernel")  # noqa: E731
     main = lambda op, layer, p: " / ".join(  # noqa: E731
         f"{short(r['kernel'])} {_fmt(r['loop_instr_per_elem'])}"
         for r in kernels if (r["op"], r["layer"], r["pass"]) == (op, layer, p) and r["loop_instr_per_elem"])

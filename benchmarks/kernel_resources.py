@@ -315,7 +315,7 @@ def resources_report(op: str, dtype_name: str, dtype, arch: int, head_dim: int, 
     for case, record in cases.items():
         for launch in record():
             compiled, warps, rep = compile_launch(launch, arch)
-            kernel = launch.name.removeprefix("_htwa_").removeprefix("_")
+            kernel = launch.name.removeprefix("_window_attention_").removeprefix("_")
             rows.append(f"| {case} | {kernel} | {warps} | {_tiles(launch.kwargs)} | {rep['registers']} | "
                         f"{rep['stack']} | {compiled.metadata.shared} | {rep['mma']} |")
     return "\n".join(rows)

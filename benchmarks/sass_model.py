@@ -224,13 +224,13 @@ def _group_trips(launch: Launch) -> list:
     return [1, windows * batch / groups]
 
 
-def _htwa_fwd(launch: Launch) -> dict:
+def _window_attention_fwd(launch: Launch) -> dict:
     items = _group_trips(launch) if ("GSTART" in launch or "GRP" in launch) else []  # v1: one item per program
     return {"elements": launch["BLOCK_M"] * launch["BLOCK_N"], "useful": 1.0,
             "trips": [*items, Static(_cdiv(_window(launch), launch["BLOCK_N"]))]}
 
 
-def _htwa_dq(launch: Launch) -> dict:
+def _window_attention_dq(launch: Launch) -> dict:
     items = launch["n_items"] if "n_items" in launch else launch["n_win"] * launch["B"]
     return {"elements": launch["BLOCK_M"] * launch["BLOCK_N"], "useful": 0.2,
             "trips": [items / launch["n_split"], Static(_cdiv(_window(launch), launch["BLOCK_N"]))]}
@@ -280,25 +280,25 @@ def _cl_bwd(launch: Launch) -> dict:
 # stops the run with its name, and so does a model whose loop levels do not match the kernel's SASS.
 KERNEL_MODELS: dict[str, Callable[[Launch], dict]] = {
     # window attention: one program per (window or group of items, head, query block); looping over key blocks
-    "_htwa_fwd_kernel": _htwa_fwd,
-    "_htwa_bwd_delta_kernel": lambda launch: {"elements": None, "trips": []},
+    "_window_attention_fwd_kernel": _window_attention_fwd,
+    "_window_attention_bwd_delta_kernel": lambda launch: {"elements": None, "trips": []},
     # the bias + mask tile of (class, head, row block): elementwise
-    "_htwa_tile_kernel": lambda launch: {"elements": None, "trips": []},
+    "_window_attention_tile_kernel": lambda launch: {"elements": None, "trips": []},
     # one table row per program: splits x its pairs in BLOCK_F chunks. Every row has a pair, so a row takes at least
     # one chunk and on average at least (N^2 / rows) / BLOCK_F (a lower bound: the per-row rounding up is not known
     # from the shapes)
-    "_htwa_bias_grad_kernel": lambda launch: {
+    "_window_attention_bias_grad_kernel": lambda launch: {
         "elements": None, "trips": [
             Static(1) if launch["n_split"] == 1 else launch["n_split"],  # an int equal to 1 is specialised
             max(1.0, launch["PAIRS"].shape[0] / (launch["RPTR"].shape[0] - 1) / launch["BLOCK_F"])]},
     # S, dP, dV, dK (4 of the 5 backward GEMMs) over the query blocks of a key block
-    "_htwa_bwd_dkdv_kernel": lambda launch: {
+    "_window_attention_bwd_dkdv_kernel": lambda launch: {
         "elements": launch["BLOCK_M"] * launch["BLOCK_N"], "useful": 0.8,
         "trips": [Static(_cdiv(_window(launch), launch["BLOCK_M"]))]},
     # the items of a split x key blocks; recomputes S and dP, adds dQ
-    "_htwa_bwd_dq_kernel": _htwa_dq,
+    "_window_attention_bwd_dq_kernel": _window_attention_dq,
     # v2, windows of <= 128 padded tokens: all five GEMMs of an item's P x P scores per trip of the item loop
-    "_htwa_bwd_fused_kernel": lambda launch: {
+    "_window_attention_bwd_fused_kernel": lambda launch: {
         "elements": launch["P"] * launch["P"], "useful": 1.0, "trips": _group_trips(launch)},
     # contrastive loss: see _cl_fwd / _cl_bwd
     "_cl_fwd_kernel": lambda launch: _cl_fwd(launch),

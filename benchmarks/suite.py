@@ -297,9 +297,11 @@ def rss_options(args: argparse.Namespace) -> dict:
 
 def pick(text: str | None, allowed: Iterable[str], what: str, default: Sequence[str] | None = None) -> list[str]:
     """The comma-separated names of ``text`` (None: ``default``, else all of ``allowed``); SystemExit naming
-    the unknown ones (``what``: "providers", "modes", ...)."""
+    the unknown ones (``what``: "providers", "modes", ...). A provider's name from before a rename
+    (``harness.RENAMED_PROVIDERS``) picks the provider under its current name."""
     allowed = list(allowed)
     names = [n for n in text.split(",") if n] if text is not None else list(allowed if default is None else default)
+    names = [harness.RENAMED_PROVIDERS.get(n, n) for n in names]
     unknown = [n for n in names if n not in allowed]
     if unknown or not names:
         raise SystemExit(f"unknown {what} {unknown}; choose from {allowed}")

@@ -34,10 +34,10 @@ forward saves the per-row log-sum-exp ``lse`` (log2 units) ``(B, T, H, W, heads)
   program-private fp32 partial of the dense ``(heads, P, P)`` gradient, summed over a fixed set of items in a fixed
   order).
 
-Two small kernels do the rest on the GPU: ``_htwa_tile_kernel`` builds the tile (forward, and transposed for the fused
-backward) in one pass, and ``_htwa_bias_grad_kernel`` sums the partials over groups or splits and folds them onto the
-table rows in one pass, in a fixed order (each table row owns the list of its pairs). No atomics anywhere: every
-gradient is bitwise repeatable.
+Two small kernels do the rest on the GPU: ``_window_attention_tile_kernel`` builds the tile (forward, and transposed
+for the fused backward) in one pass, and ``_window_attention_bias_grad_kernel`` sums the partials over groups or
+splits and folds them onto the table rows in one pass, in a fixed order (each table row owns the list of its pairs).
+No atomics anywhere: every gradient is bitwise repeatable.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _log2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _htwa_fwd_kernel(
+def _window_attention_fwd_kernel(
     Q, K, V, TILE, TOK, WIN, GRP, O, LSE,
     s_qb, s_qx, s_qn,  # q strides (elements): batch, token (w; t and h are multiples of it), head
     s_kb, s_kx, s_kn,
@@ -160,7 +160,9 @@ def _htwa_fwd_kernel(
 
 
 @triton.jit
-def _htwa_bwd_delta_kernel(O, DO, DELTA, n_rows, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _window_attention_bwd_delta_kernel(
+    O, DO, DELTA, n_rows, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """DELTA[r] = sum_d O[r, d] * DO[r, d] in fp32; O and DO contiguous ``(rows, HD)``."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
@@ -177,13 +179,14 @@ def _fused_bwd_queries(
     HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, QB: tl.constexpr,
     HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr, DELTA_HERE: tl.constexpr,
 ):
-    """One sub-block of QB queries (flat tokens ``tq``, -1 outside the grid) against all P keys of the window, in
-    the transposed (keys x queries) orientation: accumulates dv / scale, dk, and the bias-gradient partial ``db``
-    (keys x queries) times the scale, writes dq of these queries. Scores in raw units until the exponent (see
-    ``_htwa_fwd_kernel``); the softmax scale rides in the exponent, ``exp2(s * qk_scale - lse + log2(scale))`` =
-    ``scale * p``, so dq and dk need no multiply (dv and db, once per window or group, divide it out).
-    ``DELTA_HERE``: delta = rowsum(o * do) is computed here, from the o and do rows this sub-block reads anyway
-    (windows of one sub-block; with two or more the registers it takes make ptxas spill), else read from DELTA."""
+    """One sub-block of QB queries (flat tokens ``tq``, -1 outside the grid) against all P keys of the window, in the
+    transposed (keys x queries) orientation: accumulates dv / scale, dk, and the bias-gradient partial ``db`` (keys x
+    queries) times the scale, writes dq of these queries. Scores in raw units until the exponent (see
+    ``_window_attention_fwd_kernel``); the softmax scale rides in the exponent:
+    ``exp2(s * qk_scale - lse + log2(scale))`` = ``scale * p``, so dq and dk need no multiply (dv and db, once per
+    window or group, divide it out).
+    ``DELTA_HERE``: delta = rowsum(o * do) is computed here, from the o and do rows this sub-block reads anyway (windows
+    of one sub-block; with two or more the registers it takes make ptxas spill), else read from DELTA."""
     offs_k = tl.arange(0, P)
     offs_d = tl.arange(0, BLOCK_D)
     vq = tq >= 0
@@ -218,7 +221,7 @@ def _fused_bwd_queries(
 
 
 @triton.jit
-def _htwa_bwd_fused_kernel(
+def _window_attention_bwd_fused_kernel(
     Q, K, V, O, DO, LSE, DELTA, TILE_T, TOK, WIN, GRP, DQ, DK, DV, DBP,  # DBP (groups, heads, P, P) fp32
     s_qb, s_qx, s_qn,
     s_kb, s_kx, s_kn,
@@ -303,7 +306,7 @@ def _htwa_bwd_fused_kernel(
 
 
 @triton.jit
-def _htwa_bwd_dkdv_kernel(
+def _window_attention_bwd_dkdv_kernel(
     Q, K, V, TILE, TOK, CLS, DO, LSE, DELTA, DK, DV,  # DO, DK, DV contiguous like O; LSE, DELTA fp32
     s_qb, s_qx, s_qn,
     s_kb, s_kx, s_kn,
@@ -355,7 +358,7 @@ def _htwa_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _htwa_bwd_dq_kernel(
+def _window_attention_bwd_dq_kernel(
     Q, K, V, TILE, TOK, CLS, DO, LSE, DELTA, DQ, DBP,  # DBP: bias-gradient partials (SPLIT, heads, P, P) fp32
     s_qb, s_qx, s_qn,
     s_kb, s_kx, s_kn,
@@ -418,7 +421,7 @@ def _htwa_bwd_dq_kernel(
 
 
 @triton.jit
-def _htwa_tile_kernel(
+def _window_attention_tile_kernel(
     TABLE, IDX, ALLOWED, OUT, s_tr, s_th, N, factor,
     P: tl.constexpr, BLOCK_R: tl.constexpr, HAS_TABLE: tl.constexpr, TRANSPOSE: tl.constexpr,
 ):
@@ -447,7 +450,7 @@ def _htwa_tile_kernel(
 
 
 @triton.jit
-def _htwa_bias_grad_kernel(
+def _window_attention_bias_grad_kernel(
     PART, PAIRS, RPTR, DTABLE, n_split, s_split, s_head, NH,
     BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr,
 ):

@@ -13,13 +13,13 @@ import torch
 import triton
 
 from ._window_attention_kernels import (
-    _htwa_bias_grad_kernel,
-    _htwa_bwd_delta_kernel,
-    _htwa_bwd_dkdv_kernel,
-    _htwa_bwd_dq_kernel,
-    _htwa_bwd_fused_kernel,
-    _htwa_fwd_kernel,
-    _htwa_tile_kernel,
+    _window_attention_bias_grad_kernel,
+    _window_attention_bwd_delta_kernel,
+    _window_attention_bwd_dkdv_kernel,
+    _window_attention_bwd_dq_kernel,
+    _window_attention_bwd_fused_kernel,
+    _window_attention_fwd_kernel,
+    _window_attention_tile_kernel,
 )
 from ._window_geometry import geometry as _geometry
 from ._window_geometry import pow2 as _pow2
@@ -131,8 +131,9 @@ def _rel_tables(geo: dict, window) -> dict:
 
 
 def _tile(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype, scale: float, transpose: bool = False):
-    """:func:`_tiles` computed by ``_htwa_tile_kernel`` (one read of the table, one write of the tile; equal bit for
-    bit), or its ``(classes, heads, key, query)`` transpose for the fused backward; None without bias or mask."""
+    """:func:`_tiles` computed by ``_window_attention_tile_kernel`` (one read of the table, one write of the tile; equal
+    bit for bit), or its ``(classes, heads, key, query)`` transpose for the fused backward; None without bias or
+    mask."""
     allowed, P = geo["allowed"], geo["P"]
     if table is None:  # a mask alone: none without a shift or padding (one device sync per geometry, not per call)
         if "all_allowed" not in geo:
@@ -144,7 +145,7 @@ def _tile(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype, sca
     rel = _rel_tables(geo, window)
     block_r = max(1, min(P, 4096 // P))
     t = table.detach() if table is not None else out
-    _htwa_tile_kernel[(allowed.shape[0], heads, P // block_r)](
+    _window_attention_tile_kernel[(allowed.shape[0], heads, P // block_r)](
         t, rel["rel_index"], allowed.view(torch.uint8), out,
         t.stride(0) if table is not None else 0, t.stride(1) if table is not None else 0, geo["N"], 1.0 / scale,
         P=P, BLOCK_R=block_r, HAS_TABLE=table is not None, TRANSPOSE=transpose, num_warps=4,
@@ -154,7 +155,7 @@ def _tile(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype, sca
 
 def _bias_grad(partials: torch.Tensor, geo: dict, window) -> torch.Tensor:
     """The table gradient ``(rows, heads)`` fp32 from the dense partials ``(splits, heads, P, P)``: one pass of
-    ``_htwa_bias_grad_kernel`` (fixed order; no atomics)."""
+    ``_window_attention_bias_grad_kernel`` (fixed order; no atomics)."""
     rel = _rel_tables(geo, window)
     if partials.shape[0] > _FOLD_MAX_SPLITS:  # many small partials (the fused backward's groups): one contiguous
         partials = partials.sum(0, keepdim=True)  # fixed-order sum first, not a gather per group and pair
@@ -163,7 +164,7 @@ def _bias_grad(partials: torch.Tensor, geo: dict, window) -> torch.Tensor:
     out = torch.empty((rows, nh), dtype=torch.float32, device=partials.device)
     block_h = min(32, triton.next_power_of_2(nh))
     block_f = min(64, triton.next_power_of_2(-(-rel["pairs"].numel() // rows)))  # about a row's mean pair count
-    _htwa_bias_grad_kernel[(rows, triton.cdiv(nh, block_h))](
+    _window_attention_bias_grad_kernel[(rows, triton.cdiv(nh, block_h))](
         partials, rel["pairs"], rel["rptr"], out, splits, partials.stride(0), partials.stride(1), nh,
         BLOCK_F=block_f, BLOCK_H=block_h, num_warps=max(1, min(4, block_f * block_h // 256)),
     )
@@ -238,7 +239,7 @@ def _launch_fwd(q, k, v, table, window, shift, scale):
     tile_arg = q if tile is None else tile
     s_tc, s_th = (0, 0) if tile is None else (tile.stride(0), tile.stride(1) if tile.shape[1] > 1 else 0)
     grid = (grp.shape[0], nh, P // cfg["fwd_m"])
-    _htwa_fwd_kernel[grid](
+    _window_attention_fwd_kernel[grid](
         q, k, v, tile_arg, geo["tok"], geo["order"], grp, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), s_tc, s_th,
         nh, T * H * W, scale * LOG2E,
@@ -280,7 +281,9 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
     if not fused or cfg["fused_qb"] < P:  # else the fused kernel computes delta itself
         n_rows = o.numel() // hd
         delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-        _htwa_bwd_delta_kernel[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, HD=hd, BLOCK_R=64, BLOCK_D=BLOCK_D)
+        _window_attention_bwd_delta_kernel[(triton.cdiv(n_rows, 64),)](
+            o, do, delta, n_rows, HD=hd, BLOCK_R=64, BLOCK_D=BLOCK_D
+        )
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -298,7 +301,7 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
         grp, _ = _groups(geo, B, nh, q.device)
         n_groups = grp.shape[0]
         partials = (torch.empty((n_groups, nh, P, P), dtype=torch.float32, device=q.device) if bias_grad else q)
-        _htwa_bwd_fused_kernel[(n_groups, nh)](  # o shares do's strides (both contiguous)
+        _window_attention_bwd_fused_kernel[(n_groups, nh)](  # o shares do's strides (both contiguous)
             q, k, v, o, do, lse, lse if delta is None else delta, tile_arg, geo["tok"], geo["order"], grp,
             dq, dk, dv, partials,
             *in_strides, *s_tile, nh, n_tok, scale * LOG2E, scale,
@@ -308,7 +311,7 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
         tile_arg = q if tile is None else tile
         s_tile = (0, 0) if tile is None else (tile.stride(0), tile.stride(1) if tile.shape[1] > 1 else 0)
         n_kblk = P // cfg["dkdv_n"]
-        _htwa_bwd_dkdv_kernel[(geo["n_win"] * n_kblk, B * nh)](
+        _window_attention_bwd_dkdv_kernel[(geo["n_win"] * n_kblk, B * nh)](
             q, k, v, tile_arg, geo["tok"], geo["cls"], do, lse, delta, dk, dv, *in_strides, *s_tile,
             nh, n_tok, n_kblk, scale * LOG2E, scale,
             BLOCK_M=cfg["dkdv_m"], BLOCK_N=cfg["dkdv_n"], num_warps=_chained_warps(cfg["dkdv_m"]), **common,
@@ -323,7 +326,7 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
                                   q.device)
             alloc = torch.empty if cfg["dq_n"] == P else torch.zeros  # the register path overwrites; RMW adds
             partials = alloc((n_split, nh, P, P), dtype=torch.float32, device=q.device)
-        _htwa_bwd_dq_kernel[(n_split, n_qblk, nh)](
+        _window_attention_bwd_dq_kernel[(n_split, n_qblk, nh)](
             q, k, v, tile_arg, geo["tok"], geo["cls"], do, lse, delta, dq, partials, *in_strides, *s_tile,
             B, nh, n_tok, geo["n_win"], n_split, scale * LOG2E, scale,
             BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], BIAS_GRAD=bias_grad, num_warps=warps, **common,

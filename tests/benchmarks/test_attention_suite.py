@@ -133,7 +133,7 @@ def test_optional_baselines_are_refused_on_the_cpu_with_a_reason():
             continue
         assert reason and ("not installed" in reason or "no CPU" in reason), (name, reason)
     with pytest.raises(ValueError, match="computes must be one of"):
-        av.Variant(av.make_htwa_torch, computes="other")
+        av.Variant(av.make_window_attention_torch, computes="other")
 
 
 # --------------------------------------------------------------------------------------------------- run()
@@ -148,7 +148,7 @@ def _nondeterministic(q, k, v, window, shift, table, scale):
 
 
 def test_run_modes_determinism_references_and_budget(tmp_path):
-    variants = {n: av.VARIANTS[n] for n in ("htwa-torch", "sdpa-no-bias", "full-sdpa")}
+    variants = {n: av.VARIANTS[n] for n in ("window-attention-torch", "sdpa-no-bias", "full-sdpa")}
     variants["wobbly"] = av.Variant(_nondeterministic)
     cases = shapes.tiny_cases()
     rows = ba.run(cases, variants, ba.MODES, torch.float32, CPU, _writer(tmp_path), FAST, log=lambda m: None,
@@ -156,11 +156,11 @@ def test_run_modes_determinism_references_and_budget(tmp_path):
     cell = {(r["provider"], r["x_value"], r["mode"], r["metric"]): r for r in rows}
     metrics = {m for (_, _, mode, m) in cell if mode == "bwd"}
     assert metrics == {"time", "tflops", "memory", "compile_time"}
-    assert all(float(cell[(p, x, m, "compile_time")]["p50"]) > 0 for p in ("htwa-torch", "wobbly") for x in
+    assert all(float(cell[(p, x, m, "compile_time")]["p50"]) > 0 for p in ("window-attention-torch", "wobbly") for x in
                ("tiny-div", "tiny-pad") for m in ba.MODES)  # fmt: skip
     for mode in ba.MODES:
-        assert cell[("htwa-torch", "tiny-div", mode, "time")]["status"] == "ok"
-    assert float(cell[("htwa-torch", "tiny-div", "fwd+bwd", "bias_grad_deterministic")]["p50"]) == 1.0
+        assert cell[("window-attention-torch", "tiny-div", mode, "time")]["status"] == "ok"
+    assert float(cell[("window-attention-torch", "tiny-div", "fwd+bwd", "bias_grad_deterministic")]["p50"]) == 1.0
     assert float(cell[("wobbly", "tiny-div", "fwd+bwd", "bias_grad_deterministic")]["p50"]) == 0.0
     det = cell[("sdpa-no-bias", "tiny-div", "fwd+bwd", "bias_grad_deterministic")]
     assert det["status"] == "skipped" and "no relative-position bias" in det["note"]
@@ -183,18 +183,20 @@ def test_targets_report_speedups_and_growth():
         return {"provider": provider, "mode": mode, "x_name": x_name, "x_value": str(x), "metric": "time",
                 "status": "ok", "p50": str(ms)}  # fmt: skip
 
+    ours = "window-attention-triton"
     rows = [row(p, "fwd+bwd", "layer", "layer0", ms)
-            for p, ms in (("htwa-triton", 1.0), ("videoswin-eager", 4.0), ("sdpa-dense-bias", 1.5))]  # fmt: skip
-    rows += [row("htwa-triton", "fwd", "frames", t, 0.1 * t) for t in (32, 64, 128, 256)]
+            for p, ms in ((ours, 1.0), ("videoswin-eager", 4.0), ("sdpa-dense-bias", 1.5))]  # fmt: skip
+    rows += [row(ours, "fwd", "frames", t, 0.1 * t) for t in (32, 64, 128, 256)]
     rows += [row("full-sdpa", "fwd", "frames", t, 0.01 * t * t) for t in (32, 64, 128)]
     text = "\n".join(ba.targets_report(rows))
     assert ">= 3x videoswin-eager on lfvila: 4.00x to 4.00x over 1 layers (met)" in text
     assert ">= 2x sdpa-dense-bias on lfvila: 1.50x to 1.50x over 1 layers (not met)" in text
     assert ">= 1.5x flex on lfvila: not measured here" in text
-    assert "long-form htwa-triton fwd: time ~ T^1.00" in text and "long-form full-sdpa fwd: time ~ T^2.00" in text
+    assert "long-form window-attention-triton fwd: time ~ T^1.00" in text
+    assert "long-form full-sdpa fwd: time ~ T^2.00" in text
     assert "peak memory <= 0.3x videoswin-eager on lfvila: not measured here" in text
     assert "480-token window layer: not measured here (no layer with 480-token windows" in text
-    assert "long-form htwa-triton fwd+bwd grows linearly in T: not measured here" in text
+    assert "long-form window-attention-triton fwd+bwd grows linearly in T: not measured here" in text
     heads = ba.target_heads()
     assert all(any(line.startswith(f"- {h}") for line in ba.targets_report(rows)) for h in heads)
 
@@ -204,13 +206,14 @@ def test_targets_report_memory_tflops_and_linear_growth():
         return {"provider": provider, "mode": mode, "x_name": x_name, "x_value": str(x), "metric": metric,
                 "status": "ok", "p50": str(value), "shape": shape}  # fmt: skip
 
-    rows = [row("htwa-triton", "fwd+bwd", "layer", "layer5", "memory", 100.0),
+    rows = [row("window-attention-triton", "fwd+bwd", "layer", "layer5", "memory", 100.0),
             row("videoswin-eager", "fwd+bwd", "layer", "layer5", "memory", 500.0),
-            row("htwa-triton", "fwd+bwd", "layer", "layer0", "memory", 150.0, "window=2x3x5"),
+            row("window-attention-triton", "fwd+bwd", "layer", "layer0", "memory", 150.0, "window=2x3x5"),
             row("videoswin-eager", "fwd+bwd", "layer", "layer0", "memory", 300.0, "window=2x3x5"),
-            row("htwa-triton", "fwd", "layer", "layer5", "tflops", 250.0),
-            row("htwa-triton", "fwd", "layer", "layer0", "tflops", 900.0, "window=2x3x5")]  # fmt: skip
-    rows += [row("htwa-triton", "fwd+bwd", "frames", t, "time", 0.01 * t**1.5, "window=2x3x5") for t in (32, 64, 128)]
+            row("window-attention-triton", "fwd", "layer", "layer5", "tflops", 250.0),
+            row("window-attention-triton", "fwd", "layer", "layer0", "tflops", 900.0, "window=2x3x5")]  # fmt: skip
+    rows += [row("window-attention-triton", "fwd+bwd", "frames", t, "time", 0.01 * t**1.5, "window=2x3x5")
+             for t in (32, 64, 128)]  # fmt: skip
     text = "\n".join(ba.targets_report(rows))
     assert "peak memory <= 0.3x videoswin-eager on lfvila: 0.2x to 0.5x over 2 layers (activations" in text
     assert "not met)" in text.split("peak memory")[1].splitlines()[0]
@@ -222,7 +225,7 @@ def test_targets_report_memory_tflops_and_linear_growth():
 def _slow_compiler(q, k, v, window, shift, table, scale):
     """A provider that takes 50 ms to build, as a compiling one would (the compile budget's test)."""
     time.sleep(0.05)
-    return av.make_htwa_torch(q, k, v, window, shift, table, scale)
+    return av.make_window_attention_torch(q, k, v, window, shift, table, scale)
 
 
 def test_compile_budget_skips_a_compiling_provider_once_spent(tmp_path):
@@ -239,13 +242,14 @@ def test_compile_budget_skips_a_compiling_provider_once_spent(tmp_path):
     assert float(first["p50"]) >= 0.05
     (line,) = [x for x in ba.compile_report(rows) if x.startswith("- slow")]
     assert "over 1 (shape, mode)s" in line and "3 skipped by the compile budget" in line
-    assert av.VARIANTS["flex"].compiles and not av.VARIANTS["htwa-triton"].compiles
+    assert av.VARIANTS["flex"].compiles and not av.VARIANTS["window-attention-triton"].compiles
 
 
 def test_cli_cases_subset(tmp_path):
     out = tmp_path / "c.csv"
-    rows = ba.main(["--shapes", "tiny", "--cases", "tiny-pad", "--device", "cpu", "--providers", "htwa-torch",
-                    "--modes", "fwd", "--reps", "1", "--warmup", "0", "--out", str(out)])  # fmt: skip
+    rows = ba.main(["--shapes", "tiny", "--cases", "tiny-pad", "--device", "cpu", "--providers",
+                    "window-attention-torch", "--modes", "fwd", "--reps", "1", "--warmup", "0",
+                    "--out", str(out)])  # fmt: skip
     assert {r["x_value"] for r in rows} == {"tiny-pad"} and rows == harness.read_rows(out)
     with pytest.raises(SystemExit, match="not in the tiny set"):
         ba.main(["--shapes", "tiny", "--cases", "layer0", "--device", "cpu", "--out", str(out)])
@@ -302,11 +306,11 @@ def test_compare_cli_exit_status(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------- run + plot
 def test_run_end_to_end_with_plots_and_compare(tmp_path, capsys):
     args = ["--suite", "attention", "--shapes", "tiny", "--device", "cpu", "--out-dir", str(tmp_path)]
-    extra = ["--", "--providers", "htwa-torch,videoswin-eager,xformers", "--reps", "2", "--warmup", "0"]
+    extra = ["--", "--providers", "window-attention-torch,videoswin-eager,xformers", "--reps", "2", "--warmup", "0"]
     assert bench_run.main([*args, "--label", "first", *extra]) == 0
     first = harness.read_rows(tmp_path / "attention-first.csv")
     assert {r["label"] for r in first} == {"first"} and {r["provider"] for r in first} == {
-        "htwa-torch", "videoswin-eager", "xformers"}  # fmt: skip
+        "window-attention-torch", "videoswin-eager", "xformers"}  # fmt: skip
     assert all(r["status"] == "skipped" and r["note"] for r in first if r["provider"] == "xformers")
     assert (tmp_path / "plots" / "attention-case-first.png").stat().st_size > 10_000
     md = (tmp_path / "attention-first.md").read_text()
@@ -325,7 +329,7 @@ def test_run_end_to_end_with_plots_and_compare(tmp_path, capsys):
     capsys.readouterr()
     assert bench_run.main([*args, "--label", "second", "--compare", "fast", "--no-plot", *extra]) == 1
     out = capsys.readouterr().out
-    assert "REGRESSED window_attention htwa-torch fwd tiny-div time" in out
+    assert "REGRESSED window_attention window-attention-torch fwd tiny-div time" in out
     assert not (tmp_path / "plots" / "attention-case-second.png").exists()
     assert bench_run.main([*args, "--label", "third", "--compare", "missing", "--no-plot", *extra]) == 2
     with pytest.raises(SystemExit):

@@ -57,7 +57,7 @@ def test_dry_run_files_stages_and_targets(dry_run, tmp_path):
     targets = re.findall(r"^- \*\*(met|missed|not run|measured)\*\* \((\w+)\) (.+)$", summary, re.M)
     stages_with_targets = {stage for _, stage, _ in targets}
     assert {"tests", "attention", "train", "contrastive", "longform"} <= stages_with_targets, targets
-    assert any("htwa-triton fwd+bwd >= 3x videoswin-eager on lfvila" in text for _, _, text in targets)
+    assert any("window-attention-triton fwd+bwd >= 3x videoswin-eager on lfvila" in text for _, _, text in targets)
     assert any(text.startswith("gpu tests: ") and "passed" in text for _, _, text in targets)
     for stage in gpu_summary.STAGES:
         assert f"### {stage.title}" in summary
@@ -143,12 +143,12 @@ def test_summary_of_failed_timed_out_and_not_run_stages(tmp_path):
     assert "  - failed: tests/kernels/test_window_attention_gpu.py::test_a[bf16-layer1]" in summary
     assert "- **met** (train) clips/s triton / torch (target >= 1.5): 2, met" in summary
     assert "- **missed** (train) peak memory triton / torch (target <= 0.7): 0.9, NOT met" in summary
-    assert "- **not run** (attention) htwa-triton fwd+bwd >= 3x videoswin-eager on lfvila: stage attention timeout " \
-           "(exit 124)" in summary  # fmt: skip
+    assert ("- **not run** (attention) window-attention-triton fwd+bwd >= 3x videoswin-eager on lfvila: stage "
+            "attention timeout (exit 124)") in summary  # fmt: skip
     assert ("- **not run** (contrastive) fwd+bwd time ours / naive at N=32768, d=512, bfloat16: stage contrastive "
             "not run: no time left: 3 s of the budget remained") in summary  # fmt: skip
-    assert "- **not run** (longform) long-form htwa-triton fwd+bwd grows linearly in T: stage longform has no record" \
-        in summary  # fmt: skip
+    assert ("- **not run** (longform) long-form window-attention-triton fwd+bwd grows linearly in T: stage longform "
+            "has no record") in summary  # fmt: skip
     assert "- train step MFU (model FLOPs / dense bf16 peak): triton 40.4 % vs torch 20.2 %" in summary
     assert "triton 32 clips/s vs torch 16 clips/s" in summary and "triton 90000 MB vs torch 100000 MB" in summary
     # The log tails of the failed and the timed-out stage, nothing of the stages that went well.

@@ -55,6 +55,21 @@ def test_csv_schema_and_append(tmp_path):
         assert all(r[k] == env[k] for k in env)
 
 
+def test_renamed_providers_read_under_their_new_names(tmp_path):
+    """Results stored before the rename (``htwa-triton``, ``htwa-torch``) compare with runs after it: read_rows and
+    ``--providers`` take the old names as the new ones; a name never used stays unknown."""
+    from benchmarks import suite
+
+    writer = _writer(tmp_path)
+    writer.write([_row(provider="htwa-triton"), _row(provider="htwa-torch"), _row(provider="videoswin-eager")])
+    got = [r["provider"] for r in harness.read_rows(tmp_path / "out.csv")]
+    assert got == ["window-attention-triton", "window-attention-torch", "videoswin-eager"]
+    assert suite.pick("htwa-torch,videoswin-eager", av.VARIANTS, "providers") == [
+        "window-attention-torch", "videoswin-eager"]  # fmt: skip
+    with pytest.raises(SystemExit, match="htwa"):
+        suite.pick("htwa", av.VARIANTS, "providers")
+
+
 def test_writer_refuses_a_foreign_header(tmp_path):
     (tmp_path / "old.csv").write_text("a,b,c\n1,2,3\n")
     with pytest.raises(ValueError, match="columns"):
@@ -177,8 +192,8 @@ def _boom(*args):
 def test_failed_variant_is_recorded_and_the_run_goes_on(tmp_path):
     variants = {
         "boom": av.Variant(_boom),
-        "refused": av.Variant(av.make_htwa_torch, lambda device, dtype: "not on this machine"),
-        "htwa-torch": av.VARIANTS["htwa-torch"],
+        "refused": av.Variant(av.make_window_attention_torch, lambda device, dtype: "not on this machine"),
+        "window-attention-torch": av.VARIANTS["window-attention-torch"],
     }
     cases = shapes.tiny_cases()
     rows = ba.run(cases, variants, ["fwd", "fwd+bwd"], torch.float32, CPU, _writer(tmp_path), {"reps": 1, "warmup": 0},
@@ -191,19 +206,19 @@ def test_failed_variant_is_recorded_and_the_run_goes_on(tmp_path):
         by.setdefault(r["provider"], []).append(r)
     assert all(r["status"] == "failed" and r["note"] == "RuntimeError: boom: unsupported shape" for r in by["boom"])
     assert all(r["status"] == "skipped" and r["note"] == "not on this machine" for r in by["refused"])
-    for r in by["htwa-torch"]:
+    for r in by["window-attention-torch"]:
         if r["metric"] == "memory":  # not measured on the CPU
             assert r["status"] == "skipped" and r["p50"] == ""
         else:
             assert r["status"] == "ok" and float(r["p50"]) >= 0, r
-    errs = [float(r["p50"]) for r in by["htwa-torch"] if r["metric"] == "max_abs_err"]
+    errs = [float(r["p50"]) for r in by["window-attention-torch"] if r["metric"] == "max_abs_err"]
     assert errs and max(errs) < 1e-5
 
 
 def test_main_end_to_end(tmp_path, capsys):
     out, md = tmp_path / "a.csv", tmp_path / "a.md"
     rows = ba.main([
-        "--shapes", "tiny", "--device", "cpu", "--providers", "htwa-torch,videoswin-eager,sdpa-dense-bias",
+        "--shapes", "tiny", "--device", "cpu", "--providers", "window-attention-torch,videoswin-eager,sdpa-dense-bias",
         "--reps", "1", "--warmup", "0", "--out", str(out), "--markdown", str(md), "--label", "e2e",
     ])  # fmt: skip
     assert rows == harness.read_rows(out)
@@ -283,19 +298,19 @@ TINY = shapes.tiny_cases() + [shapes.Case("tiny-full", 2, (2, 3, 5), 3, 8, (2, 3
 
 
 @pytest.mark.parametrize("case", TINY, ids=lambda c: c.name)
-@pytest.mark.parametrize("name", ["htwa-torch", "videoswin-eager", "sdpa-dense-bias"])
+@pytest.mark.parametrize("name", ["window-attention-torch", "videoswin-eager", "sdpa-dense-bias"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_eager_providers_match_reference(name, case, bias):
     _check_provider(name, case, bias=bias)
 
 
 @pytest.mark.parametrize("case", TINY[:2], ids=lambda c: c.name)
-def test_htwa_triton_provider_matches_reference(case):
+def test_window_attention_triton_provider_matches_reference(case):
     from lfvila_kernels.dispatch import interpreting
 
     if not interpreting():
         pytest.skip("the Triton kernel runs on the CPU only under TRITON_INTERPRET=1")
-    _check_provider("htwa-triton", case)
+    _check_provider("window-attention-triton", case)
 
 
 @pytest.mark.slow
@@ -307,7 +322,7 @@ def test_flex_provider_forward_matches_reference(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", TINY[:2], ids=lambda c: c.name)
-@pytest.mark.parametrize("name", [n for n, v in av.VARIANTS.items() if v.computes == "htwa"])
+@pytest.mark.parametrize("name", [n for n, v in av.VARIANTS.items() if v.computes == "window_attention"])
 def test_providers_match_reference_on_cuda(name, case):
     reason = av.VARIANTS[name].refusal(torch.device("cuda"), torch.float32) if av.VARIANTS[name].refusal else None
     if reason:

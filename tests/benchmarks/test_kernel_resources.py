@@ -59,10 +59,10 @@ def test_issue_floor_json(tmp_path):
         assert r["issue_floor_us"] > 0, r
         assert r["useful_tflops_bound"] is None or r["useful_tflops_bound"] > 0, r
     for r in kernels:
-        assert r["kernel"].startswith("_htwa_") and r["programs"] == math.prod(r["grid"]) > 0, r
+        assert r["kernel"].startswith("_window_attention_") and r["programs"] == math.prod(r["grid"]) > 0, r
         assert r["warps"] > 0 and r["registers"] > 0 and 1 <= r["ctas_per_sm"] <= 32, r
         assert r["straight_instr"] > 0 and r["main_loop_instr"] > 0, r
-        if r["kernel"] == "_htwa_fwd_kernel":  # the tile kernel is elementwise: no score elements
+        if r["kernel"] == "_window_attention_fwd_kernel":  # the tile kernel is elementwise: no score elements
             assert r["loop_instr_per_elem"] > 0, r
     total = totals[0]
     assert total["issue_floor_us"] == pytest.approx(sum(r["issue_floor_us"] for r in kernels), abs=1e-2)

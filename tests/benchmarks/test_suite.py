@@ -272,8 +272,8 @@ RUN = ["--label", "L", "--out", "x.csv"]
 COMMANDS = {
     "attention": (ba, [
         [*RUN, "--device", "auto", "--shapes", "tiny", "--frames", "2", "--interpret-ok", "--reps", "1", "--warmup",
-         "0", "--cases", "tiny-div", "--providers", "htwa-triton,videoswin-eager,sdpa-dense-bias", "--modes",
-         "fwd,fwd+bwd"],
+         "0", "--cases", "tiny-div", "--providers", "window-attention-triton,videoswin-eager,sdpa-dense-bias",
+         "--modes", "fwd,fwd+bwd"],
         [*RUN, "--shapes", "lfvila", "--providers", "flex", "--modes", "fwd+bwd", "--compile-budget", "60"],
         [*RUN, "--shapes", "long-form", "--modes", "fwd,fwd+bwd", "--cases", "8,16", "--providers",
          "videoswin-eager,full-sdpa", "--full-max-flops", "1e10", "--reps", "1", "--warmup", "0"],

@@ -107,11 +107,11 @@ def test_groups_cover_items_once_within_one_class(B, heads, group):
 @pytest.mark.parametrize("grid, window, shift", GEOMETRIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_tile_kernel_equals_the_torch_tiles(grid, window, shift, dtype):
-    """``_htwa_tile_kernel`` (what the launchers use) builds the same tile as the torch ``_tiles``, bit for bit, and
-    its transpose for the fused backward; also without a table (mask alone) and from a bf16 table. bf16: Triton's
-    interpreter rounds fp32 -> bf16 toward zero (compiled code rounds to nearest even, as torch does), so there the
-    kernel's tile is compared in fp32 and its bf16 cast within one bf16 step (tests/kernels/test_window_attention_gpu.py
-    checks the compiled bf16 tile bit for bit)."""
+    """``_window_attention_tile_kernel`` (what the launchers use) builds the same tile as the torch ``_tiles``, bit for
+    bit, and its transpose for the fused backward; also without a table (mask alone) and from a bf16 table. bf16:
+    Triton's interpreter rounds fp32 -> bf16 toward zero (compiled code rounds to nearest even, as torch does), so there
+    the kernel's tile is compared in fp32 and its bf16 cast within one bf16 step
+    (tests/kernels/test_window_attention_gpu.py checks the compiled bf16 tile bit for bit)."""
     geo = fused._geometry(grid, window, shift, torch.device("cpu"))
     for table in (torch.randn(bias_table_rows(window), 3), torch.randn(bias_table_rows(window), 2).bfloat16(), None):
         want = fused._tiles(geo, table, window, dtype, 0.3)
@@ -136,9 +136,9 @@ def test_tile_kernel_equals_the_torch_tiles(grid, window, shift, dtype):
 
 @pytest.mark.parametrize("window, splits, heads", [((2, 3, 5), 3, 2), ((2, 3, 5), 1, 40), ((3, 2, 3), 2, 3)])
 def test_bias_grad_kernel_folds_partials_onto_the_table(window, splits, heads):
-    """``_htwa_bias_grad_kernel``: the table gradient is the sum over splits and over every pair of a table row of the
-    dense partials (the gradient of the gather ``table[index]``), and bitwise repeatable. The fold depends on the
-    window alone; 40 heads take two head blocks."""
+    """``_window_attention_bias_grad_kernel``: the table gradient is the sum over splits and over every pair of a table
+    row of the dense partials (the gradient of the gather ``table[index]``), and bitwise repeatable. The fold depends on
+    the window alone; 40 heads take two head blocks."""
     geo = fused._geometry(window, window, (0, 0, 0), torch.device("cpu"))
     N, P = geo["N"], geo["P"]
     partials = torch.randn(splits, heads, P, P)

@@ -71,8 +71,8 @@ def test_full_shape_deterministic(grid, heads, window, shift, dtype):
 
 @pytest.mark.parametrize("grid, heads, window, shift", LFVILA_LAYERS)
 def test_compiled_tile_equals_the_torch_tiles(grid, heads, window, shift):
-    """The compiled ``_htwa_tile_kernel`` rounds like torch (bf16 included, which the CPU interpreter cannot check:
-    it truncates), and its transpose is the transposed tile."""
+    """The compiled ``_window_attention_tile_kernel`` rounds like torch (bf16 included, which the CPU interpreter
+    cannot check: it truncates), and its transpose is the transposed tile."""
     from lfvila_kernels import _window_attention_launch as fused
 
     geo = fused._geometry(grid, window, shift, torch.device("cuda"))
