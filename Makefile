@@ -16,7 +16,9 @@ $(VENV)/.torch:
 	$(PY) -m pip install "torch==$(TORCH_VERSION)"
 	touch $@
 
-$(VENV)/.installed: setup.py pyproject.toml $(VENV)/.torch
+# Two distributions, both editable: lfvila-kernels (kernels/, torch + triton only) first, then lfvila, which depends on it.
+$(VENV)/.installed: setup.py pyproject.toml kernels/pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install -e ./kernels
 	$(PY) -m pip install -e ".[test]"
 	# timm and open_clip for the drop-in tests, without their dependencies: both require torchvision, whose only
 	# release for torch 2.13 is a CUDA build that does not load next to the CPU torch (and an unpinned one replaces
@@ -26,7 +28,8 @@ $(VENV)/.installed: setup.py pyproject.toml $(VENV)/.torch
 
 # The demo needs the package and its "demo" extra only: no DALI, pytest, ruff, timm or open_clip (what `make test`
 # adds on top).
-$(VENV)/.installed-demo: setup.py pyproject.toml $(VENV)/.torch
+$(VENV)/.installed-demo: setup.py pyproject.toml kernels/pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install -e ./kernels
 	$(PY) -m pip install -e ".[demo]"
 	touch $@
 
@@ -52,4 +55,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info kernels/*.egg-info .pytest_cache .ruff_cache

@@ -1,4 +1,6 @@
-"""Distribution ``lfvila``: the LF-VILA model library (``lfvila``) and its Triton kernels (``lfvila_kernels``).
+"""Distribution ``lfvila``: the LF-VILA model library (``lfvila``). It depends on ``lfvila-kernels``, the Triton
+kernels, a distribution of their own in ``kernels/`` (``kernels/pyproject.toml``; torch and triton only), installed
+first: ``pip install ./kernels`` then ``pip install .`` (the Makefile installs both editable).
 
 The kernels live in ``kernels/lfvila_kernels/``, so the folder path matches the import name ``lfvila_kernels``. The
 folder ``kernels/`` itself is no package (no ``__init__.py``): a package named ``kernels`` importable from the checkout
@@ -7,16 +9,16 @@ so load a second copy of our kernels that re-registers their ``torch.library`` o
 Install torch first, pinned (``make test`` does): an unpinned torch requirement pulls a multi-GB CUDA build.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="lfvila",
     version="0.1.0",
     description="Fast LF-VILA: long-form video-language pre-training with fused Triton kernels",
     python_requires=">=3.10",
-    packages=["lfvila", "lfvila_kernels"],
-    package_dir={"lfvila": "lfvila", "lfvila_kernels": "kernels/lfvila_kernels"},
+    packages=find_packages(include=["lfvila", "lfvila.*"]),  # the subpackages too (a plain ["lfvila"] omits them)
     install_requires=[
+        "lfvila-kernels==0.1.0",  # kernels/: install it first (pip resolves it from there, not from an index)
         "torch>=2.5",
         "triton>=3.0",
         "einops>=0.7",
