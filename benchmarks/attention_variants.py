@@ -453,3 +453,49 @@ VARIANTS: dict[str, Variant] = {
 }  # fmt: skip
 # Providers run by default on every shape set; the others (full attention) only where a shape set asks for them.
 DEFAULT_PROVIDERS = tuple(name for name in VARIANTS if name != "full-sdpa")
+
+
+# --------------------------------------------------------------------------------------------------- your own provider
+def provider(computes: str, bias: bool = True, refusal=None, compiles: bool = False) -> Callable[[Builder], Variant]:
+    """Decorator: a builder ``make(q, k, v, window, shift, table, scale) -> forward`` as a :class:`Variant`, declaring
+    the function it computes (one of :data:`COMPUTES`), so ``--provider`` can load it::
+
+        @provider(computes="window_attention")
+        def make_provider(q, k, v, window, shift, table, scale):
+            ...  # one-time set-up
+            return lambda: my_attention(q, k, v, ...)  # (B, T, H, W, heads, head_dim)
+    """
+    return lambda make: Variant(make, refusal, computes, bias, compiles)
+
+
+def load_provider(spec: str, taken=()) -> tuple[str, Variant]:
+    """A provider from outside the repository: ``[NAME=]module.path:attr`` -> ``(NAME, Variant)``.
+
+    ``attr`` is a :class:`Variant` (e.g. made by :func:`provider`), or a builder function that declares what it
+    computes in attributes: ``make.computes`` (required, one of :data:`COMPUTES`), and optionally ``make.bias``,
+    ``make.refusal``, ``make.compiles`` (the :class:`Variant` fields). ``NAME`` defaults to ``attr`` without a leading
+    ``make_``, underscores as dashes. The module must be importable by that name: installed, or under the current
+    directory (which ``python -m`` puts first on ``sys.path``). ``taken``: names already in use (a clash is refused)."""
+    import importlib
+
+    name, _, target = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"--provider {spec!r}: expected [NAME=]module.path:attr, e.g. my_pkg.my_mod:make_provider")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"--provider {spec!r}: cannot load {target}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, Variant):
+        if not callable(obj) or not hasattr(obj, "computes"):
+            raise SystemExit(f"--provider {spec!r}: {target} is neither a Variant nor a builder declaring "
+                             f"`computes` (one of {COMPUTES}); see benchmarks/README.md, 'Your own provider'")
+        try:
+            obj = Variant(obj, getattr(obj, "refusal", None), obj.computes, getattr(obj, "bias", True),
+                          getattr(obj, "compiles", False))  # fmt: skip
+        except ValueError as exc:
+            raise SystemExit(f"--provider {spec!r}: {exc}") from exc
+    name = name or attr.removeprefix("make_").replace("_", "-")
+    if name in taken or name in VARIANTS:
+        raise SystemExit(f"--provider {spec!r}: the name {name!r} is taken; choose another with NAME=...")
+    return name, obj

@@ -433,6 +433,9 @@ def _parse(argv):
     suite.add_output(p, "benchmarks/results/attention-<cpu|cuda>.csv")
     p.add_argument("--providers", default=None, help="comma-separated subset of the providers (default: all but "
                    "full-sdpa, which the long-form set adds)")  # fmt: skip
+    p.add_argument("--provider", action="append", default=[], metavar="[NAME=]MODULE:ATTR",
+                   help="your own provider, loaded from MODULE (attention_variants.load_provider; repeatable): run "
+                        "with the others, or alone with --providers NAME")  # fmt: skip
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     suite.add_device(p, suite.DTYPES)
     p.add_argument("--cases", default=None, help="comma-separated subset of the set's shapes by x value (e.g. "
@@ -457,11 +460,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     cpu = device.type == "cpu"
     suite.use_interpreter(device, args.interpret_ok)  # before the kernels' module (and so triton.jit) is imported
 
-    from benchmarks.attention_variants import DEFAULT_PROVIDERS, VARIANTS
+    from benchmarks.attention_variants import DEFAULT_PROVIDERS, VARIANTS, load_provider
 
     shape_set = SHAPE_SETS[args.shapes]
-    default = list(DEFAULT_PROVIDERS) + [n for n in shape_set.extra_providers if n not in DEFAULT_PROVIDERS]
-    names = suite.pick(args.providers, VARIANTS, "providers", default)
+    variants = dict(VARIANTS)
+    for spec in args.provider:
+        name, variant = load_provider(spec, taken=variants)
+        variants[name] = variant
+    own = [n for n in variants if n not in VARIANTS]
+    default = list(DEFAULT_PROVIDERS) + [n for n in shape_set.extra_providers if n not in DEFAULT_PROVIDERS] + own
+    names = suite.pick(args.providers, variants, "providers", default)
     modes = suite.pick(args.modes, MODES, "modes")
     for name in ("batch", "frames"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -480,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     session = suite.start(args, device, f"benchmarks/results/attention-{device.type}.csv")
     print(f"# {args.shapes}: {len(cases)} shapes, dtype {dtype}, providers {names}, modes {modes} -> {session.out}",
           flush=True)  # fmt: skip
-    rows = run(cases, {n: VARIANTS[n] for n in names}, modes, dtype, device, session.writer, suite.timing(args),
+    rows = run(cases, {n: variants[n] for n in names}, modes, dtype, device, session.writer, suite.timing(args),
                log=harness.log, full_max_flops=args.full_max_flops, compile_budget=args.compile_budget)  # fmt: skip
     return session.finish(rows, markdown_summary(rows))
 

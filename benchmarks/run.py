@@ -6,6 +6,7 @@ Commands (from the repository root; ``make bench`` runs the first with ``--label
     python -m benchmarks.run --suite attention --shapes long-form --label cpu-try   # one shape set
     python -m benchmarks.run --suite attention --label pr-123 --compare h200-main  # exit 1 on a regression
     python -m benchmarks.run --suite contrastive --label try -- --sizes 1024,2048  # arguments after -- go to the suite
+    python -m benchmarks.run --suite attention --label mine --provider my_pkg.my_mod:make_provider  # your own variant
 
 Suites: ``attention`` (``bench_attention``, one call per shape set of ``--shapes``: a name, a comma-separated list or
 ``all``), ``contrastive`` (``bench_contrastive``), ``decode`` (``bench_decode``), ``train`` (``bench_train_step``),
@@ -47,8 +48,10 @@ def _shape_sets(spec: str) -> list[str]:
     return names
 
 
-def run_suite(suite: str, label: str, out_dir: Path, shapes: str, device: str, extra: Sequence[str]) -> list[dict]:
-    """Run one suite through its module's ``main``; return its rows (also appended to ``<suite>-<label>.csv``)."""
+def run_suite(suite: str, label: str, out_dir: Path, shapes: str, device: str, extra: Sequence[str],
+              providers: Sequence[str] = ()) -> list[dict]:
+    """Run one suite through its module's ``main``; return its rows (also appended to ``<suite>-<label>.csv``).
+    ``providers``: ``--provider`` specs for the attention suite."""
     module = importlib.import_module(MODULES[suite])
     csv_path = out_dir / f"{suite}-{label}.csv"
     common = ["--label", label, "--out", str(csv_path)]
@@ -56,6 +59,8 @@ def run_suite(suite: str, label: str, out_dir: Path, shapes: str, device: str, e
         common += ["--device", device]
     summaries, rows = [], []
     calls = [["--shapes", s] for s in _shape_sets(shapes)] if suite == "attention" else [[]]
+    if suite == "attention":
+        calls = [[*call, *(a for spec in providers for a in ("--provider", spec))] for call in calls]
     for call in calls:
         print(f"\n## {suite} {' '.join(call)}".rstrip(), flush=True)
         got = module.main([*call, *common, *extra])
@@ -77,6 +82,8 @@ def _parse(argv):
     p.add_argument("--baseline-csv", nargs="*", default=[], help="more CSVs to search for the --compare label")
     p.add_argument("--threshold", type=float, default=0.10, help="relative change that counts in --compare")
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs (the markdown still gets the tables)")
+    p.add_argument("--provider", action="append", default=[], metavar="[NAME=]MODULE:ATTR",
+                   help="attention suite: your own provider (bench_attention --provider; repeatable)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: arguments passed to every suite's CLI")
     args = p.parse_args(argv)
     if args.extra and args.extra[0] == "--":
@@ -98,10 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     if args.suite != "attention" and args.shapes != "all" and "attention" not in suites:
         print(f"note: --shapes {args.shapes} applies to the attention suite only", file=sys.stderr)
+    if args.provider and "attention" not in suites:
+        print("note: --provider applies to the attention suite only", file=sys.stderr)
     started = time.perf_counter()
     rows: list[dict] = []
     for suite in suites:
-        rows.extend(run_suite(suite, args.label, out_dir, args.shapes, args.device, args.extra))
+        rows.extend(run_suite(suite, args.label, out_dir, args.shapes, args.device, args.extra, args.provider))
     print(f"\n# {len(rows)} rows from {', '.join(suites)} in {time.perf_counter() - started:.0f} s", flush=True)
 
     from benchmarks import plot
