@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import inspect
 import json
 import os
@@ -61,11 +62,15 @@ if Path(lfvila_kernels.__file__).with_name("_window_attention_launch.py").exists
     from lfvila_kernels import _contrastive_launch as fused_cl  # noqa: E402
     from lfvila_kernels import _window_attention_kernels as kernels_wa  # noqa: E402
     from lfvila_kernels import _window_attention_launch as fused  # noqa: E402
+
+    kernels_wa_split = (importlib.import_module("lfvila_kernels._window_attention_split_kernels")
+                        if Path(lfvila_kernels.__file__).with_name("_window_attention_split_kernels.py").exists()
+                        else kernels_wa)  # the split backward's own module, from v3 on
 else:  # before the split: kernels and launchers in one module per op
     from lfvila_kernels import _contrastive_triton as fused_cl  # noqa: E402
     from lfvila_kernels import _window_attention_triton as fused  # noqa: E402
 
-    kernels_cl, kernels_wa = fused_cl, fused
+    kernels_cl, kernels_wa, kernels_wa_split = fused_cl, fused, fused
 
 # Contrastive problems (N, d) of the resources report: the kernels specialise on tiles, not on N.
 CL_SHAPES = {"d256": (256, 256), "d512": (256, 512), "d1024": (256, 1024), "d2048": (256, 2048)}
@@ -351,7 +356,7 @@ def main(argv=None):
                                   unshifted=args.out is not None and set(passes) == {"fwd", "bwd"})
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
-        pairs = (("window_attention", (kernels_wa, fused)), ("contrastive", (kernels_cl, fused_cl)))
+        pairs = (("window_attention", (kernels_wa, kernels_wa_split, fused)), ("contrastive", (kernels_cl, fused_cl)))
         modules = [m for op, pair in pairs if op in ops for m in dict.fromkeys(pair)]
         command = "python -m benchmarks.kernel_resources " + " ".join(argv if argv is not None else sys.argv[1:])
         if os.environ.get("PYTHONPATH"):  # e.g. the kernels of another commit: `git archive C kernels | tar -x -C D`

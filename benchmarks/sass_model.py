@@ -231,9 +231,14 @@ def _window_attention_fwd(launch: Launch) -> dict:
 
 
 def _window_attention_dq(launch: Launch) -> dict:
+    """The dq kernel's key-block loop; before it lost the bias gradient (``n_split`` in the launch), it walked the
+    items of a split outside that loop."""
+    keys = Static(_cdiv(_window(launch), launch["BLOCK_N"]))
+    if "n_split" not in launch:
+        return {"elements": launch["BLOCK_M"] * launch["BLOCK_N"], "useful": 0.2, "trips": [keys]}
     items = launch["n_items"] if "n_items" in launch else launch["n_win"] * launch["B"]
     return {"elements": launch["BLOCK_M"] * launch["BLOCK_N"], "useful": 0.2,
-            "trips": [items / launch["n_split"], Static(_cdiv(_window(launch), launch["BLOCK_N"]))]}
+            "trips": [items / launch["n_split"], keys]}
 
 
 def _cl_fwd(launch: Launch) -> dict:
@@ -295,8 +300,11 @@ KERNEL_MODELS: dict[str, Callable[[Launch], dict]] = {
     "_window_attention_bwd_dkdv_kernel": lambda launch: {
         "elements": launch["BLOCK_M"] * launch["BLOCK_N"], "useful": 0.8,
         "trips": [Static(_cdiv(_window(launch), launch["BLOCK_M"]))]},
-    # the items of a split x key blocks; recomputes S and dP, adds dQ
+    # key blocks (v2 at first: the items of a split x key blocks, with the bias gradient); recomputes S and dP, adds dQ
     "_window_attention_bwd_dq_kernel": _window_attention_dq,
+    # long windows' bias-gradient partial: a group's items x one (query block, key block) tile; recomputes S and dP
+    "_window_attention_bwd_db_kernel": lambda launch: {
+        "elements": launch["BLOCK_M"] * launch["BLOCK_N"], "useful": 0.0, "trips": _group_trips(launch)},
     # v2, windows of <= 128 padded tokens: all five GEMMs of an item's P x P scores per trip of the item loop
     "_window_attention_bwd_fused_kernel": lambda launch: {
         "elements": launch["P"] * launch["P"], "useful": 1.0, "trips": _group_trips(launch)},

@@ -1,5 +1,6 @@
-"""Triton kernels for HTWA window attention, forward and backward (``@triton.jit`` only: the geometry-dependent
-configs, the launchers and the ``torch.library`` op are in ``_window_attention_launch.py``).
+"""Triton kernels for HTWA window attention, forward, fused backward, tile and bias-gradient fold (``@triton.jit``
+only: the split backward of long windows is in ``_window_attention_split_kernels.py``; the geometry-dependent configs,
+the launchers and the ``torch.library`` op in ``_window_attention_launch.py``).
 
 Design (v2): nothing is decoded per score element. Everything that depends only on the geometry (grid, window, shift)
 is computed once per call in torch, on tensors of a few KB to a few MB, and read by the kernels:
@@ -30,13 +31,15 @@ forward saves the per-row log-sum-exp ``lse`` (log2 units) ``(B, T, H, W, heads)
   walks the queries in one or two sub-blocks and gets dq, dk, dv and the bias-gradient partial from one pass: one
   read of q, k, v, dO, one exp, five GEMMs. The bias-gradient partial of the group stays in registers across the
   group's items and is written once: ``(groups, heads, P, P)`` fp32, then summed over groups in a fixed order.
-* longer windows: one kernel per key block for dk, dv and one per query block for dq and the bias gradient (a
-  program-private fp32 partial of the dense ``(heads, P, P)`` gradient, summed over a fixed set of items in a fixed
-  order).
+* longer windows (``_window_attention_split_kernels.py``): one kernel per key block for dk, dv (keys as the rows, the
+  transposed tile), one per query block for dq, and one per (group of items, query block x key block tile) for the
+  bias-gradient partial: the tile's dS summed over the group's items in registers and written once, ``(groups,
+  heads, P, P)`` fp32 (no read-modify-write of a partial slab).
 
 Two small kernels do the rest on the GPU: ``_window_attention_tile_kernel`` builds the tile (forward, and transposed
-for the fused backward) in one pass, and ``_window_attention_bias_grad_kernel`` sums the partials over groups or
-splits and folds them onto the table rows in one pass, in a fixed order (each table row owns the list of its pairs).
+for the fused backward and the dk/dv kernel) in one pass, and ``_window_attention_bias_grad_kernel`` sums the partials
+over groups and folds them onto the table rows in one pass, in a fixed order (each table row owns the list of its
+pairs).
 No atomics anywhere: every gradient is bitwise repeatable.
 """
 
@@ -303,121 +306,6 @@ def _window_attention_bwd_fused_kernel(
         if P == 4 * QB:
             tl.store(base + 2 * QB * P, db2 * inv_scale)
             tl.store(base + 3 * QB * P, db3 * inv_scale)
-
-
-@triton.jit
-def _window_attention_bwd_dkdv_kernel(
-    Q, K, V, TILE, TOK, CLS, DO, LSE, DELTA, DK, DV,  # DO, DK, DV contiguous like O; LSE, DELTA fp32
-    s_qb, s_qx, s_qn,
-    s_kb, s_kx, s_kn,
-    s_vb, s_vx, s_vn,
-    s_ob, s_ox, s_on,  # strides shared by DO, DK, DV
-    s_tc, s_th,
-    NH, n_tok, n_kblk, qk_scale, sm_scale,
-    HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_TILE: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
-):
-    """Long windows: one program per (window, key block, batch * head) loops over the window's query blocks."""
-    pid = tl.program_id(0)
-    win = pid // n_kblk
-    offs_n = (pid % n_kblk) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = tl.program_id(1) // NH
-    if I64:
-        b = b.to(tl.int64)
-    head = tl.program_id(1) % NH
-    tile_base = TILE + tl.load(CLS + win) * s_tc + head * s_th
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HD
-    tk = _rows(TOK, win, offs_n, P, I64)
-    kmask = (tk >= 0)[:, None] & dmask[None, :]
-    k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, P, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        tq = _rows(TOK, win, offs_m, P, I64)
-        vq = tq >= 0
-        qmask = vq[:, None] & dmask[None, :]
-        q = tl.load(Q + b * s_qb + head * s_qn + tq[:, None] * s_qx + offs_d[None, :], mask=qmask, other=0.0)
-        do = tl.load(DO + b * s_ob + head * s_on + tq[:, None] * s_ox + offs_d[None, :], mask=qmask, other=0.0)
-        row = (b * n_tok + tq) * NH + head
-        lse = tl.load(LSE + row, mask=vq, other=0.0)
-        delta = tl.load(DELTA + row, mask=vq, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if HAS_TILE:
-            s += tl.load(tile_base + offs_m[:, None] * P + offs_n[None, :]).to(tl.float32)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
-    out_off = b * s_ob + head * s_on + tk[:, None] * s_ox + offs_d[None, :]
-    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask)
-
-
-@triton.jit
-def _window_attention_bwd_dq_kernel(
-    Q, K, V, TILE, TOK, CLS, DO, LSE, DELTA, DQ, DBP,  # DBP: bias-gradient partials (SPLIT, heads, P, P) fp32
-    s_qb, s_qx, s_qn,
-    s_kb, s_kx, s_kn,
-    s_vb, s_vx, s_vn,
-    s_ob, s_ox, s_on,  # strides shared by DO, DQ
-    s_tc, s_th,
-    B, NH, n_tok, n_win, n_split, qk_scale, sm_scale,  # items = (window, batch) pairs, n_win * B of them
-    HD: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_TILE: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
-):
-    """Long windows: one program per (split, query block, head) walks a fixed set of items in a fixed order."""
-    split = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    head = tl.program_id(2)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HD
-    db_ptr = DBP + (split * NH + head).to(tl.int64) * (P * P) + offs_m[:, None] * P
-    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # one key block covers the window: in registers
-
-    for item in range(split, n_win * B, n_split):  # a fixed set of items in a fixed order: deterministic partials
-        b = item % B
-        if I64:
-            b = b.to(tl.int64)
-        win = item // B
-        tile_base = TILE + tl.load(CLS + win) * s_tc + head * s_th
-        tq = _rows(TOK, win, offs_m, P, I64)
-        vq = tq >= 0
-        qmask = vq[:, None] & dmask[None, :]
-        q = tl.load(Q + b * s_qb + head * s_qn + tq[:, None] * s_qx + offs_d[None, :], mask=qmask, other=0.0)
-        o_off = b * s_ob + head * s_on + tq[:, None] * s_ox + offs_d[None, :]
-        do = tl.load(DO + o_off, mask=qmask, other=0.0)
-        row = (b * n_tok + tq) * NH + head
-        lse = tl.load(LSE + row, mask=vq, other=0.0)
-        delta = tl.load(DELTA + row, mask=vq, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, P, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            tk = _rows(TOK, win, offs_n, P, I64)
-            kmask = (tk >= 0)[:, None] & dmask[None, :]
-            k = tl.load(K + b * s_kb + head * s_kn + tk[:, None] * s_kx + offs_d[None, :], mask=kmask, other=0.0)
-            v = tl.load(V + b * s_vb + head * s_vn + tk[:, None] * s_vx + offs_d[None, :], mask=kmask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            if HAS_TILE:
-                s += tl.load(tile_base + offs_m[:, None] * P + offs_n[None, :]).to(tl.float32)
-            p = tl.math.exp2(s * qk_scale - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-            if BIAS_GRAD:
-                if BLOCK_N == P:
-                    db_acc += ds
-                else:  # this program alone owns these partial rows, and each thread rereads what it wrote
-                    ptrs = db_ptr + offs_n[None, :]
-                    tl.store(ptrs, tl.load(ptrs) + ds)
-        tl.store(DQ + o_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
-
-    if BIAS_GRAD:
-        if BLOCK_N == P:
-            tl.store(db_ptr + tl.arange(0, BLOCK_N)[None, :], db_acc)
 
 
 @triton.jit

@@ -15,11 +15,14 @@ import triton
 from ._window_attention_kernels import (
     _window_attention_bias_grad_kernel,
     _window_attention_bwd_delta_kernel,
-    _window_attention_bwd_dkdv_kernel,
-    _window_attention_bwd_dq_kernel,
     _window_attention_bwd_fused_kernel,
     _window_attention_fwd_kernel,
     _window_attention_tile_kernel,
+)
+from ._window_attention_split_kernels import (
+    _window_attention_bwd_db_kernel,
+    _window_attention_bwd_dkdv_kernel,
+    _window_attention_bwd_dq_kernel,
 )
 from ._window_geometry import geometry as _geometry
 from ._window_geometry import pow2 as _pow2
@@ -43,8 +46,10 @@ _config_override: dict | None = None
 def override_config(**cfg):
     """Force tiles and work split in a scope, for tests (the multi-block, multi-group and split paths at small
     shapes) and tuning runs. Keys: ``fwd_m``, ``fwd_n`` (forward tiles), ``group`` (items per program),
+    ``fwd_warps``, ``fused_warps`` (warps of the forward and the fused backward; default: ``_chained_warps``),
     ``bwd`` (``"fused"`` or ``"split"``), ``fused_qb`` (the fused backward's query sub-block), ``dkdv_m``,
-    ``dkdv_n``, ``dq_m``, ``dq_n`` (the split backward's tiles), ``split`` (its item splits), ``i64`` (int64
+    ``dkdv_n``, ``dq_m``, ``dq_n``, ``db_m``, ``db_n`` (the split backward's tiles: ``_m`` queries, ``_n`` keys),
+    ``split`` (the split backward's bias-gradient kernel: items per group ``ceil(items / split)``), ``i64`` (int64
     offsets, which only tensors of 2**31 elements need)."""
     global _config_override
     previous, _config_override = _config_override, dict(cfg)
@@ -64,29 +69,33 @@ def _blocks(P: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Default tiles for a window of ``P`` padded tokens; ``override_config`` sets others.
 
     LF-VILA's windows hold 30, 60, 120, 240, 480 tokens: P = 32, 64, 128, 256, 512. Half precision (tensor cores):
-    up to 128 the forward takes the whole window as one tile (its bias + mask tile then stays in registers) and the
-    backward is the fused kernel; beyond, 128 x 128 forward tiles and the split backward, 2 pipeline stages.
+    up to 128 the forward takes the whole window as one tile (its bias + mask tile then stays in registers; one warp
+    per 32 rows up to P = 64, ``fwd_warps``: fewer instructions per score element than a warp per 16 rows, 12.3
+    against 13.6 at P = 32 and 9.0 against 10.7 at P = 64) and the backward is the fused kernel; beyond, 128 x 128
+    forward tiles and the split backward (dk/dv 64 keys x 64 queries, dq 128 x 128, bias-gradient 64 x 64), 2
+    pipeline stages.
 
     fp32 (IEEE products on FFMA: both operands of every dot live in registers) has its own table, chosen with the
     compiled-code yardstick (``benchmarks.kernel_resources --issue-floor --dtype fp32``; sm_90): the half tiles make
     ptxas fall back to 32 registers and spill 8-11 KB a thread from P = 128 on. One pipeline stage, 64 x 32 forward
     tiles (64 x 16 at head_dim 64: the forward keeps a window's q and o offsets in registers across its batch
-    items) and 32 x 32 split-backward tiles (32 x 16 at head_dim 64) spill at most 16 bytes; the fused backward is
-    kept for P <= 32 only (at P = 64 it spills 1.6 KB). Summed issue floor of lfvila-base's 24 blocks at B = 16,
-    T = 32, head_dim 32: 42 ms with the half tiles, 25 ms with these (benchmarks/NOTES-window-attention.md)."""
+    items) and 32 x 32 split-backward tiles (at head_dim 64: dk/dv 32 keys x 16 queries, dq 32 x 16, bias gradient
+    16 x 16) spill at most 16 bytes; the fused backward is kept for P <= 32 only (at P = 64 it spills 1.6 KB)
+    (benchmarks/NOTES-window-attention.md)."""
     if dtype == torch.float32:
-        fwd_m = min(P, 64 if head_dim <= 64 else 32)
-        cfg = dict(fwd_m=fwd_m, fwd_n=min(P, 32 if head_dim <= 32 else 16),
+        cfg = dict(fwd_m=min(P, 64 if head_dim <= 64 else 32), fwd_n=min(P, 32 if head_dim <= 32 else 16),
                    bwd="fused" if P <= 32 else "split", fused_qb=P if P <= 32 else 32,
-                   dkdv_m=min(P, 32), dkdv_n=min(P, 32 if head_dim <= 32 else 16), dq_m=min(P, 32),
-                   dq_n=P if P <= 32 else (32 if head_dim <= 32 else 16), stages=1)
+                   dkdv_m=min(P, 32 if head_dim <= 32 else 16), dkdv_n=min(P, 32), dq_m=min(P, 32),
+                   dq_n=P if P <= 32 else (32 if head_dim <= 32 else 16),
+                   db_m=min(P, 32 if head_dim <= 32 else 16), db_n=min(P, 32 if head_dim <= 32 else 16), stages=1)
     elif P <= _FUSED_MAX:
-        cfg = dict(fwd_m=P, fwd_n=P, bwd="fused", fused_qb=min(P, 64), dkdv_m=min(P, 64), dkdv_n=min(P, 64),
-                   dq_m=min(P, 64), dq_n=P, stages=2)
+        cfg = dict(fwd_m=P, fwd_n=P, fwd_warps=max(1, P // 32) if P <= 64 else _chained_warps(P), bwd="fused",
+                   fused_qb=min(P, 64), dkdv_m=min(P, 64), dkdv_n=min(P, 64), dq_m=min(P, 64), dq_n=P,
+                   db_m=min(P, 64), db_n=min(P, 64), stages=2)
     else:
         wide = head_dim <= 64
         cfg = dict(fwd_m=128 if wide else 64, fwd_n=128 if wide else 64, bwd="split", fused_qb=64, dkdv_m=64,
-                   dkdv_n=64, dq_m=64, dq_n=64, stages=2)
+                   dkdv_n=64, dq_m=128 if wide else 64, dq_n=128 if wide else 64, db_m=64, db_n=64, stages=2)
     if _config_override:
         cfg.update({k: v for k, v in _config_override.items() if k not in ("split", "group", "i64")})
     if cfg["bwd"] == "fused" and (P > _FUSED_MAX or P not in (cfg["fused_qb"] * n for n in (1, 2, 4))):
@@ -154,7 +163,7 @@ def _tile(geo: dict, table: torch.Tensor | None, window, dtype: torch.dtype, sca
 
 
 def _bias_grad(partials: torch.Tensor, geo: dict, window) -> torch.Tensor:
-    """The table gradient ``(rows, heads)`` fp32 from the dense partials ``(splits, heads, P, P)``: one pass of
+    """The table gradient ``(rows, heads)`` fp32 from the dense partials ``(groups, heads, P, P)``: one pass of
     ``_window_attention_bias_grad_kernel`` (fixed order; no atomics)."""
     rel = _rel_tables(geo, window)
     if partials.shape[0] > _FOLD_MAX_SPLITS:  # many small partials (the fused backward's groups): one contiguous
@@ -171,22 +180,26 @@ def _bias_grad(partials: torch.Tensor, geo: dict, window) -> torch.Tensor:
     return out
 
 
-def _groups(geo: dict, B: int, heads: int, device: torch.device) -> tuple[torch.Tensor, int]:
+def _groups(geo: dict, B: int, programs: int, device: torch.device, size: int | None = None
+            ) -> tuple[torch.Tensor, int]:
     """Split the (window, batch) items into groups of one class: whole windows (``order[j0:j0 + nj]``, every batch)
     when a group holds at least ``B`` items, else one window and a batch range ``b0:b0 + nb``. A program walks its
     group's windows and, inside, the batches, so a window's token offsets are computed once for its batch items.
 
-    Group size: enough programs (groups x heads) for about 4 per SM, a function of shapes and the device only, so
-    the bias-gradient summation order is the same on every run. Returns ``grp (groups, 5)`` int32 on ``device``,
-    rows ``(j0, nj, b0, nb, class)``, and the groups' largest item count."""
+    Group size ``size`` items, or (None) enough groups that the launch (``programs`` programs per group: the heads,
+    times the tiles of a window where a program takes one) has about 4 programs per SM, a function of shapes and the
+    device only, so the bias-gradient summation order is the same on every run. Returns ``grp (groups, 5)`` int32 on
+    ``device``, rows ``(j0, nj, b0, nb, class)``, and the groups' largest item count."""
     n_items = geo["n_win"] * B
     sms = _sm_count(device)
-    if _config_override and "group" in _config_override:
+    if size is not None:
+        size = max(1, int(size))
+    elif _config_override and "group" in _config_override:
         size = max(1, int(_config_override["group"]))
     elif sms is None:
         size = 2  # the interpreter: several items per program and several programs, at test sizes
     else:
-        size = max(1, math.ceil(n_items * heads / (4 * sms)))
+        size = max(1, math.ceil(n_items * programs / (4 * sms)))
     rows = []
     bounds = geo["class_start"]
     for c in range(len(bounds) - 1):
@@ -245,26 +258,9 @@ def _launch_fwd(q, k, v, table, window, shift, scale):
         nh, T * H * W, scale * LOG2E,
         HD=hd, BLOCK_D=_pow2(hd), P=P, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], HAS_TILE=tile is not None,
         DOT_PREC=_dot_precision(q.dtype), I64=_needs_i64(q, k, v, o, lse), FAST=not interpreting(),
-        num_warps=_chained_warps(cfg["fwd_m"]), num_stages=cfg["stages"],
+        num_warps=cfg.get("fwd_warps") or _chained_warps(cfg["fwd_m"]), num_stages=cfg["stages"],
     )
     return o, lse
-
-
-def _num_splits(n_items: int, programs_per_split: int, warps: int, partial_bytes: int, input_bytes: int,
-                device: torch.device) -> int:
-    """How many programs share the (batch, window) items of one (query tile, head) in the split backward's dq kernel.
-
-    Enough programs for ~32 warps per SM, as long as the fp32 partials stay within twice the size of q (at least
-    32 MB, at most 256 MB). A function of shapes and the device only, so the bias-gradient summation order is the
-    same on every run."""
-    if _config_override and "split" in _config_override:
-        return max(1, min(n_items, int(_config_override["split"])))
-    sms = _sm_count(device)
-    if sms is None:
-        return min(n_items, 2)
-    want = math.ceil(32 * sms / (programs_per_split * warps))
-    budget = min(256 << 20, max(32 << 20, 2 * input_bytes))
-    return max(1, min(n_items, want, budget // max(1, partial_bytes)))
 
 
 def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True):
@@ -305,36 +301,42 @@ def _launch_bwd(do, q, k, v, o, lse, table, window, shift, scale, bias_grad=True
             q, k, v, o, do, lse, lse if delta is None else delta, tile_arg, geo["tok"], geo["order"], grp,
             dq, dk, dv, partials,
             *in_strides, *s_tile, nh, n_tok, scale * LOG2E, scale,
-            QB=cfg["fused_qb"], BIAS_GRAD=bias_grad, num_warps=_chained_warps(P), **common,
+            QB=cfg["fused_qb"], BIAS_GRAD=bias_grad, num_warps=cfg.get("fused_warps") or _chained_warps(P), **common,
         )
-    else:
+    else:  # long windows: dk/dv per key block (keys as rows: the transposed tile), dq per query block, the
+        # bias-gradient partial per (group of items, tile)
         tile_arg = q if tile is None else tile
         s_tile = (0, 0) if tile is None else (tile.stride(0), tile.stride(1) if tile.shape[1] > 1 else 0)
+        tile_t = None if tile is None else _tile(geo, table, window, q.dtype, scale, transpose=True)
         n_kblk = P // cfg["dkdv_n"]
         _window_attention_bwd_dkdv_kernel[(geo["n_win"] * n_kblk, B * nh)](
-            q, k, v, tile_arg, geo["tok"], geo["cls"], do, lse, delta, dk, dv, *in_strides, *s_tile,
-            nh, n_tok, n_kblk, scale * LOG2E, scale,
-            BLOCK_M=cfg["dkdv_m"], BLOCK_N=cfg["dkdv_n"], num_warps=_chained_warps(cfg["dkdv_m"]), **common,
+            q, k, v, q if tile_t is None else tile_t, geo["tok"], geo["cls"], do, lse, delta, dk, dv, *in_strides,
+            *s_tile, nh, n_tok, n_kblk, scale * LOG2E, scale,
+            BLOCK_M=cfg["dkdv_m"], BLOCK_N=cfg["dkdv_n"], num_warps=_chained_warps(cfg["dkdv_n"]), **common,
         )
         n_qblk = P // cfg["dq_m"]
-        n_items = B * geo["n_win"]
-        warps = _chained_warps(cfg["dq_m"])
-        if not bias_grad:
-            n_split, partials = n_items, q  # one program per item; no partials
-        else:
-            n_split = _num_splits(n_items, n_qblk * nh, warps, nh * P * P * 4, q.numel() * q.element_size(),
-                                  q.device)
-            alloc = torch.empty if cfg["dq_n"] == P else torch.zeros  # the register path overwrites; RMW adds
-            partials = alloc((n_split, nh, P, P), dtype=torch.float32, device=q.device)
-        _window_attention_bwd_dq_kernel[(n_split, n_qblk, nh)](
-            q, k, v, tile_arg, geo["tok"], geo["cls"], do, lse, delta, dq, partials, *in_strides, *s_tile,
-            B, nh, n_tok, geo["n_win"], n_split, scale * LOG2E, scale,
-            BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], BIAS_GRAD=bias_grad, num_warps=warps, **common,
+        _window_attention_bwd_dq_kernel[(geo["n_win"] * n_qblk, B * nh)](
+            q, k, v, tile_arg, geo["tok"], geo["cls"], do, lse, delta, dq, *in_strides, *s_tile,
+            nh, n_tok, n_qblk, scale * LOG2E, scale,
+            BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], num_warps=_chained_warps(cfg["dq_m"]), **common,
         )
+        if bias_grad:
+            tiles = (P // cfg["db_m"]) * (P // cfg["db_n"])
+            split = _config_override.get("split") if _config_override else None
+            size = None if split is None else -(-(B * geo["n_win"]) // max(1, int(split)))
+            grp, _ = _groups(geo, B, nh * tiles, q.device, size)
+            partials = torch.empty((grp.shape[0], nh, P, P), dtype=torch.float32, device=q.device)
+            _window_attention_bwd_db_kernel[(grp.shape[0], tiles, nh)](  # not chained: 32 elements a thread
+                q, k, v, tile, geo["tok"], geo["order"], grp, do, lse, delta, partials, *in_strides, *s_tile,
+                nh, n_tok, P // cfg["db_n"], scale * LOG2E,
+                HD=hd, BLOCK_D=BLOCK_D, P=P, BLOCK_M=cfg["db_m"], BLOCK_N=cfg["db_n"], DOT_PREC=common["DOT_PREC"],
+                I64=common["I64"], num_stages=cfg["stages"],
+                num_warps=max(1, min(8, cfg["db_m"] * cfg["db_n"] // 1024)),
+            )
     if not bias_grad:
         dtable = q.new_empty(0)
     else:
-        dtable = _bias_grad(partials, geo, window).to(table.dtype)  # over groups / splits and pairs, fixed order
+        dtable = _bias_grad(partials, geo, window).to(table.dtype)  # over groups and pairs, fixed order
     return dq, dk, dv, dtable
 
 

@@ -107,7 +107,10 @@ def test_triton_fp16_within_twice_eager_error(shape, window, shift):
                      id="all-16-split3"),
         pytest.param(dict(fwd_m=32, fwd_n=16, bwd="split", dkdv_m=16, dkdv_n=32, dq_m=32, dq_n=16, split=1),
                      id="mixed-split1"),
-        pytest.param(dict(bwd="split", dq_n=32, split=2), id="split-dq-registers"),
+        pytest.param(dict(bwd="split", dq_n=32, split=2), id="split-dq-one-key-block"),
+        pytest.param(dict(bwd="split", dkdv_m=32, dkdv_n=16, dq_m=16, dq_n=32, db_m=16, db_n=32, split=8),
+                     id="split-bias-grad-tiles-groups8"),
+        pytest.param(dict(fwd_warps=2, fused_warps=1), id="warps-override"),
         pytest.param(dict(group=1, fused_qb=16), id="fused-group1-two-subblocks"),
         pytest.param(dict(group=5, fwd_m=16, fwd_n=32), id="fused-group5-fwd-rows16"),
         pytest.param(dict(i64=True, fwd_n=16, bwd="split", split=2), id="int64-offsets-split"),
@@ -115,9 +118,9 @@ def test_triton_fp16_within_twice_eager_error(shape, window, shift):
     ],
 )
 def test_triton_multi_block_paths(blocks):
-    """Windows spanning several key/query tiles (the online-softmax loop, the bias-gradient read-modify-write), the
-    split backward at a window the fused one would take, and other group sizes (items per program) and query
-    sub-blocks of the fused backward."""
+    """Windows spanning several key/query tiles (the online-softmax loop; the split backward's dk/dv, dq and
+    bias-gradient tiles, and its item groups), the split backward at a window the fused one would take, other group
+    sizes (items per program), query sub-blocks and warps of the fused backward."""
     check_triton_against_videoswin((2, 4, 6, 5, 2, 16), (2, 3, 5), (1, 1, 2), blocks=blocks)
 
 
@@ -134,7 +137,7 @@ def test_without_bias_and_custom_scale(impl):
 
 @pytest.mark.parametrize(
     "blocks", [pytest.param({}, id="default-fused"),
-               pytest.param(dict(bwd="split", dq_m=16, dq_n=16, split=3), id="split-rmw-split3")]
+               pytest.param(dict(bwd="split", dq_m=16, dq_n=16, db_m=16, db_n=16, split=3), id="split-groups3")]
 )
 def test_bias_gradient_is_deterministic(blocks):
     shape, window, shift = (2, 4, 6, 5, 2, 16), (2, 3, 5), (0, 1, 2)  # 8 (batch, window) pairs: 3 splits of them

@@ -87,11 +87,14 @@ def test_tiles_hold_scaled_bias_and_mask(dtype):
     assert bool(torch.isneginf(fused._tiles(padded, None, (2, 3, 5), dtype, scale)[..., 30:]).all())
 
 
-@pytest.mark.parametrize("B, heads, group", [(1, 2, None), (3, 1, 4), (2, 5, 1)])
-def test_groups_cover_items_once_within_one_class(B, heads, group):
+@pytest.mark.parametrize("B, heads, group, size", [(1, 2, None, None), (3, 1, 4, None), (2, 5, 1, None),
+                                                   (3, 2, 1, 7), (4, 1, None, 2)])
+def test_groups_cover_items_once_within_one_class(B, heads, group, size):
+    """``size`` (the split backward's bias-gradient groups) takes precedence over the ``group`` override."""
     geo = fused._geometry((5, 7, 11), (2, 3, 5), (1, 1, 2), torch.device("cpu"))
     with fused.override_config(**({} if group is None else {"group": group})):
-        grp, largest = fused._groups(geo, B, heads, torch.device("cpu"))
+        grp, largest = fused._groups(geo, B, heads, torch.device("cpu"), size)
+    group = size or group
     win_class = geo["cls"][geo["order"].long()].tolist()
     seen = []
     for g, (j0, nj, b0, nb, cls) in enumerate(grp.tolist()):
