@@ -22,8 +22,9 @@ $(VENV)/.installed: setup.py pyproject.toml kernels/pyproject.toml $(VENV)/.torc
 	$(PY) -m pip install -e ".[test]"
 	# timm and open_clip for the drop-in tests, without their dependencies: both require torchvision, whose only
 	# release for torch 2.13 is a CUDA build that does not load next to the CPU torch (and an unpinned one replaces
-	# torch). timm's Swin and open_clip's loss.py need only torch (see tests/kernels/test_patch.py).
-	$(PY) -m pip install --no-deps "timm==1.0.31" "open_clip_torch==3.3.0"
+	# torch). timm's Swin and open_clip's loss.py need only torch (see tests/kernels/test_patch.py); MONAI (SwinUNETR,
+	# tests/kernels/test_patch_monai.py) needs torch and numpy.
+	$(PY) -m pip install --no-deps "timm==1.0.31" "open_clip_torch==3.3.0" "monai==1.6.1"
 	touch $@
 
 # The demo needs the package and its "demo" extra only: no DALI, pytest, ruff, timm or open_clip (what `make test`

@@ -43,6 +43,6 @@ setup(
         # torchvision matching your torch first (torch 2.13.0: torchvision 0.28.0), or pip replaces torch. PyPI's
         # torchvision wheels are built against CUDA torch and do not load on a CPU build of torch; there the tests
         # use timm and open_clip_torch installed with --no-deps (see the Makefile).
-        "dropin": ["timm>=1.0", "open_clip_torch>=2.24"],
+        "dropin": ["timm>=1.0", "open_clip_torch>=2.24", "monai>=1.3"],
     },
 )

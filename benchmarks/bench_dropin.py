@@ -4,8 +4,8 @@
     python -m benchmarks.bench_dropin --label cpu-reduced        # CPU: reduced sizes, fp32
     python -m benchmarks.bench_dropin --reduced --label gpu-smoke --out /tmp/dropin.csv   # reduced sizes on CUDA
 
-Workloads (timm Swin, transformers Swin, CLIP's loss), their providers and sizes, rows, metrics and the
-torchvision-free timm import: benchmarks/README.md, section "Suites", "dropin".
+Workloads (timm Swin, transformers Swin and its Donut copy, MONAI SwinUNETR, CLIP's loss), their providers and
+sizes, rows, metrics and the torchvision-free timm import: benchmarks/README.md, section "Suites", "dropin".
 """
 
 from __future__ import annotations
@@ -28,18 +28,27 @@ import torch.nn.functional as F
 from benchmarks import harness, suite
 from benchmarks.plot import cell_text
 
-MODE = {"swin-timm": "train-step", "swin-hf": "train-step", "clip-loss": "fwd+bwd"}
+MODE = {"swin-timm": "train-step", "swin-hf": "train-step", "swin-donut": "train-step", "swin-monai": "train-step",
+        "clip-loss": "fwd+bwd"}  # fmt: skip
 PROVIDERS = {"swin-timm": ("unpatched", "patched"), "swin-hf": ("unpatched", "patched"),
+             "swin-donut": ("unpatched", "patched"), "swin-monai": ("unpatched", "patched"),
              "clip-loss": ("open_clip", "ours")}  # fmt: skip
 METRICS = (("time", "ms"), ("memory", "MB"), ("max_abs_err", "abs"))
 HF_SWIN_B_384 = {"image_size": 384, "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32],
                  "window_size": 12}  # fmt: skip
+DONUT_BASE = {"embed_dim": 128, "depths": [2, 2, 14, 2], "num_heads": [4, 8, 16, 32],
+              "window_size": 10}  # fmt: skip
+# MONAI SwinUNETR: input side (every side divisible by 32) and constructor keywords
+MONAI_BTCV = {"image": 96, "feature_size": 48, "window_size": 7}  # the BTCV recipe: 96^3 crops, feature size 48
+MONAI_CPU = {"image": 64, "feature_size": 24, "window_size": 7}  # MONAI's default feature size
 
 
 @dataclass
 class Sizes:
     """Problem sizes of one run. ``dtype``: autocast dtype for the Swin steps (fp32: none) and the features' dtype
-    for the loss. ``hf_config``: keyword arguments of ``transformers.SwinConfig`` (``{}``: Swin-T)."""
+    for the loss. ``hf_config``: keyword arguments of ``transformers.SwinConfig`` (``{}``: Swin-T); ``donut_config``
+    of ``transformers.DonutSwinConfig`` (``{}``: its defaults, Swin-T's); ``monai``: ``image`` (the side of the
+    cubic input) and ``SwinUNETR`` keywords, with ``batch`` volumes of one channel and two output classes."""
 
     timm_model: str
     image: int
@@ -49,9 +58,13 @@ class Sizes:
     loss_dim: int = 256
     dtype: torch.dtype = torch.float32
     num_classes: int = 1000
+    donut_config: dict = field(default_factory=dict)
+    monai: dict = field(default_factory=lambda: dict(MONAI_CPU))
+    monai_batch: int = 1
 
 
-FULL = Sizes("swin_base_patch4_window12_384", 384, 32, HF_SWIN_B_384, 32768, 512, torch.bfloat16)
+FULL = Sizes("swin_base_patch4_window12_384", 384, 32, HF_SWIN_B_384, 32768, 512, torch.bfloat16,
+             donut_config=DONUT_BASE, monai=MONAI_BTCV, monai_batch=2)  # fmt: skip
 REDUCED = Sizes("swin_tiny_patch4_window7_224", 224, 2, {}, 4096, 256, torch.float32)
 
 
@@ -72,13 +85,16 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _swin_prepare(model, logits_of, sizes: Sizes, device, impl: str, name: str) -> Prepared:
-    """Shared by both Swin workloads: ``logits_of(model, images) -> (B, classes)``."""
+def _swin_prepare(model, logits_of, sizes: Sizes, device, impl: str, name: str, images=None, labels=None) -> Prepared:
+    """Shared by the Swin workloads: ``logits_of(model, images) -> (B, classes, ...)``, cross-entropy against
+    ``labels (B, ...)``. Default inputs: ``images (B, 3, H, W)`` and ``labels (B,)`` of ``sizes``."""
     from lfvila_kernels.patch import apply_window_attention
 
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(sizes.batch, 3, sizes.image, sizes.image, generator=gen).to(device)  # (B, 3, H, W)
-    labels = torch.randint(0, sizes.num_classes, (sizes.batch,), generator=gen).to(device)
+    if images is None:
+        images = torch.randn(sizes.batch, 3, sizes.image, sizes.image, generator=gen)  # (B, 3, H, W)
+        labels = torch.randint(0, sizes.num_classes, (sizes.batch,), generator=gen)
+    images, labels = images.to(device), labels.to(device)
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -108,7 +124,8 @@ def _swin_prepare(model, logits_of, sizes: Sizes, device, impl: str, name: str) 
         return (out - ref).abs().max().item(), note
 
     model.train()
-    shape = f"model={name} image={sizes.image} batch={sizes.batch} classes={sizes.num_classes}"
+    shape = (f"model={name} image={'x'.join(map(str, images.shape[2:]))} batch={images.shape[0]} "
+             f"classes={sizes.num_classes if labels.dim() == 1 else 2}")  # fmt: skip
     return Prepared(shape, {"unpatched": (contextlib.nullcontext, step), "patched": (patched, step)}, error)
 
 
@@ -192,6 +209,34 @@ def prepare_swin_hf(sizes: Sizes, device, impl: str = "auto") -> Prepared:
     return _swin_prepare(model, lambda m, x: m(pixel_values=x).logits, sizes, device, impl, name)
 
 
+def prepare_swin_donut(sizes: Sizes, device, impl: str = "auto") -> Prepared:
+    from transformers import DonutSwinConfig, DonutSwinForImageClassification
+
+    torch.manual_seed(0)
+    config = DonutSwinConfig(**{"image_size": sizes.image, **sizes.donut_config}, num_labels=sizes.num_classes)
+    model = DonutSwinForImageClassification(config)
+    name = (f"transformers-donut-swin(embed={config.embed_dim} depths={'-'.join(map(str, config.depths))} "
+            f"window={config.window_size})")
+    return _swin_prepare(model, lambda m, x: m(pixel_values=x).logits, sizes, device, impl, name)
+
+
+def prepare_swin_monai(sizes: Sizes, device, impl: str = "auto") -> Prepared:
+    """MONAI ``SwinUNETR`` (segmentation of 3-D volumes, or 2-D images with ``spatial_dims=2``; one input channel,
+    two classes): voxel-wise cross-entropy."""
+    from monai.networks.nets import SwinUNETR
+
+    options = dict(sizes.monai)
+    side = options.pop("image")
+    torch.manual_seed(0)
+    model = SwinUNETR(in_channels=1, out_channels=2, **options)
+    gen = torch.Generator().manual_seed(0)
+    grid = (side,) * options.get("spatial_dims", 3)
+    volumes = torch.randn(sizes.monai_batch, 1, *grid, generator=gen)  # (B, 1, D, H, W)
+    labels = torch.randint(0, 2, (sizes.monai_batch, *grid), generator=gen)  # (B, D, H, W)
+    name = f"monai-swin-unetr(feature={model.swinViT.embed_dim} window={options.get('window_size', 7)})"
+    return _swin_prepare(model, lambda m, x: m(x), sizes, device, impl, name, volumes, labels)
+
+
 def open_clip_loss_class():
     """open_clip's ``ClipLoss``: from the package, or, where the package import fails (it imports torchvision at the
     top), from its ``loss.py`` alone, which needs only torch. Raises ImportError when open_clip_torch is missing."""
@@ -246,6 +291,8 @@ def prepare_clip_loss(sizes: Sizes, device, impl: str = "auto") -> Prepared:
 WORKLOADS: dict[str, Callable[..., Prepared]] = {
     "swin-timm": prepare_swin_timm,
     "swin-hf": prepare_swin_hf,
+    "swin-donut": prepare_swin_donut,
+    "swin-monai": prepare_swin_monai,
     "clip-loss": prepare_clip_loss,
 }
 
@@ -280,7 +327,7 @@ def run(workloads: dict[str, Callable[..., Prepared]], sizes: Sizes, device, wri
     written: list[dict] = []
     for kernel, prepare in workloads.items():
         names = tuple((providers or PROVIDERS).get(kernel, ("baseline", "candidate")))
-        batch = str(sizes.loss_n if kernel == "clip-loss" else sizes.batch)
+        batch = str({"clip-loss": sizes.loss_n, "swin-monai": sizes.monai_batch}.get(kernel, sizes.batch))
         prepared, note = harness.guarded(functools.partial(prepare, sizes, device, impl), device)
         if note is not None:
             log(f"{kernel:10s} failed to prepare: {note}")

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 
 import pytest
 import torch
 
 from benchmarks import bench_dropin as bd
 from benchmarks import harness
+
+# MONAI writes os.environ["CUBLAS_WORKSPACE_CONFIG"] when imported (monai/utils/misc.py): imported here, at
+# collection, so that the swin-monai workload's import inside a test changes no process state (tests/conftest.py).
+if importlib.util.find_spec("monai") is not None:
+    importlib.import_module("monai.networks.nets")
 
 CPU = torch.device("cpu")
 TINY = {"reps": 1, "warmup": 0}
@@ -129,3 +135,29 @@ def test_cli_writes_csv_and_markdown(tmp_path, capsys):
     assert "rows appended to" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown workloads"):
         bd.main(["--workloads", "resnet", "--out", str(out)])
+
+
+def test_donut_and_monai_workloads(tmp_path):
+    """The Swin-copy (Donut) and MONAI SwinUNETR rows at tiny sizes (a 2-D SwinUNETR on 64 x 64 images), or the
+    reason they failed where the library is missing."""
+    sizes = bd.Sizes(**{**TINY_SIZES.__dict__, "donut_config": {"embed_dim": 16, "depths": [2, 2], "num_heads": [2, 4],
+                                                                "window_size": 4},
+                        "monai": {"image": 64, "feature_size": 12, "depths": (2, 2, 2, 2), "num_heads": (1, 1, 2, 2),
+                                  "window_size": 4, "spatial_dims": 2}})  # fmt: skip
+    workloads = {"swin-donut": bd.prepare_swin_donut, "swin-monai": bd.prepare_swin_monai}
+    rows = bd.run(workloads, sizes, CPU, _writer(tmp_path), TINY, log=lambda m: None)
+    assert len(rows) == 2 * 5
+    donut = _by(rows, "swin-donut")
+    assert donut[("patched", "time")]["status"] == "ok" and float(donut[("patched", "max_abs_err")]["p50"]) < 1e-4
+    assert donut[("patched", "time")]["shape"].startswith("model=transformers-donut-swin(embed=16 depths=2-2 window=4) "
+                                                          "image=64x64 batch=1")
+    monai = _by(rows, "swin-monai")
+    if importlib.util.find_spec("monai") is None:
+        assert {r["status"] for r in monai.values()} == {"failed"}
+        assert all("monai" in r["note"] for r in monai.values())
+        return
+    assert {r["x_value"] for r in monai.values()} == {"1"}
+    assert monai[("unpatched", "time")]["status"] == monai[("patched", "time")]["status"] == "ok"
+    assert float(monai[("patched", "max_abs_err")]["p50"]) < 1e-4
+    shape = "model=monai-swin-unetr(feature=12 window=4) image=64x64 batch=1 classes=2"
+    assert monai[("patched", "time")]["shape"] == shape
