@@ -20,10 +20,12 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-SUITES = {"window_attention": "attention", "contrastive_loss": "contrastive", "decode": "decode",
-          "train_step": "train", "swin-timm": "dropin", "swin-hf": "dropin", "clip-loss": "dropin"}  # fmt: skip
+SUITES = {"window_attention": "attention", "contrastive_loss": "contrastive", "sigmoid_loss": "siglip",
+          "decode": "decode", "train_step": "train", "swin-timm": "dropin", "swin-hf": "dropin",
+          "clip-loss": "dropin"}  # fmt: skip
 SHAPE_SET_OF_X = {"layer": "lfvila", "stage": "video-swin-k400", "frames": "long-form", "window_tokens": "window-sweep"}
-BASELINES = {"window_attention": "videoswin-eager", "contrastive_loss": "naive", "decode": "pyav-1proc",
+BASELINES = {"window_attention": "videoswin-eager", "contrastive_loss": "naive", "sigmoid_loss": "open_clip",
+             "decode": "pyav-1proc",
              "train_step": "torch", "swin-timm": "unpatched", "swin-hf": "unpatched",
              "clip-loss": "open_clip"}  # fmt: skip
 # (metric, axis title, higher is better) in the order plotted; the first present is the table's headline metric.

@@ -9,8 +9,9 @@ Commands (from the repository root; ``make bench`` runs the first with ``--label
     python -m benchmarks.run --suite attention --label mine --provider my_pkg.my_mod:make_provider  # your own variant
 
 Suites: ``attention`` (``bench_attention``, one call per shape set of ``--shapes``: a name, a comma-separated list or
-``all``), ``contrastive`` (``bench_contrastive``), ``decode`` (``bench_decode``), ``train`` (``bench_train_step``),
-``dropin`` (``bench_dropin``: timm / transformers Swin and CLIP's loss, patched vs unpatched), ``data``
+``all``), ``contrastive`` (``bench_contrastive``), ``siglip`` (``bench_siglip``), ``decode`` (``bench_decode``),
+``train`` (``bench_train_step``), ``dropin`` (``bench_dropin``: timm / transformers Swin and CLIP's loss, patched vs
+unpatched), ``data``
 (``bench_data``: annotation loading at 10k-1M rows, workers' memory, decode rate per core); ``all`` runs them in
 that order. Each suite appends to ``<out-dir>/<suite>-<label>.csv`` (long format,
 ``harness.SCHEMA``: machine, versions and commit in every row) and writes ``<suite>-<label>.md`` (the suite's own
@@ -31,11 +32,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-SUITES = ("attention", "contrastive", "decode", "train", "dropin", "data")
+SUITES = ("attention", "contrastive", "siglip", "decode", "train", "dropin", "data")
 MODULES = {"attention": "benchmarks.bench_attention", "contrastive": "benchmarks.bench_contrastive",
+           "siglip": "benchmarks.bench_siglip",
            "decode": "benchmarks.bench_decode", "train": "benchmarks.bench_train_step",
            "dropin": "benchmarks.bench_dropin", "data": "benchmarks.bench_data"}  # fmt: skip
-TAKES_DEVICE = {"attention", "contrastive", "train", "dropin"}  # bench_decode picks its own devices per provider
+TAKES_DEVICE = {"attention", "contrastive", "siglip", "train", "dropin"}  # bench_decode picks its devices per provider
 
 
 def _shape_sets(spec: str) -> list[str]:

@@ -61,9 +61,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _kernel_overrides():
-    from lfvila_kernels import _contrastive_launch, _window_attention_launch
+    from lfvila_kernels import _contrastive_launch, _siglip_launch, _window_attention_launch
 
-    return (_contrastive_launch._config_override, _window_attention_launch._config_override)
+    return (_contrastive_launch._config_override, _siglip_launch._config_override,
+            _window_attention_launch._config_override)
 
 
 _KERNEL_SOURCE = str(Path(__file__).resolve().parents[1] / "kernels" / "lfvila_kernels") + os.sep
