@@ -5,7 +5,7 @@ A run's config is one :class:`Config` with five sections, written in YAML::
     model:  {name: lfvila-base, overrides: {stage: 1}, attn_impl: auto, init: [{kind: swin2d, path: ...}]}
     data:   {format: activitynet_captions, video_root: ..., train: ..., val: ..., test: ..., vocab: ...}
     train:  {task: stage1, epochs: 10, batch_size: 16, lr: 5.0e-5, schedule: linear, warmup_epochs: 1, ...}
-    eval:   {split: val, test_split: test, select: t2v_R@1}
+    eval:   {sets: [{name: val, split: val, metrics: [retrieval, losses]}], select: val/t2v_R@1, at_start: true}
     run:    {dir: runs/NAME, resume: auto}
 
 ``load_config(path, ["--train.lr", "1e-4", "--run.dir=runs/x"])`` reads the file (``defaults:`` may name another
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from lfvila import train_options
 from lfvila.data.spec import SampleSpec
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "EvalSet",
     "InitStep",
     "ModelConfig",
     "RunConfig",
@@ -58,10 +60,12 @@ class InitStep:
     ``swin2d`` (2D Swin into the video encoder), ``bert`` (BERT weights into the text encoder), ``checkpoint`` (an
     official or our state dict, strict), ``pretraining`` (a pre-training checkpoint into a task model),
     ``stage1`` (a stage-1 checkpoint into a stage-2 model: the fusion parts may be missing), ``pretrained`` (a
-    ``save_pretrained`` directory or a run's checkpoint directory, strict)."""
+    ``save_pretrained`` directory or a run's checkpoint directory, strict). ``resize_windows``: the last four may
+    load a checkpoint of other window sizes, bias tables resampled (``convert.load_checkpoint``)."""
 
     kind: str
     path: str
+    resize_windows: bool = False
 
     def __post_init__(self):
         if self.kind not in INIT_KINDS:
@@ -131,7 +135,9 @@ class DataConfig(SampleSpec):
 class TrainConfig:
     """Optimisation (official defaults: AdamW lr 5e-5, betas 0.9/0.98, wd 0.05, batch 16 per GPU, linear schedule
     with one warmup epoch). ``max_steps`` caps the run (None: ``epochs`` full epochs). ``precision``: ``auto`` is bf16
-    autocast on CUDA and fp32 on the CPU; ``fp16`` uses a GradScaler. ``frozen``: regexes of frozen parameters;
+    autocast on CUDA and fp32 on the CPU; ``fp16`` scales the loss (``grad_scaler``, ``lfvila.train_options``).
+    ``fsdp_reshard_after_forward: false``: FSDP2 as ZeRO-2. ``frozen``: regexes of frozen parameters; ``frozen_eval``:
+    which frozen modules stay in eval mode (``all``, ``official``: the video encoder's, ``none``, module regexes).
     ``exclude``: regexes of parameters left out of the optimizer; default ``["pooler"]``, the official rule in every
     task (``optimization/optimizer.py`` drops every parameter named ``pooler``)."""
 
@@ -153,7 +159,9 @@ class TrainConfig:
     step_gamma: float = 0.25
     clip_grad_norm: float | None = None
     precision: str = "auto"
+    grad_scaler: train_options.GradScalerConfig = field(default_factory=train_options.GradScalerConfig)
     distributed: str = "ddp"
+    fsdp_reshard_after_forward: bool = True
     seed: int = 42
     log_every: int = 10
     ckpt_every: int = 500
@@ -161,6 +169,7 @@ class TrainConfig:
     eval_every: int | None = None
     max_bad_steps: int = 10
     frozen: list[str] = field(default_factory=list)
+    frozen_eval: str | list[str] = "all"
     exclude: list[str] = field(default_factory=lambda: ["pooler"])
 
     def __post_init__(self):
@@ -178,17 +187,73 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be positive, got {self.lr}")
+        if problem := train_options.check(self):  # grad_scaler, frozen_eval
+            raise ConfigError(problem)
+
+
+EVAL_METRICS = ("task", "retrieval", "accuracy", "losses")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class EvalSet:
+    """One named eval set (``eval.sets``), reported as ``NAME/metric``. Its rows: ``annotations`` (a file), else
+    the file of ``data.<split>``; read with the data section overridden by ``data`` (any ``data`` key but ``vocab``:
+    ``format``, ``video_root``, ``format_kwargs``, ``sampling``, ``sentences``, ...), so a stage-1 run can evaluate
+    ActivityNet paragraphs in their own format beside its pre-training rows. ``metrics``: ``task`` (the task's own
+    evaluation: retrieval, or accuracy for the QA and classification tasks), ``retrieval`` (paragraph <-> video,
+    both ways), ``accuracy`` (QA / classification), ``losses`` (the task's losses as ``val_<loss>``; stage 2 adds
+    ``mlm_acc`` and ``vtm_acc``). ``batch_size``: None is ``eval.batch_size``."""
+
+    name: str
+    split: str = "val"
+    annotations: str | None = None
+    data: dict = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=lambda: ["task"])
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name: a non-empty name without '/', got {self.name!r}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split: must be one of {SPLITS}, got {self.split!r}")
+        bad = [m for m in self.metrics if m not in EVAL_METRICS]
+        if bad or not self.metrics:
+            raise ConfigError(f"metrics: a non-empty list of {EVAL_METRICS}, got {self.metrics!r}")
+        if "vocab" in self.data:
+            raise ConfigError("data.vocab: an eval set uses the run's tokenizer (data.vocab)")
+        from_dict(DataConfig, self.data, "data")  # names and types; applied onto the run's data section at run time
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
 
 
 @dataclass
 class EvalConfig:
-    """``split``: the data split used to select the best checkpoint (``val``); ``test_split``: the split reported
-    at the end with the best weights (None: none); ``select``: the metric maximised (``t2v_R@1`` or ``acc``)."""
+    """``sets``: the named eval sets (:class:`EvalSet`), each evaluated every ``train.eval_every`` steps; none (the
+    default): one set named ``split`` (``val``) with the task's evaluation, skipped when ``data.<split>`` is unset.
+    ``select``: the metric that picks the best weights (``run.dir/best``), ``SET/metric`` (``val/t2v_R@1``,
+    ``val/val_loss``) or a bare metric of the first set (``t2v_R@1``, ``acc``). ``select_mode``: ``max``, ``min``,
+    or ``auto``: minimised for a loss (``loss`` in the name, ``val_*``) or a rank (``MdR``, ``MnR``), else maximised.
+    ``at_start``: evaluate once before the first step, as the official runners (a resumed run never repeats it).
+    ``test_split``: the split reported at the end with the best weights, by the task's evaluation (None: none).
+    ``batch_size``: None is ``train.batch_size``."""
 
     split: str = "val"
     test_split: str | None = "test"
     select: str = "t2v_R@1"
+    select_mode: str = "auto"
     batch_size: int | None = None
+    sets: list[EvalSet] = field(default_factory=list)
+    at_start: bool = False
+
+    def __post_init__(self):
+        if self.select_mode not in ("auto", "max", "min"):
+            raise ConfigError(f"select_mode: must be auto, max or min, got {self.select_mode!r}")
+        names = [s.name for s in self.sets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sets: names must be unique, got {names}")
+        if "/" in self.select and self.select.split("/", 1)[0] not in (names or [self.split]):
+            raise ConfigError(f"select: {self.select!r} names no eval set (sets: {', '.join(names or [self.split])})")
 
 
 @dataclass

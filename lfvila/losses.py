@@ -10,6 +10,11 @@ Magnitudes follow the official code (``src/models/lfvila_pretrain.py``):
   (``official_scale=True``); ``official_scale=False`` gives the symmetric mean.
 * MTC is ``CE_t2v + CE_v2t`` (summed) over the sampled key rows, ties ignored.
 
+Both contrastive losses use the global batch when ``torch.distributed`` is initialised with more than one rank
+(``distributed=None``, the default), as the official ``SyncFunction`` all-gather does; ``distributed=False`` keeps a
+rank's own batch. Either way DDP's average of the ranks' gradients is the gradient of the single-process loss of the
+whole batch (:func:`vpc_loss`, :func:`mtc_loss` give the scale).
+
 Known defects of the official MTC, fixed by default and reproducible with ``compat_official=True``:
 
 * the shift-0 "other" negative is a clip / sentence of the *same* video and can be the positive itself (a false
@@ -59,6 +64,16 @@ def _ce_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+def _process_group(distributed) -> tuple[bool, object]:
+    """``distributed`` of :func:`vpc_loss` / :func:`mtc_loss` -> (use the global batch, process group or None)."""
+    if distributed is not False and torch.distributed.is_available() and torch.distributed.is_initialized():
+        group = None if distributed in (None, True) else distributed
+        return distributed is not None or torch.distributed.get_world_size() > 1, group
+    if distributed not in (None, False):
+        raise ValueError("distributed=True / a group needs an initialised torch.distributed")
+    return False, None
+
+
 # ----------------------------------------------------------------------------------------------------------- VPC
 
 
@@ -86,12 +101,7 @@ def vpc_loss(
 
     Returns a scalar (fp32 for half inputs).
     """
-    group, use_dist = None, False
-    if distributed is not False and torch.distributed.is_available() and torch.distributed.is_initialized():
-        group = None if distributed in (None, True) else distributed
-        use_dist = distributed is not None or torch.distributed.get_world_size() > 1
-    elif distributed not in (None, False):
-        raise ValueError("distributed=True / a group needs an initialised torch.distributed")
+    use_dist, group = _process_group(distributed)
     v, t = video_global.contiguous(), text_global.contiguous()
     if use_dist:
         loss = distributed_contrastive_loss(v, t, group=group, temperature=temperature, ddp_average=True, impl=impl)
@@ -194,6 +204,46 @@ def _gather_pos(feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return feats.gather(1, pos[..., None].expand(*pos.shape, feats.shape[-1]))
 
 
+def _gather_batch(clip_feats: torch.Tensor, sent_feats: torch.Tensor, sent_real: torch.Tensor | None, group
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MTC inputs of every rank concatenated along the batch in rank order: ``(W*B, M, D)`` features, all-gathered
+    with gradients (``torch.distributed.nn.functional.all_gather``: the backward sums every rank's gradient into the
+    rows of their owner), and ``(W*B, M)`` bool ``sent_real`` (all True where None). Every rank must hold the same
+    shapes."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    world = dist.get_world_size(group)
+    shape = torch.tensor(clip_feats.shape, device=clip_feats.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=group)
+    if any(not torch.equal(x, shape) for x in shapes):
+        raise ValueError(f"mtc_loss: every rank must hold clip_feats / sent_feats of the same (B, M, D); got "
+                         f"{[tuple(x.tolist()) for x in shapes]}")
+    if sent_real is None:
+        real = torch.ones(clip_feats.shape[:2], dtype=torch.uint8, device=clip_feats.device)
+    elif sent_real.shape != clip_feats.shape[:2]:
+        raise ValueError(f"sent_real must be {tuple(clip_feats.shape[:2])}, got {tuple(sent_real.shape)}")
+    else:
+        real = sent_real.to(device=clip_feats.device, dtype=torch.uint8).contiguous()  # gloo has no bool
+    reals = [torch.empty_like(real) for _ in range(world)]
+    dist.all_gather(reals, real, group=group)
+    clip = torch.cat(all_gather(clip_feats, group=group), 0)
+    sent = torch.cat(all_gather(sent_feats, group=group), 0)
+    return clip, sent, torch.cat(reals).bool()
+
+
+def _broadcast_sample(sample: MTCSample, group) -> MTCSample:
+    """Rank 0's draw (of the group) on every rank, one int64 broadcast of the packed positions and masks."""
+    import torch.distributed as dist
+
+    parts = (sample.keys, sample.values, sample.other[:, None], sample.valid, sample.other_valid)
+    packed = torch.cat([x.long() for x in parts], 1).contiguous()
+    dist.broadcast(packed, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+    keys, values, other, valid, other_valid = packed.split([x.shape[1] for x in parts], 1)
+    return MTCSample(keys, values, other.squeeze(1), sample.shifts, valid.bool(), other_valid.bool())
+
+
 def mtc_loss(
     clip_feats: torch.Tensor,
     sent_feats: torch.Tensor,
@@ -206,6 +256,7 @@ def mtc_loss(
     compat_official: bool = False,
     sample: MTCSample | None = None,
     return_sample: bool = False,
+    distributed=None,
 ):
     """Multi-modal temporal contrastive loss (official ``ct_time_loss``), unweighted (the caller applies 0.25).
 
@@ -214,8 +265,18 @@ def mtc_loss(
     value ``argmin_j |V_j - k|`` (ties ignored). v->t is the same with clips and sentences swapped. The loss is
     ``CE_t2v + CE_v2t``, each averaged over non-ignored rows (0 when every row is ignored; the official gives NaN).
 
+    Global batch (official): with ``distributed`` resolved to a process group of ``W`` ranks, the features and
+    ``sent_real`` of every rank are all-gathered (rank order) and every rank computes the loss ``L`` of the whole
+    ``(W*B, M, D)`` batch: the draw covers the global batch and the roll wraps over it, so a rank's first videos take
+    their "other" negatives from the previous rank's last ones. Every rank draws on the global batch and uses rank 0's
+    draw (broadcast), so all ranks share one draw whatever their random states (the official ranks share it through
+    one seed; the trainer seeds ``seed + rank``), and it is the single-process draw when ``generator`` of rank 0 is in
+    the single-process state. Scale: every rank returns ``L`` itself, the single-process loss of the whole batch; the
+    all-gather's backward sums the ``W`` ranks' gradients, so each rank's feature gradient is ``W * dL/d(own
+    features)`` and DDP's average over ranks of the parameter gradients is ``dL/dparams``, the single-process gradient.
+
     Args:
-        clip_feats: ``(B, M, D)`` L2-normalised clip features (all-gathered by the caller for a global batch).
+        clip_feats: ``(B, M, D)`` L2-normalised clip features of this rank.
         sent_feats: ``(B, M, D)`` L2-normalised sentence features, sentence ``i`` aligned with clip ``i``.
         sent_real: ``(B, M)`` bool, False for padded sentences; never drawn in the default mode (see
             :func:`mtc_sample`), ignored with ``compat_official=True``.
@@ -223,18 +284,26 @@ def mtc_loss(
         num_key, num_value, num_other_neg: official 2, 2, 3.
         generator: a ``torch.Generator`` on the features' device, for a reproducible draw.
         compat_official: reproduce the official draw (same-video shift-0 negative, padded sentences allowed).
-        sample: an explicit :class:`MTCSample` (tests), instead of drawing one.
+        sample: an explicit :class:`MTCSample` (tests), instead of drawing one; of the global batch when gathered.
         return_sample: also return the sample used.
+        distributed: ``None`` (auto: the global batch when ``torch.distributed`` is initialised with more than one
+            rank), ``False`` (this rank's batch only), ``True`` (the default group) or a process group; as
+            :func:`vpc_loss`. Every rank of the group must call it with the same shapes.
 
     Returns a scalar (fp32 for half inputs), or ``(loss, sample)``.
     """
     if clip_feats.dim() != 3 or clip_feats.shape != sent_feats.shape:
         raise ValueError(f"clip_feats and sent_feats must both be (B, M, D); got {tuple(clip_feats.shape)} and "
                          f"{tuple(sent_feats.shape)}")
+    use_dist, group = _process_group(distributed)
+    if use_dist:
+        clip_feats, sent_feats, sent_real = _gather_batch(clip_feats, sent_feats, sent_real, group)
     batch, m, _ = clip_feats.shape
     if sample is None:
         sample = mtc_sample(batch, m, sent_real, num_key, num_value, num_other_neg, generator, clip_feats.device,
                             compat_official)
+        if use_dist:
+            sample = _broadcast_sample(sample, group)
     keys, values, other, shifts = sample.keys, sample.values, sample.other, sample.shifts
     labels = mtc_labels(keys, values).masked_fill(~sample.valid, IGNORE_INDEX).reshape(-1)
     ar = torch.arange(batch, device=clip_feats.device)

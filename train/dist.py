@@ -96,24 +96,37 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def wrap_model(model: nn.Module, env: DistEnv, strategy: str, precision: str, compile: bool = False) -> nn.Module:
-    """The model as the training step runs it. Several ranks: ``strategy`` ``fsdp`` (FSDP2 ``fully_shard`` per video
-    block and BERT layer, then the root; bf16 parameters under ``precision: bf16``, fp32 gradient reduction) or DDP
-    (``find_unused_parameters``: some parameters get no gradient by construction, e.g. the MLM head in stage 1, the
-    local branch in retrieval). Then ``torch.compile`` when ``compile``."""
+def wrap_model(model: nn.Module, env: DistEnv, strategy: str, precision: str, compile: bool = False, *,
+               reshard_after_forward: bool = True) -> nn.Module:
+    """The model as the training step runs it. Several ranks: ``strategy`` ``fsdp`` (FSDP2) or ``ddp`` (DDP with
+    ``find_unused_parameters``: some parameters get no gradient by construction, e.g. the MLM head in stage 1, the
+    local branch in retrieval). Then ``torch.compile`` when ``compile``.
+
+    FSDP2: ``fully_shard`` per video block and BERT layer, then the root. Parameters, gradients and optimizer state
+    are sharded fp32 between steps; a block's parameters are all-gathered for its forward and cast to bf16 / fp16
+    under ``precision: bf16`` / ``fp16`` (no autocast then: the loop's ``_autocast`` is off under FSDP, so fp16 runs
+    fp16 weights and activations, as DeepSpeed fp16); gradients are reduce-scattered in fp32.
+    ``reshard_after_forward`` (``train.fsdp_reshard_after_forward``): True frees the gathered parameters after each
+    block's forward and gathers them again for its backward (ZeRO-3); False keeps them from the forward to the
+    backward, one all-gather per block and step, gradients and optimizer state sharded: the ZeRO-2 counterpart
+    (DeepSpeed's ZeRO-2 keeps the fp16 parameters replicated all the time; here they are sharded between steps, and
+    gathered for the whole forward-backward). ``docs/training.md``, "fp16 and ZeRO-2"."""
+    if not isinstance(reshard_after_forward, bool):
+        raise ValueError(f"train.fsdp_reshard_after_forward must be a bool, got {reshard_after_forward!r}")
     if env.distributed:
         if strategy == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
-                                          reduce_dtype=torch.float32)
+            param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+            policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+            kw = {"mp_policy": policy, "reshard_after_forward": reshard_after_forward}
             for layer in model.video_encoder.layers:
                 for block in layer.blocks:
-                    fully_shard(block, mp_policy=policy)
+                    fully_shard(block, **kw)
             text = getattr(model, "text_encoder", None)  # None: a video-only model
             for layer in text.bert.encoder.layer if text is not None else ():
-                fully_shard(layer, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
+                fully_shard(layer, **kw)
+            fully_shard(model, **kw)
         else:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[env.device.index] if env.device.type == "cuda" else None,

@@ -9,6 +9,11 @@
 ``.safetensors``). The model is built from the config (``model.name``, ``model.overrides``). Tasks ``multichoice``,
 ``classification`` and ``video_classification`` report ``acc`` (percent) and ``n`` (examples, each counted once
 across ranks); the others report retrieval metrics. Prints the metrics as JSON and writes them to ``--out`` when given.
+
+``--save-features DIR`` (retrieval-evaluated tasks: ``stage1``, ``stage2``, ``retrieval``; the official
+``save_feats``): also writes the video and paragraph features of the split, the very tensors the printed metrics are
+computed from, in annotation order, to ``DIR/features.safetensors`` with ``DIR/index.jsonl`` (row -> annotation row,
+video id, source row); the format: ``train.features``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from lfvila.models import convert
 from lfvila.models.factory import build_model
 
-from . import dist
+from . import dist, features
 from .cli import parse
 from .tasks import check_task, get_task
 
@@ -32,12 +37,15 @@ def main(argv: list[str] | None = None) -> dict:
     extra.add_argument("--checkpoint", required=True)
     extra.add_argument("--split", default="test")
     extra.add_argument("--out", default=None)
+    extra.add_argument("--save-features", default=None, metavar="DIR")
     known, rest = extra.parse_known_args(argv)
     cfg, _ = parse(rest, "python -m train.evaluate", __doc__)
     cfg.model.init = []
+    task = get_task(cfg.train.task)
+    if known.save_features:
+        features.check_exportable(task)
     env = dist.init(cfg.run.device)
     model = build_model(cfg.model)
-    task = get_task(cfg.train.task)
     if task.select is not None:  # the model must have the task's head and eval.select must be acc
         check_task(cfg, model)
     path = Path(known.checkpoint)
@@ -48,7 +56,17 @@ def main(argv: list[str] | None = None) -> dict:
     autocast = None
     if env.device.type == "cuda" and cfg.train.precision in ("auto", "bf16"):
         autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    metrics = task.evaluate(model, cfg, task.tokenizer(cfg, model), known.split, env, autocast)
+    tok = task.tokenizer(cfg, model)
+    if known.save_features:
+        feats, index, rows = features.retrieval_features(model, cfg, tok, known.split, env, autocast)
+        metrics = features.retrieval_metrics(feats)
+        if env.is_main:
+            features.save_features(known.save_features, feats, index, rows,
+                                   {"task": cfg.train.task, "split": known.split, "model": cfg.model.name,
+                                    "checkpoint": str(known.checkpoint)})
+        dist.barrier()
+    else:
+        metrics = task.evaluate(model, cfg, tok, known.split, env, autocast)
     if env.is_main:
         text = json.dumps({"checkpoint": str(known.checkpoint), "split": known.split, "task": cfg.train.task,
                            **metrics}, indent=2)

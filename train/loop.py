@@ -4,9 +4,9 @@ It builds the model (``lfvila.models.factory``), checks it against the task (``t
 (``train.dist.wrap_model``), builds the data (``train.data``), the optimizer and schedule (``train.optim``),
 resumes (``train.rundir``, ``train.checkpoint``, ``train.resume``), then loops: autocast, gradient accumulation,
 clipping, non-finite steps skipped on every rank and counted, checkpoints every ``train.ckpt_every`` steps and at
-the end, evaluation every ``train.eval_every`` steps (default: each epoch) with the best weights in
-``run.dir/best``, and on SIGTERM / SIGUSR1 a checkpoint then a clean exit (``fit`` returns ``{"preempted": True}``).
-Logging: ``train.metrics``.
+the end, evaluation of the eval sets every ``train.eval_every`` steps (default: each epoch; ``eval.at_start``: once
+before the first step too; ``train.eval_sets``) with the best weights in ``run.dir/best``, and on SIGTERM / SIGUSR1
+a checkpoint then a clean exit (``fit`` returns ``{"preempted": True}``). Logging: ``train.metrics``.
 
 The whole job step by step, the task table, and the random streams that make a resumed run repeat the uninterrupted
 one bitwise on the CPU: ``docs/training.md``.
@@ -28,9 +28,9 @@ import torch
 from lfvila.config import Config, config_to_dict, save_config
 from lfvila.models.factory import build_model
 
+from . import amp, dist, eval_sets, rundir
 from . import checkpoint as ckpt
 from . import data as tdata
-from . import dist, rundir
 from .dist import unwrap_model
 from .metrics import LogWindow, MetricsWriter, batch_tokens, count_step_flops, step_terms
 from .optim import apply_frozen_eval, build_optimizer, build_scheduler, freeze
@@ -72,11 +72,14 @@ class Trainer:
 
         model = build_model(cfg.model)
         self.task = check_task(cfg, model)
+        self.eval_sets = eval_sets.resolve(cfg)
+        self.select = eval_sets.selection(cfg, self.eval_sets)  # ("SET/metric", "max" | "min")
         self.frozen = list(t.frozen)
         freeze(model, self.frozen)
         model.to(self.device)
         self.raw_model = model
-        self.model = dist.wrap_model(model, self.env, t.distributed, self.precision, cfg.model.compile)
+        self.model = dist.wrap_model(model, self.env, t.distributed, self.precision, cfg.model.compile,
+                                     reshard_after_forward=t.fsdp_reshard_after_forward)
 
         self.tok = self.task.tokenizer(cfg, model)  # None for a task without text
         self.loader, self.sampler = tdata.train_loader(cfg, self.tok, self.env.rank, self.env.world_size,
@@ -95,9 +98,9 @@ class Trainer:
             self.optimizer, schedule=t.schedule, total_steps=self.total_steps,
             warmup_steps=min(warmup, self.total_steps), min_lr_ratio=t.min_lr_ratio, min_lr=t.min_lr,
             step_size=max(1, round(t.step_epochs * self.steps_per_epoch)), gamma=t.step_gamma)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.scaler = amp.build_scaler(t, self.device)
         self.state = {"step": 0, "epoch": 0, "batch": 0, "bad_steps": 0, "bad_in_row": 0, "skipped_batches": 0,
-                      "best": None, "best_step": None}
+                      "best": None, "best_step": None, "last_eval": None}
         if resume is not None:
             self.state.update(ckpt.load_checkpoint(resume, model=self.model, optimizer=self.optimizer,
                                                    scheduler=self.scheduler, scaler=self.scaler))
@@ -124,7 +127,7 @@ class Trainer:
 
     def _train_mode(self) -> None:
         self.model.train()
-        apply_frozen_eval(self.model, self.frozen)
+        apply_frozen_eval(self.model, self.frozen, self.cfg.train.frozen_eval)
 
     def _next_epoch(self) -> None:
         self.state["epoch"] += 1
@@ -165,6 +168,9 @@ class Trainer:
                          disable=not (self.env.is_main and self.cfg.run.progress), desc=self.cfg.train.task)
         preempted = False
         try:
+            fresh = self.state["step"] == 0 and self.state["last_eval"] is None  # a resumed run evaluated already
+            if self.cfg.eval.at_start and self.eval_sets and fresh:
+                self._evaluate_and_select()
             while self.state["step"] < self.total_steps:
                 self._epoch()
         except _Stop:
@@ -215,9 +221,8 @@ class Trainer:
             self._flush()
         if self.state["batch"] >= self.batches_per_epoch - (self.batches_per_epoch % t.grad_accum):
             self._next_epoch()
-        split = self.cfg.eval.split
-        if getattr(self.cfg.data, split, None) and (step % (t.eval_every or self.steps_per_epoch) == 0 or last):
-            self._evaluate_and_select(split)
+        if self.eval_sets and (step % (t.eval_every or self.steps_per_epoch) == 0 or last):
+            self._evaluate_and_select()
             self._train_mode()
         stop = dist.any_true(self._stop_signal is not None, self.device)
         if step % t.ckpt_every == 0 or last or stop:
@@ -315,27 +320,22 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, split: str) -> dict:
-        """The task's metrics on ``split`` (``train.tasks``: QA accuracy or retrieval both ways). Under FSDP2 the
-        root's parameters are unsharded for the duration (the blocks unshard in their own hooks)."""
-        model = unwrap_model(self.model)
-        sharded = dist.is_sharded(model)
-        if sharded:
-            model.unshard()
-        try:
+        """The task's metrics on data split ``split`` (``train.tasks``: QA accuracy or retrieval both ways); under
+        FSDP2 the root's parameters unsharded for the duration (``eval_sets.unsharded``)."""
+        with eval_sets.unsharded(self.model) as model:
             return self.task.evaluate(model, self.cfg, self.tok, split, self.env, self._autocast)
-        finally:
-            if sharded:
-                model.reshard()
 
-    def _evaluate_and_select(self, split: str) -> None:
-        metrics = self.evaluate(split)
-        key = self.cfg.eval.select
+    def _evaluate_and_select(self) -> None:
+        """Every eval set (``train.eval_sets``), logged as ``SET/metric``; the best weights by ``eval.select``."""
+        with eval_sets.unsharded(self.model) as model:
+            metrics = eval_sets.evaluate_all(model, self.eval_sets, self.task, self.tok, self.env, self._autocast)
+        (key, mode), step = self.select, self.state["step"]
+        self.state["last_eval"] = step
+        self._metrics.write({"step": step, **metrics})
+        self._log(f"step {step}: {eval_sets.summary(metrics)}")
         if key not in metrics:
             raise ValueError(f"eval.select: {key!r} is not among the metrics {sorted(metrics)}")
-        self._metrics.write({"step": self.state["step"], **{f"{split}/{k}": v for k, v in metrics.items()}})
-        self._log(f"step {self.state['step']} {split}: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith(("R@1", "R@5", "MdR", "acc"))))
-        if self.state["best"] is None or metrics[key] > self.state["best"]:
-            self.state["best"], self.state["best_step"] = metrics[key], self.state["step"]
+        if eval_sets.better(metrics[key], self.state["best"], mode):
+            self.state["best"], self.state["best_step"] = metrics[key], step
             dist.save_pretrained(unwrap_model(self.model), self.run_dir / "best", self.cfg.model.name,
                                  self.env.is_main)

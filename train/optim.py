@@ -3,7 +3,8 @@
 ``param_groups`` / ``build_optimizer``: the official two AdamW groups (the official substring no-decay rules as
 regexes in ``DEFAULT_NO_DECAY``; ``exclude=OFFICIAL_EXCLUDE`` leaves out ``pooler`` as the official code does);
 ``build_scheduler``: warmup, then the official linear / cosine / step schedules, per optimizer step, as a ``LambdaLR``;
-``freeze`` / ``apply_frozen_eval``: stage-2 freezing (``STAGE2_FROZEN``). Patterns are regexes tested with
+``freeze`` / ``apply_frozen_eval``: stage-2 freezing (``STAGE2_FROZEN``; which frozen modules keep dropout off:
+``train.frozen_eval``, ``frozen_eval_patterns``). Patterns are regexes tested with
 ``re.search`` on the parameter names of the unwrapped model (no ``module.`` / ``_orig_mod.`` prefix). What the
 official code does and where this module differs: ``docs/official.md``, section 5 "Optimization".
 """
@@ -34,6 +35,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "freeze",
+    "frozen_eval_patterns",
     "param_groups",
     "stage2_frozen_patterns",
 ]
@@ -294,16 +296,34 @@ def freeze(model: nn.Module, patterns: Sequence[str], *, strict: bool = True) ->
     return names
 
 
-def apply_frozen_eval(model: nn.Module, patterns: Sequence[str] | None = None) -> list[str]:
+def frozen_eval_patterns(setting: str | Sequence[str], frozen: Sequence[str] | None) -> Sequence[str] | None:
+    """The ``patterns`` of :func:`apply_frozen_eval` for the ``train.frozen_eval`` setting: ``all`` -> ``frozen``
+    (the regexes given to ``freeze``; None: every wholly frozen module), ``official`` -> :data:`STAGE2_OFFICIAL_EVAL`
+    (only the video encoder's frozen modules, as the official ``SwinTransformer3D.train()``), ``none`` -> ``()``
+    (nothing: every frozen module follows ``model.train()``, dropout on), a list of regexes -> that list."""
+    if isinstance(setting, str):
+        table = {"all": frozen, "official": STAGE2_OFFICIAL_EVAL, "none": ()}
+        if setting not in table:
+            raise ValueError(f"train.frozen_eval: must be all, official, none or a list of regexes, got {setting!r}")
+        return table[setting]
+    return tuple(setting)
+
+
+def apply_frozen_eval(model: nn.Module, patterns: Sequence[str] | None = None,
+                      setting: str | Sequence[str] = "all") -> list[str]:
     """Put the wholly frozen modules in eval mode. Call it after every ``model.train()``, which would undo it.
 
     A module qualifies when it has parameters and none of them requires grad. With ``patterns``, its qualified name
     followed by ``"."`` must also match one of them (the same regexes as ``freeze``, e.g. ``^video_encoder\\.``).
     With ``patterns=None``, every qualifying module is switched. An empty ``patterns`` does nothing.
+    ``setting`` (``train.frozen_eval``, :func:`frozen_eval_patterns`) picks the patterns used: ``all`` (default)
+    ``patterns`` itself, ``official`` only the video encoder (:data:`STAGE2_OFFICIAL_EVAL`), ``none`` nothing, or a
+    list of regexes instead of ``patterns``.
     Parameterless modules (dropout, drop-path) follow a frozen ancestor, because ``eval()`` recurses; they are never
     switched on their own, so a dropout inside a trainable block stays active. Returns the names of the outermost
     modules switched to eval.
     """
+    patterns = frozen_eval_patterns(setting, patterns)
     if patterns is not None and not len(patterns):
         return []
     regexes = _compile(patterns, "patterns")

@@ -10,6 +10,9 @@
         ``video`` mode (``lfvila_video_cls``: no text tensors, no tokenizer, ``data.vocab`` unused), evaluated by
         accuracy (:func:`evaluate_qa` with the task's ``predict``, ``eval.select: acc``).
 
+During training the loop evaluates the named eval sets of ``eval.sets`` (``train.eval_sets``: these evaluations,
+the validation losses by the same loss functions, MLM / VTM accuracy, selection by ``eval.select``).
+
 A new task is one entry of :data:`TASKS`: which models fit it, its loss on a batch, its evaluation, the loader mode
 it needs, the metric it is selected on and whether its batches carry text (``Task.text``: the tokenizer and the
 token count). The trainer (``train.loop``) and ``train.evaluate`` read nothing else.
@@ -17,7 +20,6 @@ token count). The trainer (``train.loop``) and ``train.evaluate`` read nothing e
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +28,6 @@ import torch.nn as nn
 
 from lfvila import losses
 from lfvila.config import Config
-from lfvila.eval import both_directions, flatten, gather_by_index
 from lfvila.eval.qa import qa_metrics, qa_predictions
 from lfvila.models import (
     LFVILA,
@@ -37,7 +38,7 @@ from lfvila.models import (
 )
 
 from . import data as tdata
-from . import dist
+from . import dist, features
 from .dist import unwrap_model
 
 
@@ -62,66 +63,55 @@ def evaluate_qa(model: nn.Module, cfg: Config, tok, split: str, env: dist.DistEn
 @torch.no_grad()
 def evaluate_retrieval(model: nn.Module, cfg: Config, tok, split: str, env: dist.DistEnv, autocast=None) -> dict:
     """Retrieval metrics of ``model`` (``encode_video(...)["global"]``, ``encode_text(...)["paragraph"]``) on data
-    split ``split``: each rank embeds its disjoint part, the rows are gathered by annotation index (every sample once),
-    and the paragraph x video similarities give ``t2v_*`` / ``v2t_*`` R@1/5/10/50, MdR, MnR (``lfvila.eval``)."""
-    was_training = model.training
-    model.eval()
-    loader = tdata.eval_loader(cfg, tok, split, env.rank, env.world_size)
-    feats = {"video": [], "text": []}
-    index = []
-    for batch in tdata.Prefetcher(loader, env.device):
-        if batch is None:
-            continue
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            v = model.encode_video(batch["video"])["global"]
-            t = model.encode_text(batch["text_ids"], batch["text_mask"], batch["sentence_real"])["paragraph"]
-        feats["video"].append(v.float())
-        feats["text"].append(t.float())
-        index.append(batch["index"])
-    d = model.cfg.embed_dim
-    local = {k: torch.cat(v) if v else torch.zeros(0, d, device=env.device) for k, v in feats.items()}
-    idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=env.device)
-    gathered, _ = gather_by_index(local, idx)
-    model.train(was_training)
-    sim = gathered["text"] @ gathered["video"].T
-    return flatten(both_directions(sim.cpu()))
+    split ``split``: each rank embeds its disjoint part, the rows are gathered by annotation index (every sample once;
+    ``train.features.retrieval_features``, the tensors ``--save-features`` exports), and the paragraph x video
+    similarities give ``t2v_*`` / ``v2t_*`` R@1/5/10/50, MdR, MnR (``lfvila.eval``)."""
+    feats, _, _ = features.retrieval_features(model, cfg, tok, split, env, autocast)
+    return features.retrieval_metrics(feats)
 
 
 # --------------------------------------------------------------------------------------------------- losses
-# (model, batch, tokenizer) -> the model's outputs, "loss" the scalar to minimise. ``model`` may be wrapped (DDP,
-# FSDP2, torch.compile); the batch is on the device.
+# (model, batch, tokenizer, generator=None) -> the model's outputs, "loss" the scalar to minimise. ``model`` may be
+# wrapped (DDP, FSDP2, torch.compile); the batch is on the device. ``generator`` is given by the evaluation of the
+# validation losses alone (``train.eval_sets.evaluate_losses``): the random draws (MTC positions, MLM masking) come
+# from it instead of the global stream, the contrastive loss is this rank's batch (evaluation batches differ in count
+# between ranks: no collective), and stage 2 adds the accuracy counts. Training calls them without it.
 
 
-def _paragraph(model, batch, tok):
-    return model(batch["video"], batch["text_ids"], batch["text_mask"], batch["sentence_real"])
+def _paragraph(model, batch, tok, generator=None):
+    kw = {} if generator is None else {"distributed": False}
+    if generator is not None and not isinstance(unwrap_model(model), LFVILARetrieval):
+        kw["generator"] = generator  # MTC's draws (forward_stage1)
+    return model(batch["video"], batch["text_ids"], batch["text_mask"], batch["sentence_real"], **kw)
 
 
-def _retrieval(model, batch, tok):
-    out = _paragraph(model, batch, tok)
+def _retrieval(model, batch, tok, generator=None):
+    out = _paragraph(model, batch, tok, generator)
     return out if "vpc" in out and out["loss"] is out["vpc"] else {"loss": out["vpc"], "vpc": out["vpc"]}
 
 
-def _stage2(model, batch, tok):
+def _stage2(model, batch, tok, generator=None):
     """MLM masking on the device (special tokens and padding never masked), then MLM + VTM."""
     ids, mask = batch["text_ids"], batch["text_mask"]
     special = (tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id, tok.unk_id)
     masked, labels = losses.mlm_mask(ids, mask, mask_token_id=tok.mask_id,
                                      vocab_size=unwrap_model(model).text_encoder.config.vocab_size,
-                                     special_ids=special)
-    return model(batch["video"], masked, mask, labels, batch["sentence_real"])
+                                     special_ids=special, generator=generator)
+    kw = {} if generator is None else {"stats": True}
+    return model(batch["video"], masked, mask, labels, batch["sentence_real"], **kw)
 
 
-def _multichoice(model, batch, tok):
+def _multichoice(model, batch, tok, generator=None):
     return model(batch["video"], batch["text_ids"], batch["text_mask"], labels=batch["answer"],
                  span_labels=batch["span_labels"], span_weights=batch["span_weights"], real=batch["sentence_real"])
 
 
-def _classification(model, batch, tok):
+def _classification(model, batch, tok, generator=None):
     return model(batch["video"], batch["text_ids"], batch["text_mask"], labels=batch["label"],
                  real=batch["sentence_real"])
 
 
-def _video_classification(model, batch, tok):
+def _video_classification(model, batch, tok, generator=None):
     return model(batch["video"], labels=batch["label"])
 
 
@@ -139,7 +129,8 @@ def _text_model(m: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class Task:
-    """``fits(model)``: the model can train this task; ``loss(model, batch, tok)``: its outputs on a batch;
+    """``fits(model)``: the model can train this task; ``loss(model, batch, tok, generator=None)``: its outputs on a
+    batch (``generator``: the validation losses' draws, ``train.eval_sets``);
     ``evaluate(model, cfg, tok, split, env, autocast)``: its metrics on a split; ``mode``: the loader's sample mode
     it needs (``paragraph``, ``multichoice``, ``classification``, ``video``); ``label``: the batch key of a QA answer
     or class; ``select``: the only ``eval.select`` it accepts (None: any of its metrics); ``text``: its batches
@@ -198,12 +189,13 @@ def get_task(name: str) -> Task:
 
 
 def check_task(cfg: Config, model: nn.Module) -> Task:
-    """The task of ``train.task``, after checking that ``model`` fits it and ``eval.select`` is one it reports."""
+    """The task of ``train.task``, after checking that ``model`` fits it and ``eval.select`` (``metric`` or
+    ``SET/metric``) is one it reports."""
     task = get_task(cfg.train.task)
     if not task.fits(model):
         raise ValueError(f"train.task {task.name!r} does not fit model.name {cfg.model.name!r} "
                          f"({type(model).__name__})")
-    if task.select is not None and cfg.eval.select != task.select:
+    if task.select is not None and cfg.eval.select.rsplit("/", 1)[-1] != task.select:
         who = "QA tasks report" if task.qa else f"train.task {task.name!r} reports"
         raise ValueError(f"eval.select: {who} {task.select!r} (accuracy, %), got {cfg.eval.select!r}")
     return task

@@ -11,12 +11,17 @@ Official checkpoints (``pytorch_model.bin`` from DeepSpeed's ``save_fp16_model``
     ``sent_embedding.position_ids``               dropped: a non-persistent buffer here (``arange``)
     ``text_encoder.bert.embeddings.position_ids``  dropped: non-persistent in transformers >= 4.31
     ``text_encoder.bert.embeddings.token_type_ids`` dropped: idem
-    ``*.attn.relative_position_index``            checked equal to ours (else an error naming it), not loaded
+    ``*.attn.relative_position_index``            not loaded: checked equal to ours (else an error naming it),
+                                                  or replaced by ours under ``resize_windows`` (below)
     ``text_encoder.cls.predictions.decoder.bias`` optional: tied to ``cls.predictions.bias``
     ============================================  ==========================================================
 
 Every other key must exist with the same shape: :func:`load_checkpoint` raises :class:`CheckpointError` listing every
-missing, unexpected and mismatched key (strict by default). fp16 values are cast to the model's dtypes.
+missing, unexpected and mismatched key (strict by default). fp16 values are cast to the model's dtypes. A checkpoint
+with other window sizes (another frame count) loads with ``resize_windows=True``: each bias table is resampled to the
+model's window (``lfvila.models.window_resize``, the official ``change_window`` rule) and the model keeps its own
+``relative_position_index``. The way back, our weights as an official file: :func:`official_state_dict`
+(``lfvila.models.export_official``).
 
 Which official file fits which class: ``lfvila_stage1.bin`` -> ``LFVILA`` with ``stage=1``; ``lfvila_stage2.bin`` ->
 ``stage=2``; fine-tuned retrieval checkpoints -> ``LFVILARetrieval``; How2QA -> ``LFVILAForMultipleChoice``;
@@ -64,6 +69,7 @@ from .weights import (
     write_file,
     write_safetensors,
 )
+from .window_resize import resize_bias_table, source_window, window_from_index
 
 __all__ = [
     "CheckpointError",
@@ -78,12 +84,26 @@ __all__ = [
     "load_stage1",
     "load_swin2d",
     "official_key",
+    "official_state_dict",
     "read_state_dict",
     "save_pretrained",
 ]
 
-_DROPPED = ("sent_embedding.position_ids", "text_encoder.bert.embeddings.position_ids",
-            "text_encoder.bert.embeddings.token_type_ids")
+
+
+def _positions(table: str):
+    """The official ``position_ids`` buffer ``(1, P)`` beside position table ``table`` ``(P, C)`` of a state dict."""
+    return lambda state: (torch.arange(state[table].shape[0])[None] if table in state else None)
+
+
+# Official keys that are no state here (the rows "dropped" of the module table). Value: the official value, built from
+# our state dict (None where our model lacks the owning module), for :func:`official_state_dict`; None for a key the
+# official files do not hold either (non-persistent there too).
+_DROPPED = {
+    "sent_embedding.position_ids": _positions("sent_embedding.position_embeddings.weight"),
+    "text_encoder.bert.embeddings.position_ids": _positions("text_encoder.bert.embeddings.position_embeddings.weight"),
+    "text_encoder.bert.embeddings.token_type_ids": None,  # non-persistent in the official bert.py too
+}
 _TIED = {"text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias"}
 
 
@@ -100,13 +120,33 @@ def official_key(key: str) -> str | None:
     return key
 
 
+def official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`official_key`: our state dict ``state`` (our names, ``model.state_dict()`` or a
+    ``model.safetensors``) as the official model's, key for key, plus the official buffers we do not keep (the
+    ``position_ids`` of the dropped rows of the module table, rebuilt from their position tables). Our names are the
+    official ones (the renames of :func:`official_key` only read other spellings), which is checked key by key."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key in _DROPPED:
+            continue  # rebuilt below, as the official model holds it
+        if official_key(key) != key:
+            raise CheckpointError(f"{key}: not one of our state-dict names (it reads as {official_key(key)!r}); "
+                                  "strip wrapper prefixes first")
+        out[key] = value
+    for key, build in _DROPPED.items():
+        value = build(state) if build is not None else None
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def _matches(key: str, patterns) -> bool:
     """``patterns``: regular expressions (``re.search``) or predicates ``key -> bool``."""
     return any(p(key) if callable(p) else re.search(p, key) for p in patterns)
 
 
 def load_checkpoint(model: nn.Module, src, *, strict: bool = True, allow_missing=(), allow_unexpected=(),
-                    resize_segments: bool = False) -> LoadReport:
+                    resize_segments: bool = False, resize_windows: bool = False) -> LoadReport:
     """Load an official LF-VILA checkpoint (or any state dict with our names) into ``model``.
 
     ``src``: a state dict, a file (``.bin``/``.pt``/``.pth`` read with ``weights_only=True``, or ``.safetensors``) or a
@@ -116,13 +156,18 @@ def load_checkpoint(model: nn.Module, src, *, strict: bool = True, allow_missing
     ``relative_position_index`` that differs from the model's raise :class:`CheckpointError` listing them all; without
     it they are only reported. Patterns may also be predicates ``key -> bool``. ``resize_segments``: a
     ``sent_embedding.segment_embeddings.weight`` with another number of rows loads its overlapping rows and keeps the
-    model's others (the official loader's rule).
+    model's others (the official loader's rule). ``resize_windows``: a checkpoint written with other window sizes
+    (another frame count) loads: each ``relative_position_bias_table`` whose window (read from the checkpoint's
+    ``relative_position_index``, else the official rule's) differs from the model's is resampled to the model's window
+    (:func:`lfvila.models.window_resize.resize_bias_table`, the official ``change_window`` rule), the model keeps its
+    own ``relative_position_index``, and ``LoadReport.resized`` lists the tables; without it a differing index is an
+    error naming this switch.
     """
     where = src if isinstance(src, (str, os.PathLike)) else "<state dict>"
     raw = read_state_dict(src)
     target = model.state_dict()
     to_load: dict[str, torch.Tensor] = {}
-    unexpected, mismatched, dropped, bad_index = [], [], [], []
+    unexpected, mismatched, dropped, bad_index, resized = [], [], [], [], []
     seen = set()  # model keys the checkpoint has, loadable or not (a mismatch is not also "missing")
     for key, value in raw.items():
         name = official_key(key)
@@ -135,8 +180,15 @@ def load_checkpoint(model: nn.Module, src, *, strict: bool = True, allow_missing
         want = target[name]
         seen.add(name)
         if name.endswith("relative_position_index"):
-            (dropped if torch.equal(value.to(want.dtype), want) else bad_index).append(key)
+            same = tuple(value.shape) == tuple(want.shape) and torch.equal(value.to(want.dtype), want)
+            (dropped if same or resize_windows else bad_index).append(key)
             continue
+        if resize_windows and name.endswith("relative_position_bias_table"):
+            table = _resized_table(key, value, raw, target, name)
+            if table is not None:
+                to_load[name] = table.to(want.dtype)
+                resized.append(key)
+                continue
         if tuple(value.shape) != tuple(want.shape):
             if (resize_segments and name == "sent_embedding.segment_embeddings.weight"
                     and value.shape[1:] == want.shape[1:]):
@@ -159,11 +211,30 @@ def load_checkpoint(model: nn.Module, src, *, strict: bool = True, allow_missing
         raise CheckpointError(mismatch_message(f"{where}: checkpoint does not fit {type(model).__name__}", (
             ("missing", bad_missing), ("unexpected", bad_unexpected),
             ("shape mismatch (checkpoint vs model)", mismatched),
-            ("relative_position_index differs (other window size?)", bad_index))))
+            ("relative_position_index differs (other window size: load with resize_windows=True)", bad_index))))
     model.load_state_dict(to_load, strict=False)
     if hasattr(model, "text_encoder"):
         model.text_encoder.tie_weights()
-    return LoadReport(sorted(to_load), missing, sorted(unexpected), sorted(mismatched + bad_index), sorted(dropped))
+    return LoadReport(sorted(to_load), missing, sorted(unexpected), sorted(mismatched + bad_index), sorted(dropped),
+                      sorted(resized))
+
+
+def _resized_table(key: str, value: torch.Tensor, raw: dict, target: dict, name: str) -> torch.Tensor | None:
+    """Checkpoint bias table ``value`` (source key ``key``, model key ``name``) resampled to the model's window;
+    None when the windows agree or the heads differ (then the ordinary shape check applies)."""
+    want = target[name]
+    index_name = name[: -len("relative_position_bias_table")] + "relative_position_index"
+    if value.ndim != 2 or value.shape[1] != want.shape[1] or index_name not in target:
+        return None
+    new = window_from_index(target[index_name], want.shape[0])
+    if new is None:
+        raise CheckpointError(f"{index_name}: the model's index fits no window with a {want.shape[0]}-row table")
+    src_index = raw.get(key[: -len("relative_position_bias_table")] + "relative_position_index")
+    try:
+        old = source_window(value.shape[0], new, src_index)
+    except ValueError as e:
+        raise CheckpointError(f"{key}: cannot resize to window {new}: {e}") from e
+    return None if old == new else resize_bias_table(value, old, new)
 
 
 _LAYER = re.compile(r"^text_encoder\.bert\.encoder\.layer\.(\d+)\.")
@@ -194,16 +265,18 @@ def _pretraining_allowances(model: nn.Module) -> tuple[tuple[str, ...], tuple[st
     raise TypeError(f"init_from_pretraining does not know {type(model).__name__}")
 
 
-def init_from_pretraining(model: nn.Module, src, *, allow_missing=(), allow_unexpected=()) -> LoadReport:
+def init_from_pretraining(model: nn.Module, src, *, allow_missing=(), allow_unexpected=(),
+                          resize_windows: bool = False) -> LoadReport:
     """Initialise a task model from a pre-training checkpoint (official ``lfvila_stage1.bin`` / ``lfvila_stage2.bin``
     or ours): strict except that the task's new heads may be missing (QA ``classifier`` / ``span_classifier``; video
     classification ``classifier``, ``video_frame_proj``) and the pre-training parts it does not have may be unused
     (retrieval: local projections, fusion layers; QA: MLM / VTM heads and projections; video classification: the
     whole text side and the local video projection). A segment table of another size loads its overlapping rows.
-    More patterns can be added."""
+    More patterns can be added; ``resize_windows`` as in :func:`load_checkpoint`."""
     missing, unused = _pretraining_allowances(model)
     return load_checkpoint(model, src, allow_missing=missing + tuple(allow_missing),
-                           allow_unexpected=unused + tuple(allow_unexpected), resize_segments=True)
+                           allow_unexpected=unused + tuple(allow_unexpected), resize_segments=True,
+                           resize_windows=resize_windows)
 
 
 def init_stage2(model: LFVILA, stage1, bert) -> tuple[LoadReport, LoadReport]:
@@ -216,14 +289,14 @@ def init_stage2(model: LFVILA, stage1, bert) -> tuple[LoadReport, LoadReport]:
     return bert_report, load_stage1(model, stage1)
 
 
-def load_stage1(model: LFVILA, src) -> LoadReport:
+def load_stage1(model: LFVILA, src, *, resize_windows: bool = False) -> LoadReport:
     """A stage-1 checkpoint into a stage-2 model: strict, except that the parts stage 1 does not have (the fusion
     layers, ``video_token_pos``, the pooler and the MLM / VTM heads) may be missing; load BERT weights first for
-    those (:func:`init_stage2`)."""
+    those (:func:`init_stage2`). ``resize_windows`` as in :func:`load_checkpoint`."""
     first = model.text_encoder.config.stage1_layers
     allow = (_layers_from(first), r"^video_token_pos\.", r"^text_encoder\.seq_relationship\.",
              r"^text_encoder\.bert\.pooler\.", r"^text_encoder\.cls\.")
-    return load_checkpoint(model, src, allow_missing=allow)
+    return load_checkpoint(model, src, allow_missing=allow, resize_windows=resize_windows)
 
 
 # ------------------------------------------------------------------------------------------ our own format
@@ -245,8 +318,13 @@ def apply_init(model: nn.Module, steps) -> None:
     then its position embeddings copied into ``sent_embedding``, as the official ``_init_sent_embedding`` does),
     ``checkpoint`` (a strict full load), ``pretraining`` (a task from a pre-training checkpoint: new heads may be
     missing, unused heads dropped), ``stage1`` (stage-1 weights over a stage-2 model), ``pretrained`` (a
-    ``save_pretrained`` directory or its weights file)."""
+    ``save_pretrained`` directory or its weights file). A step's ``resize_windows: true`` lets the last four load a
+    checkpoint of other window sizes (:func:`load_checkpoint`)."""
     for step in steps:
+        resize = getattr(step, "resize_windows", False)
+        if resize and step.kind in ("swin2d", "bert"):
+            raise ValueError(f"model.init: resize_windows applies to checkpoint, pretraining, stage1 and pretrained "
+                             f"steps, not {step.kind}")
         if step.kind == "swin2d":
             load_swin2d(model.video_encoder, step.path)
         elif step.kind == "bert":
@@ -254,14 +332,14 @@ def apply_init(model: nn.Module, steps) -> None:
             if hasattr(model, "sent_embedding"):  # the official _init_sent_embedding, right after the BERT weights
                 model.sent_embedding.init_from_bert(model.text_encoder.bert)
         elif step.kind == "checkpoint":
-            load_checkpoint(model, step.path)
+            load_checkpoint(model, step.path, resize_windows=resize)
         elif step.kind == "pretraining":
-            init_from_pretraining(model, step.path)
+            init_from_pretraining(model, step.path, resize_windows=resize)
         elif step.kind == "stage1":
-            load_stage1(model, step.path)
+            load_stage1(model, step.path, resize_windows=resize)
         elif step.kind == "pretrained":
             path = Path(step.path)
-            load_checkpoint(model, path / "model.safetensors" if path.is_dir() else path)
+            load_checkpoint(model, path / "model.safetensors" if path.is_dir() else path, resize_windows=resize)
         else:
             raise ValueError(f"model.init: unknown kind {step.kind!r}")
 
@@ -322,12 +400,24 @@ def save_pretrained(model: nn.Module, directory, *, overwrite: bool = True) -> P
     return target
 
 
-def from_pretrained(directory, **overrides) -> nn.Module:
+def from_pretrained(directory, *, resize_windows: bool = False, **overrides) -> nn.Module:
     """Rebuild a model written by :func:`save_pretrained` (config overrides allowed, e.g. ``attn_impl`` through
     ``video=...``, or ``compat_official=True``) and load its weights strictly. ``model.safetensors`` is read by
-    safetensors; a ``pytorch_model.bin`` in its place is read with ``weights_only=True``."""
+    safetensors; a ``pytorch_model.bin`` in its place is read with ``weights_only=True``. ``resize_windows=True`` with
+    other ``window_size`` overrides (more frames) resamples the bias tables (:func:`load_checkpoint`)."""
     path = Path(directory)
-    config_file = path / "config.json"
+    model_cls, cfg = read_pretrained_config(path)
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    model = model_cls(cfg)
+    load_checkpoint(model, path, resize_windows=resize_windows)
+    return model
+
+
+def read_pretrained_config(directory) -> tuple[type[nn.Module], typing.Any]:
+    """``(model class, config dataclass)`` of the ``config.json`` of a :func:`save_pretrained` directory; a file that
+    cannot be read or is no lfvila model config raises :class:`CheckpointError` naming it."""
+    config_file = Path(directory) / "config.json"
     try:
         with open(config_file) as f:
             meta = json.load(f)
@@ -341,8 +431,4 @@ def from_pretrained(directory, **overrides) -> nn.Module:
         cfg = config_from_dict(cfg_cls, meta["config"], f"{config_file}:config")
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: {e}") from e
-    if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
-    model = model_cls(cfg)
-    load_checkpoint(model, path)
-    return model
+    return model_cls, cfg

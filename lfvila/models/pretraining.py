@@ -54,7 +54,9 @@ from .text_encoder import (
 )
 from .video_encoder import VideoEncoder, VideoEncoderConfig
 
-__all__ = ["LFVILA", "LFVILAConfig", "lfvila_base_config", "lfvila_tiny_config"]
+__all__ = ["LFVILA", "LFVILAConfig", "PARAM_INITS", "init_projection", "lfvila_base_config", "lfvila_tiny_config"]
+
+PARAM_INITS = ("official", "bert")  # LFVILAConfig.param_init
 
 
 @dataclass
@@ -64,6 +66,17 @@ class LFVILAConfig:
     ``stage`` 1 builds the dual encoder (BERT layers ``[0, stage1_layers)`` only, no ``video_token_pos``); stage 2
     builds all ``text.num_layers`` layers and the fusion positions. ``compat_official`` overrides the sub-configs'
     flags (see the module docstring). ``num_clips`` defaults to ``text.num_sentences``.
+
+    ``mtc_gather``: True (official) computes MTC over the global batch when ``torch.distributed`` runs more than one
+    rank (features all-gathered with gradients, the roll over the global batch; ``losses.mtc_loss``); False keeps MTC
+    on each rank's own batch. VPC always follows ``forward_stage1``'s ``distributed``.
+
+    ``param_init``: the initialisation of the modules LF-VILA adds to Swin + BERT, ``{video,text}_{local,global}_proj``
+    and ``sent_embedding`` (a pretrained checkpoint overwrites both, so this only matters for a stage-1 run from Swin +
+    BERT). ``"official"``: ``nn.Linear``'s default (Kaiming uniform weight, uniform bias in ``+-1/sqrt(fan_in)``) and
+    ``nn.Embedding``'s N(0, 1), as the official modules. ``"bert"``: BERT's rule, N(0, 0.02) weights and tables, zero
+    bias (a segment table of N(0, 1) is as large as the LayerNorm-ed sentence states it is added to; 0.02 starts it
+    as a small perturbation).
     """
 
     video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
@@ -80,12 +93,16 @@ class LFVILAConfig:
     label_smoothing: float = 0.0
     compat_official: bool = False
     loss_impl: str = "auto"
+    mtc_gather: bool = True
+    param_init: str = "official"
 
     def __post_init__(self):
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         if self.loss_impl not in ("auto", "triton", "torch"):
             raise ValueError(f"loss_impl must be auto, triton or torch, got {self.loss_impl!r}")
+        if self.param_init not in PARAM_INITS:
+            raise ValueError(f"param_init must be official or bert, got {self.param_init!r}")
         if self.num_clips is None:
             self.num_clips = self.text.num_sentences
 
@@ -101,6 +118,16 @@ def lfvila_tiny_config(**overrides) -> LFVILAConfig:
 
 def _l2(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
+
+
+def init_projection(proj: nn.Linear, rule: str) -> nn.Linear:
+    """``rule`` ``"official"``: keep ``nn.Linear``'s default init; ``"bert"``: N(0, 0.02) weight, zero bias."""
+    if rule not in PARAM_INITS:
+        raise ValueError(f"param_init must be official or bert, got {rule!r}")
+    if rule == "bert":
+        nn.init.normal_(proj.weight, std=0.02)
+        nn.init.zeros_(proj.bias)
+    return proj
 
 
 class LFVILA(nn.Module):
@@ -146,13 +173,11 @@ class LFVILA(nn.Module):
             for side, d in (("video", dv), ("text", dt)):
                 if d is None:  # no text tower
                     continue
-                proj = nn.Linear(d, e)
-                nn.init.normal_(proj.weight, std=0.02)
-                nn.init.zeros_(proj.bias)
-                setattr(self, f"{side}_{kind}_proj", proj)
+                setattr(self, f"{side}_{kind}_proj", init_projection(nn.Linear(d, e), cfg.param_init))
         if self.text_tower:
             self.sent_embedding = SentEmbedding(dt, text_cfg.max_position_embeddings, text_cfg.sent_type_vocab,
-                                                text_cfg.layer_norm_eps, text_cfg.hidden_dropout_prob)
+                                                text_cfg.layer_norm_eps, text_cfg.hidden_dropout_prob,
+                                                init=cfg.param_init)
             self.sent_embedding.init_from_bert(self.text_encoder.bert)
         if fusion:
             self.video_token_pos = VideoTokenPos(dt, text_cfg.num_frames, text_cfg.patches_per_frame,
@@ -215,21 +240,25 @@ class LFVILA(nn.Module):
     def forward_stage1(self, video: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                        real: torch.Tensor | None = None, generator: torch.Generator | None = None,
                        distributed=None) -> dict[str, torch.Tensor]:
-        """Stage-1 losses: ``loss = vpc + mtc_weight * mtc`` (VPC on this rank's batch or the global one, see
-        ``losses.vpc_loss``; MTC on this rank's batch)."""
+        """Stage-1 losses: ``loss = vpc + mtc_weight * mtc``. ``distributed`` (``None``: auto, ``False``, ``True``
+        or a process group) picks this rank's batch or the global one for VPC (``losses.vpc_loss``) and, unless
+        ``cfg.mtc_gather`` is False, for MTC (``losses.mtc_loss``); ``generator`` drives the MTC draw."""
         v = self.encode_video(video)
         t = self.encode_text(ids, mask, real)
         vpc = losses.vpc_loss(v["global"], t["paragraph"], self.cfg.temperature, distributed=distributed,
                               impl=self.cfg.loss_impl)
         mtc = losses.mtc_loss(v["clip"], t["sentence"], t["real"], self.cfg.mtc_temperature, generator=generator,
-                              compat_official=self.compat_official)
+                              compat_official=self.compat_official,
+                              distributed=distributed if self.cfg.mtc_gather else False)
         return {"loss": losses.stage1_loss(vpc, mtc, self.cfg.mtc_weight), "vpc": vpc, "mtc": mtc}
 
     def forward_stage2(self, video: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, mlm_labels: torch.Tensor,
-                       real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       real: torch.Tensor | None = None, stats: bool = False) -> dict[str, torch.Tensor]:
         """Stage-2 losses on already-masked ``ids`` (``losses.mlm_mask``) with ``mlm_labels`` (B, M, L):
         VTM pairs from ``losses.vtm_pairs`` (first half mismatched), MLM only on the matched samples;
-        ``loss = mlm + vtm_weight * vtm``."""
+        ``loss = mlm + vtm_weight * vtm``. ``stats``: also the counts of the accuracies, int64 scalars:
+        ``mlm_hits`` / ``mlm_tokens`` (every masked token, the official ``mlm_acc``), ``mlm_loss_tokens`` (the
+        matched ones, which the MLM loss averages), ``vtm_hits`` (of the B pairs)."""
         if not self.has_fusion:
             raise RuntimeError("forward_stage2 needs a stage-2 model (fusion layers)")
         v = self.encode_video(video)
@@ -243,8 +272,13 @@ class LFVILA(nn.Module):
         logits = self.text_encoder.mlm_logits(fused[:, :n_text], select)  # (K, V)
         matched = vtm_labels.bool()[:, None].expand_as(select)[select]
         mlm = losses.mlm_loss(logits, labels[select], matched)
-        vtm = losses.vtm_loss(self.text_encoder.vtm_logits(fused), vtm_labels)
-        return {"loss": losses.stage2_loss(mlm, vtm, self.cfg.vtm_weight), "mlm": mlm, "vtm": vtm}
+        vtm_logits = self.text_encoder.vtm_logits(fused)
+        vtm = losses.vtm_loss(vtm_logits, vtm_labels)
+        out = {"loss": losses.stage2_loss(mlm, vtm, self.cfg.vtm_weight), "mlm": mlm, "vtm": vtm}
+        if stats:
+            out.update(mlm_hits=(logits.detach().argmax(-1) == labels[select]).sum(), mlm_tokens=select.sum(),
+                       mlm_loss_tokens=matched.sum(), vtm_hits=(vtm_logits.detach().argmax(-1) == vtm_labels).sum())
+        return out
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """``forward_stage1`` for stage-1 models, ``forward_stage2`` for stage-2 ones."""

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import losses
-from .pretraining import LFVILA, LFVILAConfig, lfvila_base_config, lfvila_tiny_config
+from .pretraining import LFVILA, LFVILAConfig, init_projection, lfvila_base_config, lfvila_tiny_config
 from .registry import register_alias, register_model
 
 __all__ = ["LFVILAForClassification", "LFVILAForMultipleChoice", "LFVILAForVideoClassification", "LFVILARetrieval"]
@@ -166,9 +166,7 @@ class LFVILAForVideoClassification(LFVILA):
         _require_num_classes(cfg, type(self))
         super().__init__(cfg)
         dv, e = self.video_encoder.num_features, self.cfg.embed_dim
-        self.video_frame_proj = nn.Linear(dv, e)
-        nn.init.normal_(self.video_frame_proj.weight, std=0.02)
-        nn.init.zeros_(self.video_frame_proj.bias)
+        self.video_frame_proj = init_projection(nn.Linear(dv, e), self.cfg.param_init)  # official: plain nn.Linear
         self.classifier = nn.Linear(e, self.cfg.num_classes)  # torch's default init, as the official nn.Linear
 
     def forward(self, video: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -163,18 +163,25 @@ class SentEmbedding(nn.Module):
     Official parameter names: ``position_embeddings`` (P_max, D) (initialise from BERT's with ``init_from_bert``),
     ``segment_embeddings`` (8, D), ``norm``. The official ``position_ids`` buffer is non-persistent here (drop it when
     loading an official checkpoint).
+
+    ``init="official"``: both tables keep ``nn.Embedding``'s default N(0, 1), as the official module (built outside
+    ``BertPreTrainedModel``, so BERT's init never reaches it). ``init="bert"``: N(0, 0.02), BERT's rule for its own
+    embedding tables, which keeps the sentence-index signal small next to the sentence states at the start.
     """
 
     def __init__(self, hidden_size: int, max_positions: int = 512, type_vocab: int = 8, eps: float = 1e-12,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, init: str = "official"):
         super().__init__()
+        if init not in ("official", "bert"):
+            raise ValueError(f"init must be official or bert, got {init!r}")
         self.position_embeddings = nn.Embedding(max_positions, hidden_size)
         self.segment_embeddings = nn.Embedding(type_vocab, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("position_ids", torch.arange(max_positions)[None], persistent=False)
-        nn.init.normal_(self.position_embeddings.weight, std=0.02)
-        nn.init.normal_(self.segment_embeddings.weight, std=0.02)
+        if init == "bert":
+            nn.init.normal_(self.position_embeddings.weight, std=0.02)
+            nn.init.normal_(self.segment_embeddings.weight, std=0.02)
 
     @torch.no_grad()
     def init_from_bert(self, bert: BertModel) -> None:

@@ -49,13 +49,15 @@ class CheckpointError(ValueError):
 @dataclass
 class LoadReport:
     """What a loader did: keys loaded, model keys left at their init (missing), source keys unused (unexpected),
-    shape mismatches (``"key: (source shape) vs (model shape)"``), and keys dropped on purpose by the key map."""
+    shape mismatches (``"key: (source shape) vs (model shape)"``), keys dropped on purpose by the key map, and source
+    bias tables resampled to the model's window (``resize_windows``; loaded too)."""
 
     loaded: list[str]
     missing: list[str]
     unexpected: list[str]
     mismatched: list[str]
     dropped: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
 
 
 def _unwrap(sd, path: str) -> dict[str, torch.Tensor]:

@@ -98,8 +98,10 @@ def test_every_qa_task_runs_a_few_steps(data, tmp_path, how2qa_run, task):
         for r in rows:
             if "loss" in r:
                 assert r["loss"] == pytest.approx(r["ce"] + r["span"], rel=1e-5)
-    (val,) = [r for r in rows if "val/acc" in r]
-    assert val["val/n"] == _rows(data, task, "val", "qa") and result["best"] == val["val/acc"]
+    vals = [r for r in rows if "val/acc" in r]
+    assert [r["step"] for r in vals] == [0, 3]  # the official configs' eval.at_start, then the last step
+    assert all(v["val/n"] == _rows(data, task, "val", "qa") for v in vals)
+    assert result["best"] == max(v["val/acc"] for v in vals)
     assert result["test"]["n"] == _rows(data, task, "test", "qa") and 0 <= result["test"]["acc"] <= 100
     assert (run_dir / "best" / "model.safetensors").exists() and (run_dir / "result.json").exists()
 
